@@ -1,0 +1,34 @@
+# Quick start: `make run` starts the demo server, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STATE  ?= state
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench fuzz clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,fuzz]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/msgctl demo init $(STATE)
+	$(BIN)/msgd --config $(STATE)/msgd.toml
+
+test: $(STAMP)
+	$(BIN)/ruff check wire msgd tests bench
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check wire msgd tests bench
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+fuzz: $(STAMP)
+	$(BIN)/python -m wire.fuzz --seconds 600
+
+clean:
+	rm -rf $(VENV) $(STATE) .pytest_cache .hypothesis

@@ -1,0 +1,144 @@
+"""The 12-octet frame header and the frame buffer of wire-v1 §2.
+
+`FrameBuffer` checks version, reserved flags and the announced maximum body size as soon as a
+header is complete, *before* any body octet is buffered for it (as h2's frame buffer does), so
+a peer cannot make us hold more than one maximum-size frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import construct as cs
+
+from .constants import (
+    HEADER_SIZE,
+    MAX_FRAME_SIZE_LIMIT,
+    PROTOCOL_VERSION,
+    RESERVED_FLAGS,
+    FrameFlag,
+)
+from .errors import FrameTooLarge, InvalidFrame, UnsupportedVersion
+
+# The declaration; `_HEADER` below is the same layout for the hot path (tests hold them equal).
+FrameHeaderStruct = cs.Struct(
+    "version" / cs.Int8ub,
+    "message_type" / cs.Int8ub,
+    "flags" / cs.Int16ub,
+    "transaction_id" / cs.Int32ub,
+    "body_length" / cs.Int32ub,
+)
+_HEADER = struct.Struct(">BBHII")
+assert _HEADER.size == FrameHeaderStruct.sizeof() == HEADER_SIZE
+
+# Compact the buffer once this many consumed octets sit at its front.
+_COMPACT_AT = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    version: int
+    message_type: int
+    flags: int
+    transaction_id: int
+    body_length: int
+
+    @property
+    def more(self) -> bool:
+        return bool(self.flags & FrameFlag.MORE)
+
+
+def decode_header(data: bytes) -> FrameHeader:
+    """Decode 12 octets (no checks; see FrameBuffer for them)."""
+    return FrameHeader(*_HEADER.unpack(data))
+
+
+def check_header(header: FrameHeader, max_frame_size: int) -> None:
+    """wire-v1 §2: version, reserved flags, announced maximum body size."""
+    if header.version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"frame version {header.version}, only {PROTOCOL_VERSION} is spoken")
+    if header.flags & RESERVED_FLAGS:
+        raise InvalidFrame(f"reserved flag bits 0x{header.flags & RESERVED_FLAGS:04x} set")
+    if header.body_length > max_frame_size:
+        raise FrameTooLarge(
+            f"frame body of {header.body_length} octets exceeds the maximum of {max_frame_size}"
+        )
+
+
+class FrameBuffer:
+    """Bytes in; checked headers, bodies and IEs out. No I/O."""
+
+    __slots__ = ("_buf", "_pos", "_skip", "max_frame_size")
+
+    def __init__(self, max_frame_size: int) -> None:
+        if not 1 <= max_frame_size <= MAX_FRAME_SIZE_LIMIT:
+            raise ValueError(f"max_frame_size {max_frame_size} out of range")
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._skip = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
+        if data:
+            self._buf += data
+
+    def __len__(self) -> int:
+        return len(self._buf) - self._pos
+
+    def read_header(self) -> FrameHeader | None:
+        """The next frame header, checked, or None until 12 octets are there."""
+        if len(self._buf) - self._pos < HEADER_SIZE:
+            return None
+        header = FrameHeader(*_HEADER.unpack_from(self._buf, self._pos))
+        check_header(header, self.max_frame_size)
+        self._advance(HEADER_SIZE)
+        return header
+
+    def read_exact(self, n: int) -> bytes | None:
+        """`n` octets, or None until they are all there."""
+        pos = self._pos
+        if len(self._buf) - pos < n:
+            return None
+        data = bytes(self._buf[pos : pos + n])
+        self._advance(n)
+        return data
+
+    def read_ie(self, limit: int) -> tuple[int, bytes] | int | None:
+        """The next IE within `limit` octets: (IEI, value), None if incomplete, or -1 when the
+        IE would run past `limit` (malformed; the caller skips the rest of the body)."""
+        buf = self._buf
+        pos = self._pos
+        have = len(buf) - pos
+        if limit < 3:
+            return -1
+        if have < 3:
+            return None
+        length = (buf[pos + 1] << 8) | buf[pos + 2]
+        if 3 + length > limit:
+            return -1
+        if have < 3 + length:
+            return None
+        iei = buf[pos]
+        value = bytes(buf[pos + 3 : pos + 3 + length])
+        self._advance(3 + length)
+        return iei, value
+
+    def skip(self, n: int) -> None:
+        """Discard `n` octets, including ones not received yet."""
+        have = len(self._buf) - self._pos
+        if n <= have:
+            self._advance(n)
+        else:
+            self._advance(have)
+            self._skip += n - have
+
+    def _advance(self, n: int) -> None:
+        self._pos += n
+        if self._pos >= _COMPACT_AT or self._pos == len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
