@@ -1,0 +1,1464 @@
+"""The registry: which Non-MSGin5G UE is registered through which gateway, and the provisioning.
+
+wire-v1 §5 "Semantics, per entry": a registration stores the UE Service ID, the serving gateway
+and the profile, replacing any earlier registration of that UE; a de-registration deletes them;
+and a success is reported only once the change is durable (it survives a crash of the server
+process at any instant). This module keeps that promise:
+
+* Registrations live in memory (one compact dict) so reads cost a dict lookup. Writes are
+  applied to memory at once, so later entries of the same bulk see them, and queued for the
+  single writer thread.
+* The writer appends everything queued as ONE row of an append-only `journal` table (group
+  commit) and only then posts the completion to the event loop. A failed commit fails that batch
+  and every later change not yet durable, and memory is rolled back to the last durable state.
+* A `snapshot` (chunked) plus the journal rows after it is the durable state. Start loads the
+  snapshot and replays the journal; compaction rewrites the snapshot at open (large journal)
+  and at close.
+* The provisioned subscriber store (`provisioning` table) is in the same file; lookups use a
+  dedicated read connection (WAL lets it read while the writer writes).
+
+The file layout, the blob formats and the reasons for them are in docs/registry.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import functools
+import heapq
+import itertools
+import logging
+import os
+import sqlite3
+import struct
+import sys
+import threading
+import time
+import zlib
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from msgd.errors import ProvisioningError, RegistryCorruptError, RegistryError
+from msgd.provisioning import (
+    ProvisionedUe,
+    ProvisioningCsv,
+    decode_gateways,
+    encode_gateways,
+    file_digest,
+    make_provisioned,
+    validate_provisioned,
+)
+
+__all__ = ["SCHEMA_VERSION", "Registration", "Registry"]
+
+log = logging.getLogger("msgd.registry")
+
+SCHEMA_VERSION = 2
+APPLICATION_ID = 0x4D534744  # "MSGD": tells our files from other SQLite databases
+SYNCHRONOUS_MODES = ("full", "normal")
+
+SNAPSHOT_CHUNK = 65_536  # registrations per snapshot row
+COMPACT_MIN_OPS = 10_000  # open() leaves a shorter journal alone
+PROVISIONING_CHUNK = 50_000  # sorted rows per transaction while rebuilding provisioning
+PROVISIONING_DIFF_MIN = 10_000  # a replace changing fewer rows is applied as one transaction
+FAILED_HISTORY = 4_096  # failed seq ranges remembered for wait_durable()
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+READ_CACHE_KIB = 16 * 1024  # page cache of the provisioning read connection
+
+# A registration value in memory: the interned gateway name when there is no profile (the
+# common case costs no object per UE), else (gateway, profile).
+_Value: TypeAlias = "str | tuple[str, bytes]"
+# One change: (ue_service_id, new value or None for de-registration, value it replaced).
+_Op: TypeAlias = "tuple[str, _Value | None, _Value | None]"
+Listener: TypeAlias = Callable[[int, int, bool], None]
+# What a load yields: (registrations, gateway names, last journal seq, journal ops replayed).
+_State: TypeAlias = "tuple[dict[str, _Value], list[str], int, int]"
+
+# Journal op kinds.
+_DEREGISTER = 0
+_REGISTER = 1
+_REGISTER_PROFILE = 2
+
+_SQL_JOURNAL_PUT = "INSERT OR REPLACE INTO journal(seq, ops) VALUES (?, ?)"
+_SQL_PROVISIONING_TABLE = (
+    "CREATE TABLE {table}(ue_service_id TEXT PRIMARY KEY, key BLOB NOT NULL, "
+    "gateways TEXT NOT NULL) WITHOUT ROWID"
+)
+_SQL_PROVISIONED_GET = "SELECT key, gateways FROM provisioning WHERE ue_service_id = ?"
+_SQL_PROVISIONING_UPSERT = (
+    "INSERT INTO provisioning(ue_service_id, key, gateways) VALUES (?, ?, ?) "
+    "ON CONFLICT(ue_service_id) DO UPDATE SET key = excluded.key, gateways = excluded.gateways"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A registered Non-MSGin5G UE: the gateway serving it and its profile IE value, as is."""
+
+    ue_service_id: str
+    gateway: str
+    profile: bytes | None  # the encoded value of the profile IE, stored as is
+
+
+# ---------------------------------------------------------------------------------------------
+# Blob formats (journal rows, snapshot chunks). Every blob is
+#   u8 format version (1) | u32 CRC-32 of the payload | payload
+# with little-endian integers. The CRC catches damage that PRAGMA quick_check cannot see
+# (it checks b-trees, not our bytes).
+
+_BLOB_VERSION = 1
+_HEADER = struct.Struct("<BI")
+_U32 = struct.Struct("<I")
+_JOURNAL_HEAD = struct.Struct("<IIII")  # ops, first new gateway index, new gateways, profiles
+_SNAPSHOT_HEAD = struct.Struct("<II")  # registrations, profiles
+_U32_CODE = next(code for code in "ILH" if array(code).itemsize == 4)
+_SWAP = sys.byteorder != "little"
+
+
+class _FormatError(Exception):
+    """A blob does not decode; becomes RegistryCorruptError naming the file."""
+
+
+def _u32s(values: Iterable[int]) -> bytes:
+    packed = array(_U32_CODE, values)
+    if _SWAP:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _seal(parts: list[bytes]) -> bytes:
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return _HEADER.pack(_BLOB_VERSION, crc) + b"".join(parts)
+
+
+def _pack_strs(strs: list[str]) -> list[bytes]:
+    """Encode strings compactly; the common case decodes with one split() at C speed.
+
+    Mode 0 joins with NUL (UE Service IDs cannot hold C0 controls, wire-v1 §3); mode 1, with a
+    length array, is the fallback for strings that do contain NUL, which the registry does not
+    forbid. surrogatepass makes every Python str encodable, so encoding never fails a batch.
+    """
+    joined = "\x00".join(strs)
+    if joined.count("\x00") == max(len(strs) - 1, 0):
+        data = joined.encode("utf-8", "surrogatepass")
+        return [b"\x00", _U32.pack(len(data)), data]
+    data = "".join(strs).encode("utf-8", "surrogatepass")
+    return [b"\x01", _U32.pack(len(data)), _u32s(map(len, strs)), data]
+
+
+class _Reader:
+    """Bounds-checked cursor over one blob; every shortfall is a _FormatError."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes, pos: int) -> None:
+        self.buf = buf
+        self.pos = pos
+
+    def take(self, size: int) -> bytes:
+        end = self.pos + size
+        if size < 0 or end > len(self.buf):
+            raise _FormatError("truncated")
+        chunk = self.buf[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        return layout.unpack(self.take(layout.size))
+
+    def u32s(self, count: int) -> array[int]:
+        values = array(_U32_CODE)
+        values.frombytes(self.take(4 * count))
+        if _SWAP:
+            values.byteswap()
+        return values
+
+    def strs(self, count: int) -> list[str]:
+        mode = self.take(1)[0]
+        (size,) = self.unpack(_U32)
+        if mode == 0:
+            text = self.take(size).decode("utf-8", "surrogatepass")
+            out = text.split("\x00") if count else []
+            if not count and text:
+                raise _FormatError("text where none was announced")
+        elif mode == 1:
+            lengths = self.u32s(count)
+            text = self.take(size).decode("utf-8", "surrogatepass")
+            out, pos = [], 0
+            for length in lengths:
+                out.append(text[pos : pos + length])
+                pos += length
+            if pos != len(text):
+                raise _FormatError("string lengths do not add up")
+        else:
+            raise _FormatError(f"unknown string mode {mode}")
+        if len(out) != count:
+            raise _FormatError("string count mismatch")
+        return out
+
+    def blobs(self, count: int) -> list[bytes]:
+        lengths = self.u32s(count)
+        data = self.take(sum(lengths))
+        out, pos = [], 0
+        for length in lengths:
+            out.append(data[pos : pos + length])
+            pos += length
+        return out
+
+    def end(self) -> None:
+        if self.pos != len(self.buf):
+            raise _FormatError("trailing octets")
+
+
+def _open_blob(blob: object) -> _Reader:
+    if not isinstance(blob, bytes) or len(blob) < _HEADER.size:
+        raise _FormatError("not a blob")
+    version, crc = _HEADER.unpack_from(blob)
+    if version != _BLOB_VERSION:
+        raise _FormatError(f"unknown blob format {version}")
+    if zlib.crc32(memoryview(blob)[_HEADER.size :]) != crc:
+        raise _FormatError("checksum mismatch")
+    return _Reader(blob, _HEADER.size)
+
+
+def _encode_batch(
+    batch: list[_Op], gw_index: dict[str, int], names: list[str], first_new: int
+) -> tuple[bytes, int]:
+    """Encode a group commit as one journal blob; returns it and the gateway count it defines.
+
+    Gateways are referenced by index; names the journal does not yet hold durably (index >=
+    first_new) travel in the same blob, so one row stays self-contained.
+    """
+    n_names = len(names)  # the loop thread may append meanwhile; every op here is below this
+    kinds = bytearray()
+    gws: list[int] = []
+    ues: list[str] = []
+    profiles: list[bytes] = []
+    for ue, new, _old in batch:
+        ues.append(ue)
+        if new is None:
+            kinds.append(_DEREGISTER)
+            gws.append(0)
+        elif new.__class__ is str:
+            kinds.append(_REGISTER)
+            gws.append(gw_index[new])  # type: ignore[index]
+        else:
+            kinds.append(_REGISTER_PROFILE)
+            gws.append(gw_index[new[0]])
+            profiles.append(new[1])  # type: ignore[arg-type]
+    new_names = names[first_new:n_names]
+    parts = [
+        _JOURNAL_HEAD.pack(len(batch), first_new, len(new_names), len(profiles)),
+        *_pack_strs(new_names),
+        bytes(kinds),
+        _u32s(gws),
+        *_pack_strs(ues),
+        _u32s(map(len, profiles)),
+        *profiles,
+    ]
+    return _seal(parts), n_names
+
+
+def _apply_journal(blob: object, regs: dict[str, _Value], names: list[str]) -> int:
+    """Replay one journal row into `regs`; returns the number of ops."""
+    reader = _open_blob(blob)
+    n_ops, first_new, n_new, n_profiles = reader.unpack(_JOURNAL_HEAD)
+    new_names = reader.strs(n_new)
+    if first_new != len(names):
+        raise _FormatError("gateway table out of step")
+    names.extend(new_names)
+    kinds = reader.take(n_ops)
+    gws = reader.u32s(n_ops)
+    ues = reader.strs(n_ops)
+    profiles = reader.blobs(n_profiles)
+    reader.end()
+    next_profile = 0
+    try:
+        for kind, gw, ue in zip(kinds, gws, ues, strict=True):
+            if kind == _REGISTER:
+                regs[ue] = names[gw]
+            elif kind == _REGISTER_PROFILE:
+                regs[ue] = (names[gw], profiles[next_profile])
+                next_profile += 1
+            elif kind == _DEREGISTER:
+                regs.pop(ue, None)
+            else:
+                raise _FormatError(f"unknown op {kind}")
+    except IndexError:
+        raise _FormatError("index out of range") from None
+    if next_profile != n_profiles:
+        raise _FormatError("profile count mismatch")
+    return n_ops
+
+
+def _encode_snapshot_chunk(items: list[tuple[str, _Value]], gw_index: dict[str, int]) -> bytes:
+    keys: list[str] = []
+    gws: list[int] = []
+    positions: list[int] = []
+    profiles: list[bytes] = []
+    for position, (ue, value) in enumerate(items):
+        keys.append(ue)
+        if value.__class__ is str:
+            gws.append(gw_index[value])  # type: ignore[index]
+        else:
+            gws.append(gw_index[value[0]])
+            positions.append(position)
+            profiles.append(value[1])  # type: ignore[arg-type]
+    parts = [
+        _SNAPSHOT_HEAD.pack(len(items), len(profiles)),
+        *_pack_strs(keys),
+        _u32s(gws),
+        _u32s(positions),
+        _u32s(map(len, profiles)),
+        *profiles,
+    ]
+    return _seal(parts)
+
+
+def _load_snapshot_chunk(blob: object, regs: dict[str, _Value], names: list[str]) -> None:
+    reader = _open_blob(blob)
+    count, n_profiles = reader.unpack(_SNAPSHOT_HEAD)
+    keys = reader.strs(count)
+    gws = reader.u32s(count)
+    positions = reader.u32s(n_profiles)
+    profiles = reader.blobs(n_profiles)
+    reader.end()
+    if gws and max(gws) >= len(names):
+        raise _FormatError("gateway index out of range")
+    if positions and max(positions) >= count:
+        raise _FormatError("profile position out of range")
+    before = len(regs)
+    # The bulk of a start: dict built from zip/map without a Python-level loop.
+    regs.update(zip(keys, map(names.__getitem__, gws), strict=True))
+    for position, profile in zip(positions, profiles, strict=True):
+        regs[keys[position]] = (names[gws[position]], profile)
+    if len(regs) - before != count:
+        raise _FormatError("a registration appears twice")
+
+
+def _write_snapshot(
+    conn: sqlite3.Connection, regs: dict[str, _Value], names: list[str], covered_seq: int
+) -> None:
+    """Replace the snapshot with `regs` and empty the journal; the caller holds a transaction.
+
+    The whole journal goes, not only rows up to covered_seq: a row above it can only be left
+    by a commit that reported failure, and memory (rolled back) is the truth.
+    """
+    gw_index = {name: index for index, name in enumerate(names)}
+    conn.execute("DELETE FROM snapshot")
+    items = iter(regs.items())
+    for chunk in itertools.count():
+        part = list(itertools.islice(items, SNAPSHOT_CHUNK))
+        if not part:
+            break
+        conn.execute(
+            "INSERT INTO snapshot(chunk, data) VALUES (?, ?)",
+            (chunk, _encode_snapshot_chunk(part, gw_index)),
+        )
+    conn.executemany(
+        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+        [
+            ("snapshot_seq", covered_seq),
+            ("snapshot_count", len(regs)),
+            ("snapshot_gateways", _seal([_U32.pack(len(names)), *_pack_strs(names)])),
+        ],
+    )
+    conn.execute("DELETE FROM journal")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema and migrations. PRAGMA user_version is the version; each migration runs in its own
+# transaction together with the version bump, so an interrupted upgrade resumes where it stopped.
+
+_SCHEMA_V2 = (
+    "CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    "CREATE TABLE journal(seq INTEGER PRIMARY KEY, ops BLOB NOT NULL)",
+    "CREATE TABLE snapshot(chunk INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+)
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """Version 0 (new, empty file) -> the current schema."""
+    for statement in _SCHEMA_V2:
+        conn.execute(statement)
+    conn.execute(_SQL_PROVISIONING_TABLE.format(table="provisioning"))
+    _write_snapshot(conn, {}, [], 0)
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Schema 1 kept one row per UE (`registration` table); move it into a snapshot.
+
+    Schema 1 is the obvious row-per-UE layout, whose random-key inserts are the throughput
+    limit the journal removes (docs/registry.md).
+    """
+    for statement in _SCHEMA_V2:
+        conn.execute(statement)
+    regs: dict[str, _Value] = {}
+    names: list[str] = []
+    canon: dict[str, str] = {}
+    rows = conn.execute("SELECT ue_service_id, gateway, profile FROM registration")
+    for ue, gateway, profile in rows:
+        name = canon.get(gateway)
+        if name is None:
+            name = canon[gateway] = gateway
+            names.append(name)
+        regs[ue] = name if profile is None else (name, bytes(profile))
+    _write_snapshot(conn, regs, names, 0)
+    conn.execute("DROP TABLE registration")
+
+
+# from-version -> function that upgrades a database at that version to from-version + 1
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+# Errors that say the file could not be reached, not that it is damaged.
+_NOT_DAMAGE = ("SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_BUSY", "SQLITE_NOMEM")
+
+
+def _readonly(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
+
+
+def _check_file(path: Path) -> int:
+    """Refuse a file that is not a sound registry; return its schema version.
+
+    It reads through a read-only connection.
+
+    Read-only matters: a read-write connection checkpoints the WAL into the file when it
+    closes, and a damaged file must be left exactly as found for whoever investigates.
+    """
+    try:
+        conn = _readonly(path)
+    except sqlite3.Error as exc:
+        raise RegistryError(f"registry {path}: cannot open: {_one_line(exc)}") from None
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorname", "") in _NOT_DAMAGE:
+            raise RegistryError(f"registry {path}: cannot read: {_one_line(exc)}") from None
+        raise RegistryCorruptError(
+            f"registry {path} is damaged or not a database ({_one_line(exc)}); "
+            "refusing to start, the file is left untouched"
+        ) from None
+    finally:
+        conn.close()
+    if problems != ["ok"]:
+        raise RegistryCorruptError(
+            f"registry {path} failed PRAGMA quick_check ({_one_line(problems[0])}"
+            f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); "
+            "refusing to start, the file is left untouched"
+        )
+    if tables and app_id != APPLICATION_ID:
+        raise RegistryCorruptError(
+            f"registry {path} is an SQLite database but not an msgd registry "
+            f"(application_id {app_id:#x}); refusing to start, the file is left untouched"
+        )
+    known = version == SCHEMA_VERSION or version in MIGRATIONS or not tables
+    if version > SCHEMA_VERSION or not known:
+        raise RegistryCorruptError(
+            f"registry {path} has schema version {version}, this msgd reads up to "
+            f"{SCHEMA_VERSION}; refusing to start, the file is left untouched"
+        )
+    return version if tables else 0
+
+
+def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0:
+        steps: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [(0, _create_schema)]
+    else:
+        steps = [(v, MIGRATIONS[v]) for v in range(version, SCHEMA_VERSION)]
+    for from_version, step in steps:
+        target = SCHEMA_VERSION if from_version == 0 else from_version + 1
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            step(conn)
+            conn.execute(f"PRAGMA user_version = {target}")
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (target,)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if from_version:
+            log.info("registry %s: migrated schema %d -> %d", path, from_version, target)
+    # An interrupted replace_provisioning() leaves its staging table; it was never live.
+    conn.execute("DROP TABLE IF EXISTS provisioning_load")
+
+
+def _load_checked(conn: sqlite3.Connection, path: Path) -> _State:
+    try:
+        return _load(conn)
+    except (_FormatError, KeyError, TypeError, ValueError, struct.error) as exc:
+        raise RegistryCorruptError(
+            f"registry {path} holds damaged registration data ({_one_line(exc)}); "
+            "refusing to start, the file is left untouched"
+        ) from None
+
+
+def _load(conn: sqlite3.Connection) -> _State:
+    """Read the durable state: snapshot, then the journal after it.
+
+    Returns (registrations, gateway names, last journal seq, journal ops replayed).
+    """
+    meta = dict(conn.execute("SELECT key, value FROM meta"))
+    snapshot_seq = meta["snapshot_seq"]
+    reader = _open_blob(meta["snapshot_gateways"])
+    (n_names,) = reader.unpack(_U32)
+    names = reader.strs(n_names)
+    reader.end()
+    regs: dict[str, _Value] = {}
+    for (data,) in conn.execute("SELECT data FROM snapshot ORDER BY chunk"):
+        _load_snapshot_chunk(data, regs, names)
+    if len(regs) != meta["snapshot_count"]:
+        raise _FormatError("snapshot count mismatch")
+    last_seq, n_ops = snapshot_seq, 0
+    rows = conn.execute("SELECT seq, ops FROM journal WHERE seq > ? ORDER BY seq", (snapshot_seq,))
+    for seq, blob in rows:
+        n_ops += _apply_journal(blob, regs, names)
+        last_seq = seq
+    return regs, names, last_seq, n_ops
+
+
+def _acquire_lock(path: Path) -> int:
+    """Hold `<registry>.lock` so a second msgd cannot run on the same file.
+
+    A separate file: closing any descriptor of the database itself would drop the POSIX locks
+    SQLite holds on it.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise RegistryError(f"registry {path}: cannot create {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RegistryError(f"registry {path} is in use by another process ({lock_path})") from None
+    return fd
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_one_line(exc)}"
+
+
+class _Staging:
+    """A private scratch database next to the registry, holding new provisioning rows.
+
+    It needs no journal and no fsync: it is rebuilt from the source after any failure. It lets
+    rows arrive in any order with flat memory use, and come back sorted (SQLite's external
+    sort), which is what the merge and the append-only rebuild need.
+    """
+
+    def __init__(self, registry_path: Path) -> None:
+        self.path = registry_path.with_name(registry_path.name + ".staging")
+        self.path.unlink(missing_ok=True)  # left by a crash; never holds anything live
+        self.conn = sqlite3.connect(self.path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode = OFF")
+        self.conn.execute("PRAGMA synchronous = OFF")
+        self.conn.execute(
+            "CREATE TABLE st(ue_service_id TEXT NOT NULL, key BLOB NOT NULL, "
+            "gateways TEXT NOT NULL)"
+        )
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.conn.close()
+        self.path.unlink(missing_ok=True)
+
+    def load(self, rows: Iterable[ProvisionedUe], *, checked: bool) -> int:
+        """Store `rows` (checked here unless `checked`); errors from `rows` propagate."""
+        encoded: dict[frozenset[str], str] = {}  # few distinct gateway sets: encode each once
+        count = 0
+
+        def params() -> Iterator[tuple[str, bytes, str]]:
+            nonlocal count
+            for row in rows:
+                if not checked:
+                    validate_provisioned(row)
+                text = encoded.get(row.gateways)
+                if text is None:
+                    text = encoded[row.gateways] = encode_gateways(row.gateways)
+                count += 1
+                yield (row.ue_service_id, row.key, text)
+
+        self.conn.execute("BEGIN")
+        self.conn.executemany("INSERT INTO st VALUES (?, ?, ?)", params())
+        self.conn.execute("COMMIT")
+        return count
+
+    def sorted_rows(self) -> Iterator[tuple[str, bytes, str]]:
+        """The rows in key order (BINARY collation: the order of the provisioning table)."""
+        previous = None
+        for row in self.conn.execute("SELECT * FROM st ORDER BY ue_service_id"):
+            if row[0] == previous:
+                raise ProvisioningError("provisioning rows: duplicate ue_service_id")
+            previous = row[0]
+            yield row
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Registry:
+    """Registrations in memory, made durable by one writer thread; provisioning in SQLite.
+
+    Threads: submit_*, reads, listeners and wait_durable() belong to the event-loop thread.
+    The writer thread owns the write connection. Provisioning writes block their caller until
+    committed: upsert/remove for one short transaction, replace_provisioning for the whole
+    load (seconds for a million rows, most of it in the caller's thread), so call that one
+    through asyncio.to_thread() when the loop must keep running.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        lock_fd: int,
+        state: _State,
+        *,
+        commit_interval: float,
+        max_batch: int,
+    ) -> None:
+        """Internal: use Registry.open()."""
+        regs, names, journal_seq, _ops = state
+        self._path = path
+        self._wconn = conn
+        self._lock_fd = lock_fd
+        self._regs = regs
+        self._names = names  # append-only while running; the index is the journal's reference
+        self._gw_canon = {name: name for name in names}
+        self._gw_index = {name: index for index, name in enumerate(names)}
+        self._commit_interval = commit_interval
+        self._max_batch = max_batch
+        self._gather_below = max(1, max_batch // 16)
+
+        # Loop-thread state.
+        self._next_seq = 0  # last seq handed out
+        self._durable_seq = 0  # every seq up to this one is settled (durable or failed)
+        self._undo: list[_Op] = []  # changes after _durable_seq, oldest first
+        self._listeners: list[Listener] = []
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiter_ids = itertools.count()
+        self._failed: deque[tuple[int, int, str]] = deque(maxlen=FAILED_HISTORY)
+        self._refusal: str | None = None  # set once closing or the writer died
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+        # Shared between the loop thread and the writer (CPython's GIL makes each deque/list
+        # operation and attribute store atomic; the idle flag protocol is in _writer_step).
+        self._ops: deque[_Op] = deque()
+        self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._jobs_lock = threading.Lock()
+        self._writer_done = False
+        self._wake = threading.Event()
+        self._writer_idle = False
+        self._stopping = False
+        self._cut: int | None = None
+        self._outbox: list[tuple[Any, ...]] = []
+        self._outbox_cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._inline_lock = threading.Lock()
+
+        # Writer-thread state.
+        self._w_taken = 0  # last seq taken from _ops
+        self._w_awaiting_cut = False
+        self._w_jseq = journal_seq  # last journal row written durably
+        self._w_gw_durable = len(names)  # gateway names the journal holds durably
+        self._w_failing = False
+
+        # Provisioning reads: their own connection, safe to use from any thread under the lock.
+        self._rconn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._rconn.execute("PRAGMA query_only = ON")
+        # Bounded: interior pages stay cached, leaves come from the OS page cache (not RSS).
+        self._rconn.execute(f"PRAGMA cache_size = -{READ_CACHE_KIB}")
+        self._rlock = threading.Lock()
+        (self._prov_count,) = self._rconn.execute("SELECT count(*) FROM provisioning").fetchone()
+        self._gwset_cache: dict[str, frozenset[str]] = {}
+        self._prov_generation = 0  # bumped by every provisioning write (writer thread)
+        self._replace_lock = threading.Lock()
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        synchronous: str = "full",
+        commit_interval: float = 0.001,
+        max_batch: int = 20000,
+    ) -> Registry:
+        """Open (create, migrate, check, load) the registry at `path`; blocking.
+
+        `synchronous` is SQLite's PRAGMA synchronous: "full" (default) syncs the WAL on every
+        commit and so survives power loss; "normal" survives a process crash only.
+        Raises RegistryCorruptError for a file that fails its check (it is never modified) and
+        RegistryError when the file cannot be opened or is in use by another process.
+        """
+        path = Path(path)
+        mode = synchronous.lower()
+        if mode not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, not {synchronous!r}")
+        if commit_interval < 0 or max_batch < 1:
+            raise ValueError("commit_interval must be >= 0 and max_batch >= 1")
+        started = time.monotonic()
+        lock_fd = _acquire_lock(path)
+        conn: sqlite3.Connection | None = None
+        try:
+            version = 0
+            wal = path.with_name(path.name + "-wal")
+            if (path.exists() and path.stat().st_size > 0) or wal.exists():
+                version = _check_file(path)
+            state: _State | None = None
+            if version == SCHEMA_VERSION:
+                # Decode everything before a read-write connection exists: its close would
+                # checkpoint the WAL into a file that must stay as found if a blob is damaged.
+                reader = _readonly(path)
+                try:
+                    state = _load_checked(reader, path)
+                finally:
+                    reader.close()
+            conn = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, cached_statements=32
+            )
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise RegistryError(f"registry {path}: WAL mode unavailable")
+            conn.execute(f"PRAGMA synchronous = {mode.upper()}")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            conn.execute("PRAGMA busy_timeout = 5000")
+            _prepare_schema(conn, path)
+            if state is None:  # new or just migrated
+                state = _load_checked(conn, path)
+            registry = cls(
+                path, conn, lock_fd, state, commit_interval=commit_interval, max_batch=max_batch
+            )
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            os.close(lock_fd)
+            raise RegistryError(f"registry {path}: {_one_line(exc)}") from None
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            os.close(lock_fd)
+            raise
+        regs, _names, _seq, journal_ops = state
+        # Replaying an op costs about what loading a snapshot entry does, so compacting at
+        # open pays only when the journal is mostly churn (and close() compacts anyway).
+        if journal_ops >= COMPACT_MIN_OPS and journal_ops > 2 * len(regs):
+            registry._compact()
+        log.info(
+            "registry %s: %d registrations, %d provisioned, loaded in %.2f s "
+            "(journal %d ops replayed)",
+            path,
+            len(regs),
+            registry._prov_count,
+            time.monotonic() - started,
+            journal_ops,
+        )
+        return registry
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the writer thread; completions are delivered on `loop`."""
+        if self._closed:
+            raise RegistryError("registry is closed")
+        if self._thread is not None:
+            raise RuntimeError("registry already started")
+        self._loop = loop
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        with self._inline_lock:  # waits for an inline provisioning job to finish
+            self._thread = threading.Thread(
+                target=self._writer_main, name="msgd-registry-writer", daemon=True
+            )
+            self._thread.start()
+
+    # -- provisioning -------------------------------------------------------------------------
+
+    def replace_provisioning(self, rows: Iterable[ProvisionedUe]) -> int:
+        """Replace all provisioning with `rows` atomically; returns how many there are now.
+
+        Blocking, and most of the work runs in the calling thread: call it through
+        asyncio.to_thread() from a running loop. If `rows` raises (e.g. ProvisioningError from
+        read_provisioning_csv) or storage fails, the old provisioning stays. Steps:
+
+        1. rows from read_provisioning_csv() of a file byte-identical to the one the stored
+           provisioning came from (no upsert/remove since): nothing to do;
+        2. rows go to a private staging file (no journal, no fsync) and come back sorted;
+        3. a merge with the stored table finds the differences: if few, they are applied in one
+           transaction; else the table is rebuilt from the sorted rows in short append-only
+           transactions and swapped in with one transaction. Registration commits go on between
+           these transactions; none of them holds the writer for long.
+        """
+        if self._refusal is not None:
+            raise RegistryError(f"registry {self._refusal}")
+        source = rows if isinstance(rows, ProvisioningCsv) else None
+        with self._replace_lock:
+            if source is not None and not source.started:
+                stored = self._meta_value("provisioning_source")
+                if stored is not None and stored == file_digest(source.path):
+                    log.info(
+                        "registry %s: provisioning file %s unchanged, %d UEs kept",
+                        self._path,
+                        source.path,
+                        self._prov_count,
+                    )
+                    return self._prov_count
+            with _Staging(self._path) as staging:
+                count = staging.load(rows, checked=source is not None)
+                digest = source.digest() if source is not None else None
+                generation = self._prov_generation
+                limit = max(PROVISIONING_DIFF_MIN, count // 10)
+                diff = self._provisioning_diff(staging, limit)
+                if diff is not None:
+                    upserts, deletes = diff
+                    applied = self._run_job(
+                        lambda: self._apply_provisioning_diff(
+                            upserts, deletes, generation, count, digest
+                        )
+                    )
+                    if applied:
+                        log.info(
+                            "registry %s: provisioning replaced, %d UEs (%d added or changed, "
+                            "%d removed)",
+                            self._path,
+                            count,
+                            len(upserts),
+                            len(deletes),
+                        )
+                        return count
+                self._rebuild_provisioning(staging, count, digest)
+        log.info("registry %s: provisioning replaced, %d UEs (rebuilt)", self._path, count)
+        return count
+
+    def provisioned(self, ue_service_id: str) -> ProvisionedUe | None:
+        """The provisioning row of a UE, or None: one indexed SELECT (docs/registry.md)."""
+        try:
+            with self._rlock:
+                row = self._rconn.execute(_SQL_PROVISIONED_GET, (ue_service_id,)).fetchone()
+        except sqlite3.ProgrammingError:
+            raise RegistryError("registry is closed") from None
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry {self._path}: {_one_line(exc)}") from None
+        if row is None:
+            return None
+        key, text = row
+        gateways = self._gwset_cache.get(text)
+        if gateways is None:
+            if len(self._gwset_cache) > 4096:  # distinct gateway sets are few; bound it anyway
+                self._gwset_cache.clear()
+            gateways = self._gwset_cache[text] = decode_gateways(text)
+        return make_provisioned(ue_service_id, key, gateways)
+
+    def provisioned_count(self) -> int:
+        """Number of provisioned UEs (kept as a counter; counting rows would scan the table)."""
+        return self._prov_count
+
+    def upsert_provisioned(self, row: ProvisionedUe) -> None:
+        """Add or replace one provisioning row (admin `provision`); durable when it returns."""
+        validate_provisioned(row)
+        params = (row.ue_service_id, row.key, encode_gateways(row.gateways))
+
+        def work(conn: sqlite3.Connection) -> None:
+            existed = conn.execute(
+                "SELECT 1 FROM provisioning WHERE ue_service_id = ?", (params[0],)
+            ).fetchone()
+            conn.execute(_SQL_PROVISIONING_UPSERT, params)
+            conn.execute("DELETE FROM meta WHERE key = 'provisioning_source'")
+            if existed is None:
+                self._prov_count += 1
+
+        self._run_job(lambda: self._transaction(work))
+
+    def remove_provisioned(self, ue_service_id: str) -> bool:
+        """Remove one provisioning row; True if it existed. Registrations are not touched."""
+
+        def work(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "DELETE FROM provisioning WHERE ue_service_id = ?", (ue_service_id,)
+            )
+            conn.execute("DELETE FROM meta WHERE key = 'provisioning_source'")
+            if cursor.rowcount:
+                self._prov_count -= 1
+            return cursor.rowcount > 0
+
+        return bool(self._run_job(lambda: self._transaction(work)))
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Writer: run `work` in one write transaction; storage errors become RegistryError."""
+        conn = self._wconn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = work(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            raise RegistryError(f"registry {self._path}: {_one_line(exc)}") from None
+        except BaseException:
+            self._rollback_quietly()
+            raise
+        self._prov_generation += 1
+        return result
+
+    def _meta_value(self, key: str) -> Any:
+        with self._rlock:
+            row = self._rconn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _provisioning_diff(
+        self, staging: _Staging, limit: int
+    ) -> tuple[list[tuple[str, bytes, str]], list[tuple[str]]] | None:
+        """Merge the sorted new rows with the stored table (also in key order).
+
+        Returns (rows to upsert, ids to delete), or None once there are more than `limit`.
+        """
+        upserts: list[tuple[str, bytes, str]] = []
+        deletes: list[tuple[str]] = []
+        conn = sqlite3.connect(self._path.absolute().as_uri() + "?mode=ro", uri=True)
+        try:
+            old_rows = conn.execute(
+                "SELECT ue_service_id, key, gateways FROM provisioning ORDER BY ue_service_id"
+            )
+            new_rows = staging.sorted_rows()
+            new = next(new_rows, None)
+            old = next(old_rows, None)
+            while new is not None or old is not None:
+                if old is None or (new is not None and new[0] < old[0]):
+                    upserts.append(new)  # type: ignore[arg-type]
+                    new = next(new_rows, None)
+                elif new is None or old[0] < new[0]:
+                    deletes.append((old[0],))
+                    old = next(old_rows, None)
+                else:
+                    if new != old:
+                        upserts.append(new)
+                    new = next(new_rows, None)
+                    old = next(old_rows, None)
+                if len(upserts) + len(deletes) > limit:
+                    return None
+        finally:
+            conn.close()
+        return upserts, deletes
+
+    def _apply_provisioning_diff(
+        self,
+        upserts: list[tuple[str, bytes, str]],
+        deletes: list[tuple[str]],
+        generation: int,
+        count: int,
+        digest: bytes | None,
+    ) -> bool:
+        """Writer: apply a merge result, unless the table changed since it was read."""
+        if generation != self._prov_generation:
+            return False
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany(_SQL_PROVISIONING_UPSERT, upserts)
+            conn.executemany("DELETE FROM provisioning WHERE ue_service_id = ?", deletes)
+            self._set_source_digest(conn, digest)
+
+        self._transaction(work)
+        self._prov_count = count
+        return True
+
+    def _rebuild_provisioning(self, staging: _Staging, count: int, digest: bytes | None) -> None:
+        """Fill provisioning_load from the sorted rows (appends only), then swap it in."""
+
+        def create(conn: sqlite3.Connection) -> None:
+            conn.execute("DROP TABLE IF EXISTS provisioning_load")
+            conn.execute(_SQL_PROVISIONING_TABLE.format(table="provisioning_load"))
+
+        def append(chunk: list[tuple[str, bytes, str]]) -> Callable[[sqlite3.Connection], None]:
+            return lambda conn: conn.executemany(
+                "INSERT INTO provisioning_load VALUES (?, ?, ?)", chunk
+            )
+
+        def swap(conn: sqlite3.Connection) -> None:
+            # The one atomic step: readers see the old table or the new one.
+            conn.execute("DROP TABLE provisioning")
+            conn.execute("ALTER TABLE provisioning_load RENAME TO provisioning")
+            self._set_source_digest(conn, digest)
+
+        def drop(conn: sqlite3.Connection) -> None:
+            conn.execute("DROP TABLE IF EXISTS provisioning_load")
+
+        self._run_job(lambda: self._transaction(create))
+        try:
+            rows = staging.sorted_rows()
+            while chunk := list(itertools.islice(rows, PROVISIONING_CHUNK)):
+                self._run_job(functools.partial(self._transaction, append(chunk)))
+            self._run_job(lambda: self._transaction(swap))
+        except BaseException:
+            with contextlib.suppress(Exception):  # else the next open or replace drops it
+                self._run_job(lambda: self._transaction(drop))
+            raise
+        self._prov_count = count
+
+    @staticmethod
+    def _set_source_digest(conn: sqlite3.Connection, digest: bytes | None) -> None:
+        if digest is None:
+            conn.execute("DELETE FROM meta WHERE key = 'provisioning_source'")
+        else:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('provisioning_source', ?)",
+                (digest,),
+            )
+
+    def _run_job(self, job: Callable[[], Any]) -> Any:
+        """Run `job` on the writer thread (inline before start) and return its result."""
+        if self._refusal is not None:
+            raise RegistryError(f"registry {self._refusal}")
+        with self._inline_lock:  # _start_writer() takes it too: never two users of _wconn
+            thread = self._thread
+            if thread is None:
+                return job()
+        if threading.current_thread() is thread:
+            raise RuntimeError("a writer job cannot wait for another writer job")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._jobs_lock:  # the writer fails leftovers under it when it exits
+            if self._writer_done:
+                raise RegistryError("registry is closed")
+            self._jobs.append((job, future))
+        self._wake.set()
+        return future.result()
+
+    # -- registrations: reads -----------------------------------------------------------------
+
+    def registration(self, ue_service_id: str) -> Registration | None:
+        """The current registration of a UE (including changes not yet durable), or None."""
+        value = self._regs.get(ue_service_id)
+        if value is None:
+            return None
+        if value.__class__ is str:
+            return Registration(ue_service_id, value, None)  # type: ignore[arg-type]
+        return Registration(ue_service_id, value[0], value[1])
+
+    def registered_count(self) -> int:
+        """Number of registered UEs (including changes not yet durable)."""
+        return len(self._regs)
+
+    def iter_registrations(self, gateway: str | None = None) -> Iterator[Registration]:
+        """Iterate registrations, optionally only those through `gateway`.
+
+        The UE ids are copied first, so the caller may submit changes while iterating: a UE
+        changed meanwhile is reported as it is then, a removed one is skipped.
+        """
+        if gateway is not None:
+            gateway = self._gw_canon.get(gateway)
+            if gateway is None:
+                return
+        regs = self._regs
+        for ue in list(regs):
+            value = regs.get(ue)
+            if value is None:
+                continue
+            if value.__class__ is str:
+                if gateway is None or value is gateway:
+                    yield Registration(ue, value, None)  # type: ignore[arg-type]
+            elif gateway is None or value[0] is gateway:
+                yield Registration(ue, value[0], value[1])
+
+    # -- registrations: writes ----------------------------------------------------------------
+
+    def submit_register(self, ue_service_id: str, gateway: str, profile: bytes | None) -> int:
+        """Register (or re-register) a UE; applied to memory now, durable later. Returns its seq.
+
+        The hot path of every registration: a few dict/deque operations, no allocation beyond
+        the op tuple (the gateway name is interned, so the stored value is shared).
+        """
+        if self._refusal is not None:
+            raise RegistryError(f"registry {self._refusal}")
+        if ue_service_id.__class__ is not str:
+            raise TypeError("ue_service_id must be str")
+        name = self._gw_canon.get(gateway)
+        if name is None:
+            name = self._intern_gateway(gateway)
+        if profile is None:
+            new: _Value = name
+        else:
+            new = (name, profile if profile.__class__ is bytes else bytes(profile))
+        regs = self._regs
+        op = (ue_service_id, new, regs.get(ue_service_id))
+        regs[ue_service_id] = new
+        return self._queue(op)
+
+    def submit_deregister(self, ue_service_id: str) -> int:
+        """De-register a UE (a no-op change if it is not registered). Returns its seq."""
+        if self._refusal is not None:
+            raise RegistryError(f"registry {self._refusal}")
+        if ue_service_id.__class__ is not str:
+            raise TypeError("ue_service_id must be str")
+        return self._queue((ue_service_id, None, self._regs.pop(ue_service_id, None)))
+
+    def _queue(self, op: _Op) -> int:
+        self._undo.append(op)
+        self._ops.append(op)
+        self._next_seq = seq = self._next_seq + 1
+        if self._writer_idle:  # see _writer_step for why this cannot miss a wake-up
+            self._wake.set()
+        return seq
+
+    def _intern_gateway(self, gateway: str) -> str:
+        if not isinstance(gateway, str):
+            raise TypeError("gateway must be str")
+        # Index first: the writer looks names up by index once it sees an op using them.
+        self._gw_index[gateway] = len(self._names)
+        self._names.append(gateway)
+        self._gw_canon[gateway] = gateway
+        return gateway
+
+    # -- completions --------------------------------------------------------------------------
+
+    def add_listener(self, callback: Listener) -> None:
+        """Call callback(first_seq, last_seq, ok) on the loop thread for every settled batch.
+
+        ok=True: changes first..last are durable. ok=False: they failed; memory is already
+        rolled back to the last durable state when the callback runs.
+        """
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Listener) -> None:
+        """Stop calling `callback`; unknown callbacks are ignored."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once change `seq` is durable; raise RegistryError if it failed."""
+        if not 0 < seq <= self._next_seq:
+            raise ValueError(f"no change {seq} was submitted")
+        if seq <= self._durable_seq:
+            reason = self._failure_of(seq)
+            if reason is not None:
+                raise RegistryError(f"change {seq} failed: {reason}")
+            return
+        if self._thread is None:
+            raise RuntimeError("registry not started")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (seq, next(self._waiter_ids), future))
+        await future
+
+    def _failure_of(self, seq: int) -> str | None:
+        for first, last, reason in reversed(self._failed):
+            if first <= seq <= last:
+                return reason
+        return None
+
+    @property
+    def durable_seq(self) -> int:
+        """Highest seq settled: every change up to it is durable unless reported failed."""
+        return self._durable_seq
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last change submitted (0 before the first)."""
+        return self._next_seq
+
+    def pending(self) -> int:
+        """Changes submitted but not yet settled (for overload decisions: SERVER_BUSY)."""
+        return self._next_seq - self._durable_seq
+
+    def _post(self, message: tuple[Any, ...]) -> None:
+        """Writer thread: hand a completion to whoever drains the outbox (one wake per batch)."""
+        with self._outbox_cv:
+            self._outbox.append(message)
+            self._outbox_cv.notify_all()
+        loop = self._loop
+        if loop is not None:
+            # A closed loop raises; close_sync() then drains the outbox itself.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._drain_outbox)
+
+    def _drain_outbox(self) -> None:
+        with self._outbox_cv:
+            messages, self._outbox = self._outbox, []
+        for ok, first, last, *rest in messages:
+            if ok:
+                self._on_durable(first, last)
+            else:
+                self._on_failed(first, rest[0], resume_writer=last is not None)
+
+    def _on_durable(self, first: int, last: int) -> None:
+        if first != self._durable_seq + 1:  # cannot happen; say so loudly if it does
+            log.error("registry: completion %d..%d out of order", first, last)
+        del self._undo[: last - first + 1]
+        self._durable_seq = last
+        self._settle(first, last, None)
+
+    def _on_failed(self, first: int | None, reason: str, *, resume_writer: bool) -> None:
+        """A batch failed: fail it and everything after it, and roll memory back.
+
+        The cut is taken here, on the loop thread, because only here is memory quiescent:
+        every change up to `cut` was applied on top of the failed ones, so all of them go.
+        """
+        first = self._durable_seq + 1 if first is None else first
+        cut = self._next_seq
+        if first > cut:  # the writer died with nothing pending: nothing to fail
+            return
+        regs = self._regs
+        for ue, _new, old in reversed(self._undo):
+            if old is None:
+                regs.pop(ue, None)
+            else:
+                regs[ue] = old
+        self._undo.clear()
+        self._durable_seq = cut
+        self._failed.append((first, cut, reason))
+        if resume_writer:
+            self._cut = cut
+            self._wake.set()
+        self._settle(first, cut, reason)
+
+    def _settle(self, first: int, last: int, failure: str | None) -> None:
+        ok = failure is None
+        for callback in tuple(self._listeners):
+            try:
+                callback(first, last, ok)
+            except Exception:
+                log.exception("registry listener %r failed", callback)
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= last:
+            seq, _, future = heapq.heappop(waiters)
+            if future.done():
+                continue
+            try:
+                if ok:
+                    future.set_result(None)
+                else:
+                    future.set_exception(RegistryError(f"change {seq} failed: {failure}"))
+            except RuntimeError:
+                pass  # the waiter's loop is closed
+
+    # -- the writer thread --------------------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        try:
+            while self._writer_step():
+                pass
+        except BaseException as exc:
+            log.critical("registry writer stopped by an unexpected error", exc_info=True)
+            self._refusal = "writer stopped"
+            self._post((False, None, None, f"registry writer stopped: {_describe(exc)}"))
+        finally:
+            with self._jobs_lock:
+                self._writer_done = True
+                leftovers = list(self._jobs)
+                self._jobs.clear()
+            for _job, future in leftovers:
+                future.set_exception(RegistryError("registry is closed"))
+
+    def _writer_step(self) -> bool:
+        """One round: apply a cut, commit a batch, step a job, or sleep. False = stop."""
+        self._wake.clear()
+        worked = False
+        if self._w_awaiting_cut and self._cut is not None:
+            cut, self._cut = self._cut, None
+            ops = self._ops
+            while self._w_taken < cut:  # drop the changes the loop thread failed
+                ops.popleft()
+                self._w_taken += 1
+            self._w_awaiting_cut = False
+            worked = True
+        if not self._w_awaiting_cut and self._ops:
+            self._commit_batch()
+            worked = True
+        if self._jobs:  # provisioning goes on while a failed batch awaits its cut
+            self._job_step()
+            worked = True
+        if worked:
+            return True
+        if self._stopping and not self._w_awaiting_cut and not self._ops and not self._jobs:
+            return False
+        # Idle protocol: the flag is set before the re-check and submitters set it after
+        # appending, so either the re-check sees their op or they see the flag and wake us.
+        self._writer_idle = True
+        try:
+            if not self._has_work():
+                self._wake.wait()
+        finally:
+            self._writer_idle = False
+        return True
+
+    def _has_work(self) -> bool:
+        if self._w_awaiting_cut:
+            return self._cut is not None or bool(self._jobs)
+        return bool(self._ops) or bool(self._jobs) or self._stopping
+
+    def _commit_batch(self) -> None:
+        ops = self._ops
+        if len(ops) < self._gather_below and self._commit_interval and not self._stopping:
+            time.sleep(self._commit_interval)  # a small queue: let it fill (group commit)
+        batch = [ops.popleft() for _ in range(min(len(ops), self._max_batch))]
+        first = self._w_taken + 1
+        self._w_taken += len(batch)
+        last = self._w_taken
+        try:
+            blob, n_names = _encode_batch(batch, self._gw_index, self._names, self._w_gw_durable)
+            # One statement in autocommit mode is one transaction. OR REPLACE: a commit that
+            # reported failure may still have left its row; the next batch overwrites it.
+            self._wconn.execute(_SQL_JOURNAL_PUT, (self._w_jseq + 1, blob))
+        except Exception as exc:
+            self._rollback_quietly()
+            self._w_awaiting_cut = True
+            if not self._w_failing:
+                self._w_failing = True
+                log.error(
+                    "registry %s: commit of changes %d..%d failed (%s); failing them, "
+                    "later batches are retried",
+                    self._path,
+                    first,
+                    last,
+                    _describe(exc),
+                )
+            self._post((False, first, last, _describe(exc)))
+            return
+        self._w_jseq += 1
+        self._w_gw_durable = n_names
+        if self._w_failing:
+            self._w_failing = False
+            log.warning("registry %s: commits succeed again", self._path)
+        self._post((True, first, last))
+
+    def _job_step(self) -> None:
+        job, future = self._jobs.popleft()
+        try:
+            result = job()
+        except BaseException as exc:  # handed to the waiting caller, never lost
+            self._rollback_quietly()
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def _rollback_quietly(self) -> None:
+        conn = self._wconn
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.warning("registry %s: rollback failed", self._path, exc_info=True)
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def _compact(self) -> None:
+        """Write a fresh snapshot of memory and empty the journal, in one transaction.
+
+        Only valid when memory equals the durable state (nothing pending, writer idle).
+        A failure (e.g. disk full) keeps the old snapshot and journal, which stay consistent.
+        """
+        conn = self._wconn
+        if conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 0:
+            return
+        started = time.monotonic()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            _write_snapshot(conn, self._regs, self._names, self._w_jseq)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            log.warning(
+                "registry %s: compaction failed (%s); the journal is kept",
+                self._path,
+                _one_line(exc),
+            )
+            return
+        log.info(
+            "registry %s: compacted %d registrations in %.2f s",
+            self._path,
+            len(self._regs),
+            time.monotonic() - started,
+        )
+
+    async def close(self) -> None:
+        """Flush pending changes, stop the writer, compact and close the file."""
+        if self._closed:
+            return
+        if self._refusal is None:
+            self._refusal = "is closed"
+        if self.pending():
+            if self._thread is None:
+                self.start(asyncio.get_running_loop())
+            with contextlib.suppress(RegistryError):
+                await self.wait_durable(self._next_seq)
+        await asyncio.to_thread(self._shutdown)
+
+    def close_sync(self) -> None:
+        """close() for callers without a running event loop (tests, tools)."""
+        if self._closed:
+            return
+        if self._loop is not None and self._loop.is_running():
+            # Its callbacks would drain the outbox concurrently with this thread.
+            raise RuntimeError("close_sync() while the registry's loop runs; use await close()")
+        if self._refusal is None:
+            self._refusal = "is closed"
+        if self.pending() and self._thread is None:
+            self._start_writer()
+        while self.pending():
+            with self._outbox_cv:
+                self._outbox_cv.wait_for(lambda: bool(self._outbox))
+            self._drain_outbox()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._closed:
+            return
+        thread = self._thread
+        if thread is not None:
+            self._stopping = True
+            self._wake.set()
+            thread.join()
+        self._closed = True
+        try:
+            if self._next_seq == self._durable_seq:
+                self._compact()
+            with contextlib.suppress(sqlite3.Error):
+                self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            with self._rlock:
+                self._rconn.close()
+            self._wconn.close()
+            os.close(self._lock_fd)
+        log.info("registry %s: closed", self._path)
+
+    # -- test hooks ---------------------------------------------------------------------------
+
+    def _debug_set_max_page_count(self, pages: int | None) -> int:
+        """Test hook: cap the file at `pages` pages (None: its current size) on the writer.
+
+        Writes that need more space then fail with SQLITE_FULL, exactly like a full disk.
+        Returns the cap in force.
+        """
+
+        def work() -> int:
+            limit = pages
+            if limit is None:
+                limit = self._wconn.execute("PRAGMA page_count").fetchone()[0]
+            return self._wconn.execute(f"PRAGMA max_page_count = {int(limit)}").fetchone()[0]
+
+        return int(self._run_job(work))
+
+    def __repr__(self) -> str:
+        return (
+            f"<Registry {self._path} registered={len(self._regs)} pending={self.pending()} "
+            f"durable_seq={self._durable_seq}>"
+        )

@@ -1,0 +1,101 @@
+"""The per-UE rules of wire-v1 §5 ("Semantics, per entry"): pure policy, no wire details.
+
+One `Registrar` serves every connection. `register()` / `deregister()` decide an entry against
+the provisioned subscriber store and the registry, and when the entry succeeds hand the change
+to the registry, whose change sequence number says when the success may be sent (after the
+commit that makes it durable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wire.constants import FailureCause, Operation
+from wire.credential import verify_proof
+from wire.messages import PROFILE_SPEC, Profile, encode_group
+
+from .config import GatewayPolicy
+from .registry import Registry
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The decision on one entry. `seq` is the registry change to wait for (None: no change)."""
+
+    cause: FailureCause | None
+    seq: int | None = None
+    retry_after: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.cause is None
+
+
+BUSY_RETRY_MS = 500
+
+
+class Registrar:
+    """wire-v1 §5 per-entry semantics over one Registry."""
+
+    def __init__(self, registry: Registry, *, max_pending_writes: int) -> None:
+        self.registry = registry
+        self.max_pending_writes = max_pending_writes
+
+    def _busy(self) -> Outcome | None:
+        # wire-v1 §5 Overload: shed load before the writer's queue grows without bound.
+        if self.registry.pending() >= self.max_pending_writes:
+            return Outcome(FailureCause.SERVER_BUSY, retry_after=BUSY_RETRY_MS)
+        return None
+
+    def register(
+        self,
+        gateway: GatewayPolicy,
+        nonce: bytes,
+        ue_service_id: str,
+        credential: bytes | None,
+        profile: Profile | None,
+    ) -> Outcome:
+        busy = self._busy()
+        if busy is not None:
+            return busy
+        provisioned = self.registry.provisioned(ue_service_id)
+        if provisioned is None:
+            return Outcome(FailureCause.UE_NOT_PROVISIONED)
+        if gateway.identity not in provisioned.gateways:
+            return Outcome(FailureCause.GATEWAY_NOT_AUTHORIZED)
+        # wire-v1 §6: a credential that is present is always verified.
+        if (credential is not None or gateway.ue_authentication) and (
+            credential is None
+            or not verify_proof(
+                provisioned.key, nonce, Operation.REGISTRATION, ue_service_id, credential
+            )
+        ):
+            return Outcome(FailureCause.AUTHENTICATION_FAILED)
+        stored = encode_group(PROFILE_SPEC, profile) if profile is not None else None
+        seq = self.registry.submit_register(ue_service_id, gateway.identity, stored)
+        return Outcome(None, seq)
+
+    def deregister(
+        self, gateway: GatewayPolicy, nonce: bytes, ue_service_id: str, credential: bytes | None
+    ) -> Outcome:
+        busy = self._busy()
+        if busy is not None:
+            return busy
+        registration = self.registry.registration(ue_service_id)
+        if registration is None:
+            return Outcome(FailureCause.NOT_REGISTERED)
+        if registration.gateway != gateway.identity:
+            return Outcome(FailureCause.REGISTERED_VIA_OTHER_GATEWAY)
+        if credential is not None or gateway.ue_authentication:
+            provisioned = self.registry.provisioned(ue_service_id)
+            # A UE removed from provisioning has no key left to check a proof against.
+            if (
+                credential is None
+                or provisioned is None
+                or not verify_proof(
+                    provisioned.key, nonce, Operation.DEREGISTRATION, ue_service_id, credential
+                )
+            ):
+                return Outcome(FailureCause.AUTHENTICATION_FAILED)
+        seq = self.registry.submit_deregister(ue_service_id)
+        return Outcome(None, seq)

@@ -1,0 +1,412 @@
+"""asyncio glue for one gateway connection: bytes ↔ wire Session ↔ Registrar.
+
+Kept thin on purpose (aioquic's asyncio/protocol.py): protocol rules live in wire.session,
+per-UE rules in msgd.service. What lives here is flow control:
+
+* answers wait in `_pending`, in request order, until the registry change they depend on is
+  durable (wire-v1 §5: "A success result is sent only after the change is durable");
+* more than `bulk_window` unanswered entries, or a peer that does not read what we write
+  (asyncio's pause_writing), stop reading from the socket, so TCP holds the gateway back and
+  neither a huge bulk nor a gateway that never reads can grow our memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from wire.constants import ErrorCause, FailureCause, MessageType, Result
+from wire.events import (
+    NEED_DATA,
+    PAUSED,
+    BulkEnded,
+    BulkEntryReceived,
+    BulkStarted,
+    ConnectionClosed,
+    ErrorReceived,
+    GoodbyeReceived,
+    HelloReceived,
+    ProtocolErrorDetected,
+    RequestReceived,
+    TransactionFailed,
+)
+from wire.messages import (
+    DeregistrationResponseEntry,
+    RegistrationResponseEntry,
+    UeDeregistrationResponse,
+    UeRegistrationResponse,
+)
+from wire.session import Role, Session
+
+from .log import get_logger
+from .tls import negotiated_alpn_ok, peer_identity
+
+if TYPE_CHECKING:
+    from .config import GatewayPolicy
+    from .server import Server
+
+_log = get_logger("msgd.connection")
+
+# What an answer is, in `_pending` (tuples: this queue can hold a window of 4096 per connection).
+SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = range(4)
+_RESPONSE = {
+    SINGLE_REG: UeRegistrationResponse,
+    SINGLE_DEREG: UeDeregistrationResponse,
+}
+_ENTRY = {BULK_REG: RegistrationResponseEntry, BULK_DEREG: DeregistrationResponseEntry}
+_KIND_OF = {
+    MessageType.UE_REGISTRATION_REQUEST: SINGLE_REG,
+    MessageType.UE_DEREGISTRATION_REQUEST: SINGLE_DEREG,
+}
+
+
+class GatewayConnection(asyncio.Protocol):
+    """One gateway: TLS set up by the server, then a wire Session in the SERVER role."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.identity: str | None = None
+        self.policy: GatewayPolicy | None = None
+        self.peer = "?"
+        self.nonce = b""
+        self.connected_at = 0.0
+        self.entries_processed = 0
+        self.log = _log
+        self._pending: deque[tuple[Any, ...]] = deque()
+        self._bulk_kinds: dict[int, int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._closed = False
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def start(self, transport: asyncio.Transport) -> None:
+        """Set up the session for a connection whose TLS handshake has completed."""
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.log = _log.bind(peer=self.peer)
+        ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+        if ssl_object is None or not negotiated_alpn_ok(ssl_object):
+            # wire-v1 §1: "The server MUST refuse a connection that does not negotiate it."
+            self.log.warning("connection.refused", reason="no ALPN msgin5g-gw/1")
+            self.server.metrics.connection_refused("alpn")
+            transport.abort()
+            return
+        self.identity = peer_identity(ssl_object)
+        self.log = self.log.bind(gateway=self.identity)
+        limits = self.server.session_limits
+        now = self.loop.time()
+        self.connected_at = now
+        self.session = Session(Role.SERVER, now, limits)
+        transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
+        self.server.connection_started(self)
+        self.log.info("connection.open")
+        self._arm_timer()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called once the TLS handshake has completed (connect_accepted_socket with ssl=).
+        self.start(transport)  # type: ignore[arg-type]
+
+    # --- bytes in ---------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None or self._closed:
+            return
+        session.receive_data(data, self.loop.time())
+        self._process()
+
+    def eof_received(self) -> bool:
+        if self.session is not None and not self._closed:
+            self.session.receive_data(b"", self.loop.time())
+            self._process()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        was_open = not self._closed
+        self._closed = True
+        self._pending.clear()
+        self.server.connection_ended(self)
+        if was_open and self.session is not None:
+            self.log.info("connection.closed", reason=str(exc) if exc else "peer closed")
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        session = self.session
+        assert session is not None
+        server = self.server
+        while True:
+            event = session.next_event()
+            if event is NEED_DATA or event is PAUSED:
+                break
+            kind = type(event)
+            if kind is BulkEntryReceived:
+                self._on_bulk_entry(event)
+            elif kind is RequestReceived:
+                self._on_request(event.request)
+            elif kind is BulkStarted:
+                self._bulk_kinds[event.transaction_id] = (
+                    BULK_REG
+                    if event.message_type is MessageType.BULK_REGISTRATION_REQUEST
+                    else BULK_DEREG
+                )
+            elif kind is BulkEnded:
+                self._bulk_kinds.pop(event.transaction_id, None)
+            elif kind is HelloReceived:
+                self._on_hello(event)
+            elif kind is ProtocolErrorDetected:
+                server.metrics.protocol_error(event.error.cause)
+                self.log.warning(
+                    "protocol.error",
+                    cause=event.error.cause.name,
+                    tid=event.error.transaction_id,
+                    detail=event.error.diagnostic,
+                )
+            elif kind is TransactionFailed:
+                self._bulk_kinds.pop(event.transaction_id, None)
+                self.log.info(
+                    "transaction.failed",
+                    tid=event.transaction_id,
+                    cause=getattr(event.cause, "name", event.cause),
+                    sent=event.sent,
+                )
+            elif kind is GoodbyeReceived:
+                self.log.info("gateway.goodbye", cause=event.goodbye.error_cause)
+            elif kind is ErrorReceived:
+                self.log.info(
+                    "gateway.error", cause=event.error.error_cause, tid=event.error.transaction_id
+                )
+            elif kind is ConnectionClosed:
+                self.log.info("session.closed", reason=event.reason, by_peer=event.by_peer)
+        self._flush_pending()
+        self._write()
+        self._update_reading()
+        if session.is_closed or (session.goodbye_sent and session.can_close):
+            self._close()
+        else:
+            self._arm_timer()
+
+    def _on_hello(self, event: HelloReceived) -> None:
+        session = self.session
+        assert session is not None
+        policy = self.server.gateways.get(self.identity or "")
+        if policy is None:
+            self.log.warning("gateway.refused", reason="identity not in [[gateways]]")
+            self.server.metrics.connection_refused("gateway_not_allowed")
+            session.reject_hello(ErrorCause.GATEWAY_NOT_ALLOWED, "gateway identity not allowed")
+            return
+        self.policy = policy
+        self.nonce = os.urandom(32)
+        session.accept_hello(
+            server_nonce=self.nonce,
+            bulk_allowed=policy.bulk_allowed,
+            ue_authentication_required=policy.ue_authentication,
+            node_name=self.server.node_name,
+        )
+        self.log.info(
+            "gateway.hello", gateway_type=event.hello.gateway_type, node=event.hello.node_name
+        )
+
+    def _on_request(self, request: Any) -> None:
+        kind = _KIND_OF[type(request).message_type]
+        self._decide(
+            kind,
+            request.transaction_id,
+            request.ue_service_id,
+            request.credential,
+            getattr(request, "profile", None),
+        )
+
+    def _on_bulk_entry(self, event: BulkEntryReceived) -> None:
+        session = self.session
+        assert session is not None
+        tid = event.transaction_id
+        entry = event.entry
+        kind = self._bulk_kinds.get(tid, BULK_REG)
+        if entry is None:
+            self.server.metrics.entry(kind, FailureCause.INVALID_ENTRY)
+            self._pending.append(
+                (
+                    self.server.registry_last_seq(),
+                    None,
+                    tid,
+                    kind,
+                    "",
+                    FailureCause.INVALID_ENTRY,
+                    None,
+                )
+            )
+            return
+        self._decide(
+            kind, tid, entry.ue_service_id, entry.credential, getattr(entry, "profile", None)
+        )
+
+    def _decide(
+        self, kind: int, tid: int, uid: str, credential: bytes | None, profile: Any
+    ) -> None:
+        registrar = self.server.registrar
+        policy = self.policy
+        assert policy is not None
+        if kind in (SINGLE_REG, BULK_REG):
+            outcome = registrar.register(policy, self.nonce, uid, credential, profile)
+        else:
+            outcome = registrar.deregister(policy, self.nonce, uid, credential)
+        self.entries_processed += 1
+        self.server.metrics.entry(kind, outcome.cause)
+        # Even a failure waits for the state it was decided on to be durable.
+        self._pending.append(
+            (
+                self.server.registry_last_seq(),
+                outcome.seq,
+                tid,
+                kind,
+                uid,
+                outcome.cause,
+                outcome.retry_after,
+            )
+        )
+
+    # --- answers ----------------------------------------------------------------------------
+
+    def on_registry(self, durable: int, failed_first: int, failed_last: int) -> None:
+        """The registry made changes up to `durable` durable; [failed_first, failed_last] failed."""
+        if self._closed or not self._pending:
+            return
+        self._flush_pending(durable, failed_first, failed_last)
+        self._write()
+        self._update_reading()
+        session = self.session
+        if session is not None and session.goodbye_sent and session.can_close:
+            self._close()
+
+    def _flush_pending(
+        self, durable: int | None = None, failed_first: int = 0, failed_last: int = -1
+    ) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        server = self.server
+        if durable is None:
+            durable, failed_first, failed_last = server.registry_state()
+        resolved = max(durable, failed_last)
+        session = self.session
+        assert session is not None
+        send_entry = session.send_bulk_entry
+        while pending:
+            wait_seq, seq, tid, kind, uid, cause, retry = pending[0]
+            if wait_seq > resolved:
+                break
+            pending.popleft()
+            if seq is not None and failed_first <= seq <= failed_last:
+                cause, retry = FailureCause.STORAGE_FAILURE, None
+                server.metrics.storage_failure()
+            if cause is None:
+                result, cause_value = Result.SUCCESS, None
+            else:
+                result, cause_value = Result.FAILURE, int(cause)
+            if kind >= BULK_REG:
+                send_entry(tid, _ENTRY[kind](uid, result, cause_value, retry))
+            else:
+                session.send_response(_RESPONSE[kind](tid, uid, result, cause_value, retry))
+        if not pending:
+            server.connection_idle(self)
+        else:
+            server.connection_waiting(self)
+
+    def _write(self) -> None:
+        session = self.session
+        transport = self.transport
+        if session is None or transport is None:
+            return
+        data = session.data_to_send()
+        if data and not transport.is_closing():
+            transport.write(data)
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        stop = self._writing_paused or len(self._pending) >= self.server.bulk_window
+        if stop and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif (
+            not stop and self._reading_paused and len(self._pending) <= self.server.bulk_window // 2
+        ):
+            self._reading_paused = False
+            transport.resume_reading()
+
+    # --- timers and closing -----------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        session = self.session
+        if session is None or self._closed:
+            return
+        when = session.get_timer()
+        if when is None:
+            return
+        # Deadlines only move later as data arrives; a timer already due earlier re-arms itself.
+        if self._timer is not None and self._timer_at <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        session = self.session
+        if session is None or self._closed:
+            return
+        session.handle_timer(self.loop.time())
+        self._process()
+
+    def goodbye(
+        self, cause: ErrorCause, diagnostic: str = "", retry_after: int | None = None
+    ) -> None:
+        """Announce an orderly close (shutdown, drain, gateway removed or revoked)."""
+        session = self.session
+        if session is None or self._closed:
+            if self.transport is not None and session is None:
+                self.transport.abort()
+            return
+        session.send_goodbye(cause, retry_after, diagnostic)
+        self._write()
+        if session.can_close:
+            self._close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport = self.transport
+        if transport is not None:
+            # Give TLS a chance to flush the last frames (ERROR / responses) before FIN.
+            transport.close()
