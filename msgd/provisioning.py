@@ -38,10 +38,11 @@ CSV_HEADER = ("ue_service_id", "key", "gateways")
 KEY_SIZE = 32  # wire-v1 §6: K_ue is 32 octets
 GATEWAY_SEPARATOR = ";"
 
-# wire-v1 §3 (UE Service ID, Node name): UTF-8, 1-255 octets, no C0/C1 control characters.
-# DEL (U+007F) is rejected with them: Unicode puts it in the same Cc category.
+# wire-v1 §3 (UE Service ID, Node name): UTF-8, 1-255 octets, no C0/C1 control characters
+# (U+0000-U+001F, U+0080-U+009F; DEL is neither), exactly as wire/ies.py checks them, so
+# every id the wire accepts can be provisioned.
 MAX_IDENTITY_OCTETS = 255
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x1f\x80-\x9f]")
 
 # Part of every file digest: a file that passed older checks is re-read when the checks change.
 _DIGEST_TAG = b"msgd provisioning csv v1\n"
