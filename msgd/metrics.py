@@ -1,50 +1,110 @@
-"""Prometheus metrics of one msgd instance (prometheus_client, its own CollectorRegistry).
+"""Prometheus metrics of one msgd instance, and the health probe behind the systemd watchdog.
+
+Metrics live in their own CollectorRegistry and are served by prometheus_client's HTTP
+server thread on `[metrics] listen`. Everything is counted on the event-loop thread; gauges
+that read daemon state (connections, registrations, certificate expiry) are computed when
+scraped, from values the loop thread replaces atomically, so a scrape never races the loop.
 
 Label children for the hot path are resolved once, so counting an entry is one dict lookup
-and one locked add.
+and one locked add. Procedures are counted when their answer is sent, with the cause that
+was actually sent (a success decided earlier can still become STORAGE_FAILURE).
+
+The group-commit latency is measured from the server side with the registry's public API:
+the transport notes, after each chunk of gateway data, the last change sequence number
+submitted and the loop time the chunk arrived (`submitted`); the registry's completion
+listener (`settled`) then observes, per committed batch, the time since its oldest change
+was submitted. That is the wait a gateway sees for its answer, queueing included.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
 
 from wire.constants import ErrorCause, FailureCause
 
+__all__ = ["PROCEDURES", "HealthProbe", "LoopLagProbe", "Metrics", "certificate_inventory"]
+
 PROCEDURES = ("registration", "deregistration", "bulk_registration", "bulk_deregistration")
+_SECONDS_PER_DAY = 86400.0
+# Commit marks kept at most: one per chunk of gateway data with new changes. Far more than
+# a group commit ever spans; a bound so a stuck writer cannot grow them without limit.
+_MAX_MARKS = 65536
 
 
 class Metrics:
+    """The daemon's metrics; the methods are the hooks the server and transport call."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.procedures = Counter(
             "msgd_procedures",
-            "Per-UE procedures by kind, result and failure cause",
+            "Per-UE procedures answered, by kind, result and failure cause",
             ("procedure", "result", "cause"),
             registry=r,
         )
         self.bulk_entries = Counter(
-            "msgd_bulk_entries", "Entries received inside bulk requests", ("procedure",), registry=r
+            "msgd_bulk_entries", "Entries answered inside bulk transactions", ("procedure",),
+            registry=r,
+        )
+        self.bulk_transactions = Counter(
+            "msgd_bulk_transactions", "Bulk transactions started by gateways", ("procedure",),
+            registry=r,
+        )
+        self.messages = Counter(
+            "msgd_messages_received",
+            "Messages received from gateways, by type (a bulk transaction counts once)",
+            ("type",),
+            registry=r,
         )
         self.protocol_errors = Counter(
             "msgd_protocol_errors",
-            "Peer errors answered with ERROR, by cause",
+            "Errors msgd detected in gateways' traffic (answered with ERROR), by cause",
             ("cause",),
+            registry=r,
+        )
+        self.peer_errors = Counter(
+            "msgd_peer_errors", "ERROR messages received from gateways, by cause", ("cause",),
+            registry=r,
+        )
+        self.transactions_failed = Counter(
+            "msgd_transactions_failed", "Transactions ended by an ERROR, by cause", ("cause",),
+            registry=r,
+        )
+        self.accepted = Counter(
+            "msgd_connections_accepted", "Gateway connections whose TLS handshake completed",
             registry=r,
         )
         self.refused = Counter(
             "msgd_connections_refused", "Connections refused, by reason", ("reason",), registry=r
         )
-        self.frames_in = Counter("msgd_bytes_received", "Octets received from gateways", registry=r)
+        self.goodbyes = Counter(
+            "msgd_goodbyes_sent", "GOODBYE messages sent to gateways, by cause", ("cause",),
+            registry=r,
+        )
+        self.frames_received = Counter(
+            "msgd_frames_received", "Frames received from gateways (a bulk request is many)",
+            registry=r,
+        )
+        self.bytes_in = Counter("msgd_received_bytes", "Octets received from gateways", registry=r)
+        self.bytes_out = Counter("msgd_sent_bytes", "Octets sent to gateways", registry=r)
+        # Kept under its old attribute name too: nothing else counts received octets.
+        self.frames_in = self.bytes_in
         self.commit_latency = Histogram(
             "msgd_group_commit_seconds",
-            "Registry group-commit latency",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            "Registry group commits: time from the submission of a batch's oldest change "
+            "until the batch is durable (or failed)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
         self.commit_batch = Histogram(
@@ -53,61 +113,202 @@ class Metrics:
             buckets=(1, 10, 100, 1000, 5000, 10000, 20000),
             registry=r,
         )
+        self.commit_failures = Counter(
+            "msgd_registry_commit_failures", "Registry batches that failed to commit", registry=r
+        )
         self.loop_lag = Gauge(
             "msgd_event_loop_lag_seconds", "Lateness of the last event-loop probe", registry=r
+        )
+        self.loop_lag_max = Gauge(
+            "msgd_event_loop_lag_max_seconds",
+            "Largest event-loop probe lateness since the daemon started",
+            registry=r,
+        )
+        self.watchdog_withheld = Counter(
+            "msgd_watchdog_withheld",
+            "Watchdog pings withheld because the daemon was unhealthy, by reason",
+            ("reason",),
+            registry=r,
         )
         self.connected = Gauge(
             "msgd_connected_gateways", "Established gateway connections", registry=r
         )
         self.registered = Gauge("msgd_registered_ues", "Registered Non-MSGin5G UEs", registry=r)
         self.provisioned = Gauge("msgd_provisioned_ues", "Provisioned Non-MSGin5G UEs", registry=r)
-        self.cert_days = Gauge(
-            "msgd_certificate_expiry_days",
-            "Days until a configured certificate expires",
-            ("certificate",),
+        self.pending = Gauge(
+            "msgd_registry_pending_changes", "Registry changes submitted, not yet durable",
             registry=r,
         )
+        self.reloads = Counter(
+            "msgd_reloads", "Reloads (SIGHUP or msgctl reload), by result", ("result",), registry=r
+        )
+        self.reload_ok = Gauge(
+            "msgd_config_last_reload_successful", "1 if the last reload succeeded", registry=r
+        )
+        self.reload_ok.set(1)
+        self.reload_time = Gauge(
+            "msgd_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful reload (or of the start)",
+            registry=r,
+        )
+        self.reload_time.set(time.time())
+        self.draining = Gauge(
+            "msgd_draining", "1 once msgctl drain stopped accepting gateways", registry=r
+        )
+        self.control = Counter(
+            "msgd_control_requests", "Control socket requests, by command and result",
+            ("command", "result"), registry=r,
+        )
+        self.certificates = _CertificateCollector()
+        r.register(self.certificates)
+        # File descriptors, memory and CPU of the daemon (LimitNOFILE= is worth watching).
+        ProcessCollector(registry=r)
+
         self._children: dict[tuple[int, Any], Any] = {}
         self._bulk_children = {kind: self.bulk_entries.labels(PROCEDURES[kind]) for kind in (2, 3)}
         for kind, name in enumerate(PROCEDURES):
             self._children[(kind, None)] = self.procedures.labels(name, "success", "")
             for cause in FailureCause:
                 self._children[(kind, cause)] = self.procedures.labels(name, "failure", cause.name)
+        self._marks: deque[tuple[int, float]] = deque()
+        self._marked = 0
         self._http: Any = None
+        self.address: tuple[str, int] | None = None  # of the HTTP listener, once serving
 
-    def entry(self, kind: int, cause: FailureCause | None) -> None:
-        self._children[(kind, cause)].inc()
+    # --- hooks: procedures and traffic ------------------------------------------------------
+
+    def entry(self, kind: int, cause: FailureCause | int | None) -> None:
+        """One per-UE answer sent: kind is the transport's SINGLE_REG .. BULK_DEREG."""
+        child = self._children.get((kind, cause))
+        if child is None:  # a cause value outside FailureCause (cannot happen; count it)
+            child = self.procedures.labels(PROCEDURES[kind], "failure", str(cause))
+        child.inc()
         bulk = self._bulk_children.get(kind)
         if bulk is not None:
             bulk.inc()
 
     def storage_failure(self) -> None:
-        # The success counted when the entry was decided turned into STORAGE_FAILURE.
-        pass
+        """An entry decided as a success failed to commit; counted by entry() with the cause
+        actually sent, so nothing more to do here."""
+
+    def bulk_started(self, kind: int) -> None:
+        self.bulk_transactions.labels(PROCEDURES[kind]).inc()
+
+    def message(self, type_name: str) -> None:
+        self.messages.labels(type_name).inc()
 
     def protocol_error(self, cause: ErrorCause) -> None:
         self.protocol_errors.labels(cause.name).inc()
 
+    def peer_error(self, cause: int) -> None:
+        self.peer_errors.labels(_cause_name(cause)).inc()
+
+    def transaction_failed(self, cause: ErrorCause | int) -> None:
+        self.transactions_failed.labels(_cause_name(cause)).inc()
+
+    def goodbye(self, cause: ErrorCause) -> None:
+        self.goodbyes.labels(cause.name).inc()
+
+    def connection_accepted(self) -> None:
+        self.accepted.inc()
+
     def connection_refused(self, reason: str) -> None:
         self.refused.labels(reason).inc()
+
+    def frames(self, count: int) -> None:
+        self.frames_received.inc(count)
+
+    def received(self, octets: int) -> None:
+        self.bytes_in.inc(octets)
+
+    def sent(self, octets: int) -> None:
+        self.bytes_out.inc(octets)
+
+    # --- hooks: group commit ----------------------------------------------------------------
+
+    def submitted(self, last_seq: int, when: float) -> None:
+        """Changes up to `last_seq` not marked yet were submitted at (or after) loop time `when`."""
+        if last_seq > self._marked:
+            marks = self._marks
+            if len(marks) >= _MAX_MARKS:
+                marks.popleft()
+            marks.append((self._marked + 1, when))
+            self._marked = last_seq
+
+    def settled(self, first: int, last: int, ok: bool, now: float) -> None:
+        """The registry settled changes first..last (listener callback); observe the batch."""
+        marks = self._marks
+        # Marks are in seq order; the one covering `first` is the last starting at or below it.
+        submitted_at: float | None = None
+        while marks and marks[0][0] <= first:
+            submitted_at = marks.popleft()[1]
+        # Marks inside the batch go; the newest of them may also cover changes after it.
+        newest = submitted_at
+        while marks and marks[0][0] <= last:
+            newest = marks.popleft()[1]
+        if newest is not None and last < self._marked and (not marks or marks[0][0] > last + 1):
+            marks.appendleft((last + 1, newest))
+        if not ok:
+            self.commit_failures.inc()
+        if submitted_at is not None:
+            self.commit_latency.observe(max(0.0, now - submitted_at))
+        self.commit_batch.observe(last - first + 1)
 
     def commit(self, seconds: float, changes: int) -> None:
         self.commit_latency.observe(seconds)
         self.commit_batch.observe(changes)
+
+    # --- hooks: daemon state ----------------------------------------------------------------
 
     def bind_gauges(
         self,
         connected: Callable[[], float],
         registered: Callable[[], float],
         provisioned: Callable[[], float],
+        pending: Callable[[], float] | None = None,
     ) -> None:
+        """Gauges computed at scrape time (on the HTTP thread: the callables must only read)."""
         self.connected.set_function(connected)
         self.registered.set_function(registered)
         self.provisioned.set_function(provisioned)
+        if pending is not None:
+            self.pending.set_function(pending)
 
-    def serve(self, host: str, port: int) -> None:
-        """Start the HTTP listener ([metrics] listen) in prometheus_client's thread."""
+    def set_certificates(self, items: Iterable[tuple[str, str, dt.datetime]]) -> None:
+        """The configured certificates: (role, subject, not_after); see certificate_inventory."""
+        self.certificates.configured = list(items)
+
+    def set_crl_next_update(self, when: dt.datetime | None) -> None:
+        self.certificates.crl_next_update = when
+
+    def gateway_certificate(self, key: int, identity: str, not_after: dt.datetime | None) -> None:
+        """A gateway connection (key: any id unique per connection) and its cert's expiry."""
+        table = dict(self.certificates.gateways)
+        if not_after is None:
+            table.pop(key, None)
+        else:
+            table[key] = (identity, not_after)
+        self.certificates.gateways = table  # replaced whole: the scrape thread reads it
+
+    def reload_result(self, ok: bool) -> None:
+        self.reloads.labels("success" if ok else "failure").inc()
+        self.reload_ok.set(1 if ok else 0)
+        if ok:
+            self.reload_time.set(time.time())
+
+    def control_request(self, command: str, ok: bool) -> None:
+        self.control.labels(command, "success" if ok else "failure").inc()
+
+    def serve(self, host: str, port: int) -> tuple[str, int]:
+        """Start the HTTP listener ([metrics] listen) in prometheus_client's thread.
+
+        Returns the bound address (port 0 asks the kernel for a free port).
+        """
         self._http = start_http_server(port, addr=host, registry=self.registry)
+        server, _thread = self._http
+        name = server.socket.getsockname()
+        self.address = (name[0], name[1])
+        return self.address
 
     def close(self) -> None:
         if self._http is not None:
@@ -115,6 +316,79 @@ class Metrics:
             server.shutdown()
             server.server_close()
             self._http = None
+
+
+def certificate_inventory(
+    certificate: Path, gateway_ca: Path
+) -> list[tuple[str, str, dt.datetime]]:
+    """(role, subject, not_after) of the server certificate chain and every gateway CA.
+
+    Raises OSError or ValueError for unreadable files; the caller has already validated them
+    by building the TLS context, so this only fails if a file changed in between.
+    """
+    from cryptography import x509
+
+    out: list[tuple[str, str, dt.datetime]] = []
+    for role, path in (("server", certificate), ("gateway_ca", gateway_ca)):
+        certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+        for index, cert in enumerate(certs):
+            name = role if role == "gateway_ca" or index == 0 else "server_chain"
+            out.append((name, cert.subject.rfc4514_string(), cert.not_valid_after_utc))
+    return out
+
+
+class _CertificateCollector(Collector):
+    """Days until each certificate expires, computed at scrape time (the value keeps moving)."""
+
+    def __init__(self) -> None:
+        self.configured: list[tuple[str, str, dt.datetime]] = []
+        self.crl_next_update: dt.datetime | None = None
+        self.gateways: dict[int, tuple[str, dt.datetime]] = {}
+
+    def describe(self) -> Iterator[Any]:
+        # Returning nothing keeps CollectorRegistry from calling collect() at registration.
+        return iter(())
+
+    def collect(self) -> Iterator[Any]:
+        now = dt.datetime.now(dt.UTC)
+        configured = GaugeMetricFamily(
+            "msgd_certificate_expiry_days",
+            "Days until a configured certificate expires (negative: expired)",
+            labels=("certificate", "subject"),
+        )
+        for role, subject, not_after in self.configured:
+            configured.add_metric((role, subject), _days(not_after, now))
+        yield configured
+        crl = GaugeMetricFamily(
+            "msgd_crl_next_update_days",
+            "Days until the configured CRL must be replaced (absent without a CRL)",
+        )
+        if self.crl_next_update is not None:
+            crl.add_metric((), _days(self.crl_next_update, now))
+        yield crl
+        gateways = GaugeMetricFamily(
+            "msgd_gateway_certificate_expiry_days",
+            "Days until the client certificate of a connected gateway expires (soonest)",
+            labels=("gateway",),
+        )
+        soonest: dict[str, dt.datetime] = {}
+        for identity, not_after in dict(self.gateways).values():
+            if identity not in soonest or not_after < soonest[identity]:
+                soonest[identity] = not_after
+        for identity, not_after in sorted(soonest.items()):
+            gateways.add_metric((identity,), _days(not_after, now))
+        yield gateways
+
+
+def _days(when: dt.datetime, now: dt.datetime) -> float:
+    return (when - now).total_seconds() / _SECONDS_PER_DAY
+
+
+def _cause_name(cause: ErrorCause | int) -> str:
+    try:
+        return ErrorCause(cause).name
+    except ValueError:
+        return str(int(cause))
 
 
 class LoopLagProbe:
@@ -129,3 +403,51 @@ class LoopLagProbe:
         lag = max(0.0, now - self.expected)
         self.expected = now + self.interval
         return lag
+
+
+class HealthProbe:
+    """Whether msgd is healthy enough to send WATCHDOG=1: its loop runs and its writes land.
+
+    check() is called every `tick` seconds from a task on the event loop. Unhealthy is:
+
+    * the loop ran that tick more than `max_lag` seconds late (a loop blocked for longer than
+      the watchdog period sends nothing at all: the check never runs);
+    * registry changes have been pending for `max_stall` seconds while no batch settled
+      (a commit hung in fsync, a database lock held by someone else, a dead writer thread).
+
+    `pending` and `durable` are the registry's public pending() and durable_seq.
+    """
+
+    def __init__(
+        self,
+        tick: float,
+        *,
+        max_lag: float,
+        max_stall: float,
+        pending: Callable[[], int],
+        durable: Callable[[], int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tick = tick
+        self.max_lag = max_lag
+        self.max_stall = max_stall
+        self._pending = pending
+        self._durable = durable
+        self._clock = clock
+        self._lag = LoopLagProbe(tick)
+        self._last_durable = durable()
+        self._stalled_since: float | None = None
+
+    def check(self) -> tuple[bool, float, float]:
+        """(healthy, loop lag of this tick, seconds the writer has made no progress)."""
+        lag = self._lag.tick()
+        now = self._clock()
+        durable = self._durable()
+        if self._pending() == 0 or durable != self._last_durable:
+            self._stalled_since = None
+        elif self._stalled_since is None:
+            # Counted from the first tick that saw no progress: errs on the side of pinging.
+            self._stalled_since = now
+        self._last_durable = durable
+        stall = 0.0 if self._stalled_since is None else now - self._stalled_since
+        return lag <= self.max_lag and stall < self.max_stall, lag, stall

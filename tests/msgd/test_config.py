@@ -161,7 +161,8 @@ def test_example_file_parses() -> None:
     example = REPO / "systemd" / "msgd.toml.example"
     cfg = parse_config(example.read_text(), Path("/etc/msgd"), check_files=False)
     assert cfg.tls.certificate == Path("/etc/msgd/server.pem")
-    assert cfg.tls.private_key == Path("/run/credentials/msgd.service/server.key")
+    assert cfg.tls.private_key == Path("/etc/msgd/server.key")
+    assert cfg.provisioning.file == Path("/etc/msgd/ues.csv")
     assert cfg.registry.path == Path("/var/lib/msgd/registry.sqlite")
     assert cfg.control.socket == Path("/run/msgd/msgd.ctl")
     assert set(cfg.gateways) == {"gw1.example", "gw2.example"}

@@ -28,7 +28,8 @@ REQUIRED: dict[str, str | None] = {
     "Restart": "on-failure",
     "WatchdogSec": "30",
     "TimeoutStopSec": None,
-    "DynamicUser": "yes",
+    "User": "msgd",
+    "Group": "msgd",
     "StateDirectory": "msgd",
     "ConfigurationDirectory": "msgd",
     "RuntimeDirectory": "msgd",
@@ -96,6 +97,33 @@ def test_unit_has_required_directives_each_with_a_reason() -> None:
     assert any(v.startswith("@system-service") for v in values["SystemCallFilter"])
     assert int(values["TimeoutStopSec"][-1]) > 10, "must exceed limits.shutdown_grace (10 s)"
     assert ("WantedBy", "multi-user.target") in [(n, v) for n, v, _ in sections["Install"]]
+    # SIGHUP must be able to re-read key, certificates and provisioning: no start-time copies
+    # (LoadCredential=) and a fixed group that may read them (no DynamicUser=).
+    assert "LoadCredential" not in values and "DynamicUser" not in values
+    assert values["ExecReload"][0].endswith("--check-config")
+
+
+def test_sysusers_snippet_creates_the_service_user(tmp_path: Path) -> None:
+    snippet = REPO / "systemd" / "msgd.sysusers.conf"
+    lines = [line.split() for line in snippet.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert [fields[:3] for fields in lines] == [["u", "msgd", "-"]]
+    sysusers = shutil.which("systemd-sysusers")
+    if sysusers is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-sysusers is not installed; CI must check the snippet")
+        return
+    # Applied to an empty root directory: the real /etc is never touched.
+    (tmp_path / "etc").mkdir()
+    done = subprocess.run([sysusers, f"--root={tmp_path}", "-"], input=snippet.read_text(),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    passwd = (tmp_path / "etc" / "passwd").read_text().splitlines()
+    group = (tmp_path / "etc" / "group").read_text().splitlines()
+    (user,) = [line.split(":") for line in passwd if line.startswith("msgd:")]
+    assert user[5] == "/var/lib/msgd" and user[6].endswith("nologin")
+    assert int(user[2]) < 1000, "a system user"
+    assert any(line.split(":")[0] == "msgd" and line.split(":")[2] == user[3] for line in group)
 
 
 def test_unit_parser_catches_a_missing_reason() -> None:
@@ -114,11 +142,9 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     # systemd-analyze insists that ExecStart names an existing executable; msgd may not be
     # installed at /usr/bin, so verify a copy that runs it from this checkout.
     unit = tmp_path / "msgd.service"
-    unit.write_text(
-        UNIT.read_text().replace(
-            "ExecStart=/usr/bin/msgd ", f"ExecStart={sys.executable} -m msgd ", 1
-        )
-    )
+    text = UNIT.read_text()
+    assert text.count("=/usr/bin/msgd ") == 2  # ExecStart= and the ExecReload= check
+    unit.write_text(text.replace("=/usr/bin/msgd ", f"={sys.executable} -m msgd "))
     done = subprocess.run(
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )
