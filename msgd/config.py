@@ -97,6 +97,13 @@ class LimitsConfig:
     shutdown_grace: float = 10.0
     # Queued-but-unwritten registry changes; above this, entries fail with SERVER_BUSY.
     max_pending_writes: int = 200_000
+    # A frame must arrive whole within this many seconds of its first octet, or the
+    # connection is closed (a slow drip must not hold a connection; docs/protocol.md).
+    frame_timeout: float = 10.0
+    # Reconnect-storm damping: sessions one gateway identity may open within
+    # reconnect_window seconds; further HELLOs get GOODBYE(OVERLOADED) with Retry after.
+    reconnect_limit: int = 60
+    reconnect_window: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -420,6 +427,9 @@ class _Reader:
             bulk_window=integer("bulk_window", 1, U32_MAX),
             shutdown_grace=seconds("shutdown_grace", zero_ok=True),
             max_pending_writes=integer("max_pending_writes", 1, U32_MAX),
+            frame_timeout=seconds("frame_timeout", zero_ok=False),
+            reconnect_limit=integer("reconnect_limit", 1, U32_MAX),
+            reconnect_window=seconds("reconnect_window", zero_ok=False),
         )
 
     def metrics(self, data: Mapping[str, Any]) -> MetricsConfig:

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import dataclasses
+import datetime as dt
+import math
 import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +26,17 @@ from typing import Any
 from wire.constants import ErrorCause
 from wire.session import Limits
 
-from .config import Config, GatewayPolicy, load_config
-from .errors import ConfigError, MsgdError, ProvisioningError, RegistryCorruptError, TLSSetupError
+from .config import Config, GatewayPolicy, LimitsConfig, load_config
+from .errors import (
+    ConfigError,
+    MsgdError,
+    ProvisioningError,
+    RegistryCorruptError,
+    RegistryError,
+    TLSSetupError,
+)
 from .log import get_logger, setup_logging
-from .metrics import LoopLagProbe, Metrics
+from .metrics import HealthProbe, Metrics, certificate_inventory
 from .provisioning import read_provisioning_csv
 from .registry import Registry
 from .service import Registrar
@@ -55,13 +67,7 @@ class Server:
         self.gateways: dict[str, GatewayPolicy] = dict(config.gateways)
         self.node_name = config.server.node_name
         limits = config.limits
-        self.session_limits = Limits(
-            max_frame_size=limits.max_frame_size,
-            max_bulk_entries=limits.max_bulk_entries,
-            max_outstanding=limits.max_outstanding,
-            keepalive_interval=limits.keepalive_interval,
-            hello_timeout=limits.hello_timeout,
-        )
+        self.session_limits = _session_limits(limits)
         self.bulk_window = limits.bulk_window
         self.registrar = Registrar(registry, max_pending_writes=limits.max_pending_writes)
         self.connections: set[GatewayConnection] = set()
@@ -77,10 +83,22 @@ class Server:
         self.draining = False
         self.address: tuple[str, int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Reconnect-storm damping: when each gateway identity's recent sessions began.
+        self._hellos: dict[str, collections.deque[float]] = {}
+        self.started_at = time.time()
+        self.ready = False
+        self._reload_lock = asyncio.Lock()
+        self._reload_queued = False
+        self.last_reload: dict[str, Any] | None = None
+        self._status_sent = ""
         registry.add_listener(self._on_batch)
         self.metrics.bind_gauges(
-            lambda: len(self.connections), registry.registered_count, registry.provisioned_count
+            lambda: len(self.connections),
+            registry.registered_count,
+            registry.provisioned_count,
+            registry.pending,
         )
+        self._set_certificate_metrics(config)
 
     # --- registry completions ---------------------------------------------------------------
 
@@ -91,6 +109,7 @@ class Server:
         return self._durable, self._failed[0], self._failed[1]
 
     def _on_batch(self, first: int, last: int, ok: bool) -> None:
+        self.metrics.settled(first, last, ok, self.loop.time())
         if ok:
             self._durable = max(self._durable, last)
         else:
@@ -158,88 +177,224 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def _handshake(self, sock: socket.socket) -> None:
-        conn = GatewayConnection(self)
+        conn = GatewayConnection(self, accepted_at=self.loop.time())
+        peer = _peer_of(sock)  # now: the socket may be gone once the handshake failed
         try:
             await self.loop.connect_accepted_socket(
                 lambda: conn, sock, ssl=self.ssl_context,
                 ssl_handshake_timeout=self.config.limits.hello_timeout)
         except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as exc:
             self.metrics.connection_refused("tls")
-            log.info("tls.failed", reason=type(exc).__name__, detail=str(exc)[:200])
+            log.info("tls.failed", peer=peer, reason=type(exc).__name__,
+                     detail=str(exc)[:200])
             with contextlib.suppress(OSError):
                 sock.close()
         finally:
             self._handshaking -= 1
 
+    def hello_allowed(self, identity: str) -> int | None:
+        """Reconnect-storm damping: None when `identity` may open a session now (it is then
+        counted), else the Retry after in ms until the oldest of its last `reconnect_limit`
+        sessions leaves the `reconnect_window`. Only configured identities get here, so the
+        table is bounded by the gateway table."""
+        limits = self.config.limits
+        now = self.loop.time()
+        began = self._hellos.setdefault(identity, collections.deque())
+        while began and began[0] <= now - limits.reconnect_window:
+            began.popleft()
+        if len(began) >= limits.reconnect_limit:
+            return max(1, math.ceil((began[0] + limits.reconnect_window - now) * 1000))
+        began.append(now)
+        return None
+
     def connection_started(self, conn: GatewayConnection) -> None:
         self.connections.add(conn)
         self._all_closed.clear()
+        self.metrics.connection_accepted()
+        self.metrics.gateway_certificate(id(conn), conn.identity or "?", _peer_not_after(conn))
         self._status()
 
     def connection_ended(self, conn: GatewayConnection) -> None:
         self.connections.discard(conn)
         self._waiting.discard(conn)
+        self.metrics.gateway_certificate(id(conn), "", None)
         if not self.connections:
             self._all_closed.set()
         self._status()
 
     def _status(self) -> None:
-        self.notifier.status(
-            f"{len(self.connections)} gateways, {self.registry.registered_count()} UEs registered"
-        )
+        """STATUS= for systemctl status, sent when its text changed (the watchdog tick
+        calls this too, so registration counts stay current without a datagram per change)."""
+        text = self._status_text()
+        if text != self._status_sent:
+            self._status_sent = text
+            self.notifier.status(text)
 
     # --- reload and shutdown ----------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """SIGHUP: TLS material, provisioning and the gateway table; the old stays on error."""
-        self.notifier.reloading()
-        ok = True
-        try:
-            path = self.config.path
-            assert path is not None
-            new = load_config(path)
-        except (ConfigError, AssertionError) as exc:
-            log.error("reload.failed", part="config", reason=str(exc))
+    def reload(self) -> None:
+        """SIGHUP: reload in a task. A reload already queued (not yet started) covers this one;
+        one arriving while a reload runs queues another, since files may have changed after
+        the running one read them."""
+        if self._reload_queued or self.stopping:
+            return
+        if not self.ready:
+            log.info("reload.deferred", reason="not ready yet")
+            self._reload_queued = True
+            return
+        self._reload_queued = True
+        task = self.loop.create_task(self.reload_now(queued=True))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload_now(self, *, queued: bool = False) -> dict[str, Any]:
+        """Re-read the configuration, TLS files, CRL and provisioning; apply all or nothing.
+
+        Returns what `msgctl reload` shows: {"ok", "part" and "error" on failure, "changes"}.
+        RELOADING=1 (with MONOTONIC_USEC) goes to systemd first and READY=1 last, whatever
+        the outcome: the daemon keeps serving with the old state after a failed reload.
+        """
+        async with self._reload_lock:
+            if queued:
+                self._reload_queued = False
+            if self.stopping:  # SIGTERM came first: no RELOADING=1 after STOPPING=1
+                return {"ok": False, "part": "state", "error": "shutting down"}
+            self.notifier.reloading("reloading: " + self._status_text())
+            log.info("reload.started", config=str(self.config.path))
+            try:
+                result = await self._reload()
+            except Exception as exc:  # a bug here must not take the running daemon down
+                log.exception("reload.failed", part="internal", reason=type(exc).__name__)
+                result = {"ok": False, "part": "internal", "error": type(exc).__name__}
+            result["at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            self.last_reload = result
+            self.metrics.reload_result(result["ok"])
+            self._status_sent = ""
             self.notifier.ready(self._status_text())
-            return False
+            return result
+
+    async def _reload(self) -> dict[str, Any]:
+        def failed(part: str, reason: str) -> dict[str, Any]:
+            log.error("reload.failed", part=part, reason=reason, effect="nothing changed")
+            return {"ok": False, "part": part, "error": reason}
+
+        old = self.config
+        if old.path is None:
+            return failed("config", "the daemon was not started from a configuration file")
         try:
-            self.ssl_context = server_context(new.tls)
-            log.info("reload.tls", certificate=str(new.tls.certificate))
+            new = load_config(old.path)
+        except ConfigError as exc:
+            return failed("config", str(exc))
+        # Everything that can fail is done before anything is switched, provisioning last:
+        # its replacement is one atomic commit, after which nothing can fail.
+        try:
+            ssl_context = server_context(new.tls)
+            inventory = certificate_inventory(new.tls.certificate, new.tls.gateway_ca)
+            crl = _load_crl(new.tls.crl)
         except TLSSetupError as exc:
-            ok = False
-            log.error("reload.failed", part="tls", reason=str(exc))
+            return failed("tls", str(exc))
+        except (OSError, ValueError) as exc:  # a file replaced between the reads
+            return failed("tls", f"{type(exc).__name__}: {exc}")
         try:
-            count = self.registry.replace_provisioning(read_provisioning_csv(new.provisioning.file))
-            log.info("reload.provisioning", provisioned=count)
-        except (ProvisioningError, OSError) as exc:
-            ok = False
-            log.error("reload.failed", part="provisioning", reason=str(exc))
+            count = await asyncio.to_thread(
+                self.registry.replace_provisioning, read_provisioning_csv(new.provisioning.file)
+            )
+        except (ProvisioningError, RegistryError, OSError) as exc:
+            return failed("provisioning", str(exc))
+        log.info("reload.provisioning", provisioned=count, file=str(new.provisioning.file))
+
+        self.ssl_context = ssl_context
+        self.metrics.set_certificates(inventory)
+        self.metrics.set_crl_next_update(crl.next_update_utc if crl is not None else None)
+        log.info("reload.tls", certificate=str(new.tls.certificate),
+                 serial=_serial_of(new.tls.certificate), crl=str(new.tls.crl or ""),
+                 revoked=len(crl) if crl is not None else 0)
+        # Keys read once at start keep their old values until a restart; say which changed.
+        fixed = {"server.listen": (old.server.listen, new.server.listen),
+                 "registry": (old.registry, new.registry),
+                 "metrics.listen": (old.metrics.listen, new.metrics.listen),
+                 "control.socket": (old.control.socket, new.control.socket)}
+        restart = sorted(key for key, (was, now) in fixed.items() if was != now)
+        if restart:
+            log.warning("reload.restart_needed", keys=",".join(restart))
+        self.config = dataclasses.replace(
+            new,
+            server=dataclasses.replace(old.server, node_name=new.server.node_name),
+            registry=old.registry,
+            metrics=old.metrics,
+            control=old.control,
+        )
+        self.node_name = new.server.node_name
+        limits = new.limits
+        self.session_limits = _session_limits(limits)  # for sessions from now on
+        self.bulk_window = limits.bulk_window
+        self.registrar.max_pending_writes = limits.max_pending_writes
+        if new.log.level != old.log.level:
+            setup_logging(new.log.level)
+        added = sorted(set(new.gateways) - set(self.gateways))
+        removed = sorted(set(self.gateways) - set(new.gateways))
         self.gateways = dict(new.gateways)
-        self.config = new
-        revoked = _revoked_serials(new)
+        told = 0
         for conn in list(self.connections):
+            if conn.identity is None or conn.session is None:
+                continue
             if conn.identity not in self.gateways:
-                log.info("gateway.removed", gateway=conn.identity)
+                conn.log.info("gateway.removed", effect="GOODBYE")
                 conn.goodbye(ErrorCause.GATEWAY_NOT_ALLOWED, "gateway removed from configuration")
-            elif revoked and _peer_serial(conn) in revoked:
-                log.info("gateway.revoked", gateway=conn.identity)
+                told += 1
+            elif crl is not None and _is_revoked(conn, crl):
+                conn.log.warning("gateway.revoked", serial=_peer_serial_hex(conn),
+                                 effect="GOODBYE")
                 conn.goodbye(ErrorCause.GATEWAY_NOT_ALLOWED, "certificate revoked")
-            elif conn.identity is not None:
+                told += 1
+            else:
                 conn.policy = self.gateways[conn.identity]
-        self.notifier.ready(self._status_text())
-        return ok
+        log.info("reload.done", gateways=len(self.gateways), added=",".join(added),
+                 removed=",".join(removed), provisioned=count, goodbye=told)
+        return {"ok": True, "changes": {
+            "gateways_added": added, "gateways_removed": removed, "provisioned": count,
+            "sessions_ended": told, "restart_needed": restart}}
+
+    def mark_ready(self) -> None:
+        """READY=1 (serve() calls this once listening and loaded); runs a SIGHUP held till now."""
+        self.ready = True
+        self._status_sent = self._status_text()
+        self.notifier.ready(self._status_sent)
+        if self._reload_queued:
+            self._reload_queued = False
+            self.reload()
+
+    def _set_certificate_metrics(self, config: Config) -> None:
+        try:
+            self.metrics.set_certificates(
+                certificate_inventory(config.tls.certificate, config.tls.gateway_ca))
+            crl = _load_crl(config.tls.crl)
+        except (OSError, ValueError) as exc:
+            log.warning("metrics.certificates_unreadable", reason=str(exc))
+            return
+        self.metrics.set_crl_next_update(crl.next_update_utc if crl is not None else None)
 
     def _status_text(self) -> str:
+        state = "stopping, " if self.stopping else "draining, " if self.draining else ""
         return (
-            f"{len(self.connections)} gateways, {self.registry.registered_count()} UEs registered"
+            f"{state}{len(self.connections)} gateways, "
+            f"{self.registry.registered_count()} UEs registered"
         )
 
-    def drain(self) -> None:
-        """Stop accepting and say GOODBYE to everyone (admin `drain`)."""
+    def drain(self) -> int:
+        """Stop accepting and say GOODBYE to everyone (admin `drain`); how many were told."""
+        if not self.draining:
+            log.warning("server.draining", gateways=len(self.connections))
         self.draining = True
+        self.metrics.draining.set(1)
         self._stop_accepting()
+        told = 0
         for conn in list(self.connections):
-            conn.goodbye(ErrorCause.SHUTTING_DOWN, "server draining")
+            if conn.session is not None and not conn.session.goodbye_sent:
+                conn.goodbye(ErrorCause.SHUTTING_DOWN, "server draining")
+                told += 1
+        self._status()
+        return told
 
     async def shutdown(self) -> None:
         """SIGTERM: GOODBYE(SHUTTING_DOWN), let transactions finish within the grace period."""
@@ -260,47 +415,127 @@ class Server:
         self.registry.remove_listener(self._on_batch)
 
 
-def _revoked_serials(config: Config) -> set[int]:
-    if config.tls.crl is None:
-        return set()
+def _session_limits(limits: LimitsConfig) -> Limits:
+    """What HELLO ACK announces, from [limits] (at start, and for new sessions after reload)."""
+    return Limits(
+        max_frame_size=limits.max_frame_size,
+        max_bulk_entries=limits.max_bulk_entries,
+        max_outstanding=limits.max_outstanding,
+        keepalive_interval=limits.keepalive_interval,
+        hello_timeout=limits.hello_timeout,
+    )
+
+
+def _load_crl(path: Path | None) -> Any:
+    """The CRL at `path` (cryptography object), None without one; ValueError if unparsable."""
+    if path is None:
+        return None
+    from cryptography import x509
+
+    return x509.load_pem_x509_crl(Path(path).read_bytes())
+
+
+def _peer_certificate(conn: GatewayConnection) -> Any:
+    transport = conn.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der)
+
+
+def _is_revoked(conn: GatewayConnection, crl: Any) -> bool:
+    """Whether the CRL revokes the certificate this gateway connected with.
+
+    Serial numbers are unique per issuer only, so the issuer must be the CRL's too.
+    """
+    cert = _peer_certificate(conn)
+    if cert is None or cert.issuer != crl.issuer:
+        return False
+    return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+
+
+def _peer_serial_hex(conn: GatewayConnection) -> str:
+    cert = _peer_certificate(conn)
+    return f"{cert.serial_number:x}" if cert is not None else "?"
+
+
+def _serial_of(path: Path) -> str:
     from cryptography import x509
 
     try:
-        crl = x509.load_pem_x509_crl(Path(config.tls.crl).read_bytes())
+        return f"{x509.load_pem_x509_certificate(Path(path).read_bytes()).serial_number:x}"
     except (OSError, ValueError):
-        return set()
-    return {entry.serial_number for entry in crl}
+        return "?"
 
 
-def _peer_serial(conn: GatewayConnection) -> int | None:
+def _peer_not_after(conn: GatewayConnection) -> dt.datetime | None:
     transport = conn.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    if ssl_object is None:
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    if not cert or "notAfter" not in cert:
         return None
-    cert = ssl_object.getpeercert()
-    serial = cert.get("serialNumber") if cert else None
-    return int(serial, 16) if serial else None
+    return dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(cert["notAfter"]), dt.UTC)
+
+
+def _peer_of(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return _fmt_address(host, port)
 
 
 def _fmt_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _watchdog(server: Server, interval: float) -> None:
-    """WATCHDOG=1 only while the loop runs on time and the registry writer makes progress."""
-    probe = LoopLagProbe(interval)
-    last_durable = server.registry.durable_seq
+async def _watchdog(server: Server, period: float | None) -> None:
+    """Probe the daemon's health every tick; WATCHDOG=1 only while it is healthy.
+
+    `period` is WatchdogSec (None: no watchdog; the probe still feeds the loop-lag metric and
+    STATUS=). Pings go out every period/4 (at most every second), so one withheld ping does
+    not by itself make systemd restart us. A loop blocked for the whole period sends nothing;
+    a loop more than period/2 late, or registry changes pending for period/2 with no batch
+    settling (a hung fsync, a database lock held elsewhere), withholds the pings until it
+    recovers, and systemd restarts msgd if that lasts.
+    """
+    tick = min(1.0, period / 4) if period else 1.0
+    limit = period / 2 if period else float("inf")
+    registry = server.registry
+    probe = HealthProbe(
+        tick, max_lag=limit, max_stall=limit, pending=registry.pending,
+        durable=lambda: registry.durable_seq,
+    )
+    metrics = server.metrics
+    if period:
+        log.info("watchdog.enabled", period=period, ping_every=tick)
+        server.notifier.watchdog()
+    withheld_since: float | None = None
+    worst = 0.0
     while True:
-        await asyncio.sleep(interval)
-        lag = probe.tick()
-        server.metrics.loop_lag.set(lag)
-        durable = server.registry.durable_seq
-        stuck = server.registry.pending() > 0 and durable == last_durable
-        last_durable = durable
-        if lag < interval and not stuck:
-            server.notifier.watchdog()
-        else:
-            log.warning("watchdog.withheld", loop_lag=round(lag, 3), writer_stuck=stuck)
+        await asyncio.sleep(tick)
+        healthy, lag, stall = probe.check()
+        metrics.loop_lag.set(lag)
+        if lag > worst:
+            worst = lag
+            metrics.loop_lag_max.set(lag)
+        server._status()
+        if healthy:
+            if period:
+                server.notifier.watchdog()
+            if withheld_since is not None:
+                withheld_for = round(time.monotonic() - withheld_since, 3)
+                log.info("watchdog.resumed", withheld_for=withheld_for)
+                withheld_since = None
+            continue
+        reason = "loop_lag" if lag > limit else "registry_stalled"
+        metrics.watchdog_withheld.labels(reason).inc()
+        if withheld_since is None:
+            withheld_since = time.monotonic()
+            log.warning("watchdog.withheld", reason=reason, loop_lag=round(lag, 3),
+                        registry_stalled_for=round(stall, 3), pending=registry.pending())
 
 
 async def serve(
@@ -310,7 +545,8 @@ async def serve(
     registry.start(loop)
     server = Server(config, registry, ssl_context, loop, notifier)
     stop = asyncio.Event()
-    # Handlers first: a SIGTERM that arrives as soon as we listen must still stop us cleanly.
+    # Handlers first: a SIGTERM that arrives as soon as we listen must still stop us cleanly
+    # (a SIGHUP before READY=1 is held until then: see Server.reload).
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
@@ -322,7 +558,9 @@ async def serve(
         return 1
     if config.metrics.listen:
         try:
-            server.metrics.serve(config.metrics.host or "127.0.0.1", config.metrics.port or 0)
+            host, port = server.metrics.serve(
+                config.metrics.host or "127.0.0.1", config.metrics.port or 0)
+            log.info("metrics.listening", address=_fmt_address(host, port))
         except OSError as exc:
             log.error("metrics.bind_failed", address=config.metrics.listen, reason=str(exc))
     control = None
@@ -331,21 +569,16 @@ async def serve(
 
         control = ControlServer(server, config.control.socket)
         await control.start()
-    tasks = []
-    interval = notifier.watchdog_interval()
-    if interval:
-        tasks.append(loop.create_task(_watchdog(server, interval / 2)))
-    else:
-        tasks.append(loop.create_task(_watchdog(server, 1.0)))
-    notifier.ready(server._status_text())
+    watchdog = loop.create_task(_watchdog(server, notifier.watchdog_interval()))
+    # The listener is bound and the registry loaded: only now READY=1.
+    server.mark_ready()
     await stop.wait()
     await server.shutdown()
     if control is not None:
         await control.close()
-    for task in tasks:
-        task.cancel()
     server.metrics.close()
     await registry.close()
+    watchdog.cancel()
     log.info("server.stopped")
     return 0
 
@@ -356,10 +589,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", required=True, type=Path, help="TOML configuration file")
     parser.add_argument(
-        "--check-config", action="store_true", help="load and check the configuration, then exit"
+        "--check-config",
+        action="store_true",
+        help="check the configuration, TLS files and provisioning file as a reload would, "
+        "then exit (0: usable)",
     )
     parser.add_argument("--log-level", help="override [log] level")
     return parser.parse_args(argv)
+
+
+def _check_config(path: Path, config: Config) -> int:
+    """--check-config (also systemd's ExecReload= pre-check): what a reload would read."""
+    try:
+        server_context(config.tls)
+        count = sum(1 for _row in read_provisioning_csv(config.provisioning.file))
+    except TLSSetupError as exc:
+        print(f"msgd: {exc}", file=sys.stderr)
+        return 2
+    except ProvisioningError as exc:
+        print(f"msgd: provisioning.file: {exc}", file=sys.stderr)
+        return 2
+    print(f"msgd: {path}: ok (TLS files usable, {count} UEs provisioned)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -371,8 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(args.log_level or config.log.level)
     if args.check_config:
-        print(f"msgd: {args.config}: ok")
-        return 0
+        return _check_config(args.config, config)
     try:
         ssl_context = server_context(config.tls)
     except TLSSetupError as exc:

@@ -18,7 +18,7 @@ import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from wire.constants import ErrorCause, FailureCause, MessageType, Result
+from wire.constants import HEADER_SIZE, ErrorCause, FailureCause, MessageType, Result
 from wire.events import (
     NEED_DATA,
     PAUSED,
@@ -50,6 +50,15 @@ if TYPE_CHECKING:
 
 _log = get_logger("msgd.connection")
 
+# Decrypted octets land here (get_buffer); see GatewayConnection.buffer_updated.
+_READ_VIEW = memoryview(bytearray(256 * 1024))
+# Errors logged per connection before the rest are only counted (a flood of bad frames
+# must not become a flood of log lines).
+LOGGED_ERRORS = 20
+# Events one connection handles per turn of the event loop; a peer that sends faster than we
+# decode waits for the others (fairness), with reading paused so its backlog cannot grow.
+EVENTS_PER_TURN = 256
+
 # What an answer is, in `_pending` (tuples: this queue can hold a window of 4096 per connection).
 SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = range(4)
 _RESPONSE = {
@@ -66,9 +75,12 @@ _KIND_OF = {
 class GatewayConnection(asyncio.Protocol):
     """One gateway: TLS set up by the server, then a wire Session in the SERVER role."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, accepted_at: float | None = None) -> None:
         self.server = server
         self.loop = server.loop
+        # The HELLO deadline counts from TCP accept, not from the end of the TLS handshake:
+        # TLS and HELLO together get hello_timeout (docs/protocol.md, Decisions).
+        self.accepted_at = accepted_at
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.identity: str | None = None
@@ -85,6 +97,16 @@ class GatewayConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._closed = False
+        # Frame clock: octets still due in the frame being received, the partial header,
+        # and since when a frame has been incomplete (None: at a frame boundary).
+        self._frame_left = 0
+        self._frame_head = bytearray()
+        self._frame_since: float | None = None
+        self._frame_timer: asyncio.TimerHandle | None = None
+        self._errors = 0  # protocol errors, failed transactions and peer ERRORs seen
+        # Events left in the session's buffer after a turn's budget; reading stops meanwhile.
+        self._backlog = False
+        self._continuing = False
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -106,7 +128,8 @@ class GatewayConnection(asyncio.Protocol):
         limits = self.server.session_limits
         now = self.loop.time()
         self.connected_at = now
-        self.session = Session(Role.SERVER, now, limits)
+        started = now if self.accepted_at is None else min(self.accepted_at, now)
+        self.session = Session(Role.SERVER, started, limits)
         transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
         self.server.connection_started(self)
         self.log.info("connection.open")
@@ -122,8 +145,25 @@ class GatewayConnection(asyncio.Protocol):
         session = self.session
         if session is None or self._closed:
             return
-        session.receive_data(data, self.loop.time())
+        now = self.loop.time()
+        server = self.server
+        server.metrics.received(len(data))
+        self._follow_frames(data, now)
+        session.receive_data(data, now)
         self._process()
+        # Changes this chunk submitted date from its arrival (group-commit latency metric).
+        server.metrics.submitted(server.registry_last_seq(), now)
+
+    # uvloop's TLS transport decrypts straight into get_buffer()'s buffer when the protocol
+    # has one (asyncio's own loop keeps calling data_received). Without it, every read
+    # allocates a 256 KiB bytes object, shrinks it, and ends in a raised SSLWantReadError
+    # (bench/, docs/performance.md). One buffer serves every connection: buffer_updated()
+    # runs right after the fill, and the session keeps its own copy.
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_READ_VIEW[:nbytes].tobytes())
 
     def eof_received(self) -> bool:
         if self.session is not None and not self._closed:
@@ -134,12 +174,16 @@ class GatewayConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
         was_open = not self._closed
         self._closed = True
         self._pending.clear()
         self.server.connection_ended(self)
         if was_open and self.session is not None:
-            self.log.info("connection.closed", reason=str(exc) if exc else "peer closed")
+            self.log.info("connection.closed", reason=str(exc) if exc else "peer closed",
+                          errors=self._errors)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -155,47 +199,69 @@ class GatewayConnection(asyncio.Protocol):
         session = self.session
         assert session is not None
         server = self.server
+        budget = EVENTS_PER_TURN
         while True:
+            if not budget:
+                # Fairness: one peer's buffered flood must not hold the loop; the rest of it
+                # is handled on the next turn, after the other connections had theirs.
+                self._backlog = True
+                break
+            budget -= 1
             event = session.next_event()
             if event is NEED_DATA or event is PAUSED:
+                self._backlog = False
                 break
             kind = type(event)
             if kind is BulkEntryReceived:
                 self._on_bulk_entry(event)
             elif kind is RequestReceived:
+                server.metrics.message(type(event.request).message_type.name)
                 self._on_request(event.request)
             elif kind is BulkStarted:
-                self._bulk_kinds[event.transaction_id] = (
+                bulk_kind = (
                     BULK_REG
                     if event.message_type is MessageType.BULK_REGISTRATION_REQUEST
                     else BULK_DEREG
                 )
+                self._bulk_kinds[event.transaction_id] = bulk_kind
+                server.metrics.bulk_started(bulk_kind)
+                server.metrics.message(event.message_type.name)
             elif kind is BulkEnded:
                 self._bulk_kinds.pop(event.transaction_id, None)
             elif kind is HelloReceived:
+                server.metrics.message("HELLO")
                 self._on_hello(event)
             elif kind is ProtocolErrorDetected:
                 server.metrics.protocol_error(event.error.cause)
-                self.log.warning(
-                    "protocol.error",
-                    cause=event.error.cause.name,
-                    tid=event.error.transaction_id,
-                    detail=event.error.diagnostic,
-                )
+                if self._noisy():
+                    self.log.warning(
+                        "protocol.error",
+                        cause=event.error.cause.name,
+                        tid=event.error.transaction_id,
+                        detail=event.error.diagnostic,
+                    )
             elif kind is TransactionFailed:
                 self._bulk_kinds.pop(event.transaction_id, None)
-                self.log.info(
-                    "transaction.failed",
-                    tid=event.transaction_id,
-                    cause=getattr(event.cause, "name", event.cause),
-                    sent=event.sent,
-                )
+                server.metrics.transaction_failed(event.cause)
+                if self._noisy():
+                    self.log.info(
+                        "transaction.failed",
+                        tid=event.transaction_id,
+                        cause=getattr(event.cause, "name", event.cause),
+                        sent=event.sent,
+                    )
             elif kind is GoodbyeReceived:
+                server.metrics.message("GOODBYE")
                 self.log.info("gateway.goodbye", cause=event.goodbye.error_cause)
             elif kind is ErrorReceived:
-                self.log.info(
-                    "gateway.error", cause=event.error.error_cause, tid=event.error.transaction_id
-                )
+                server.metrics.message("ERROR")
+                server.metrics.peer_error(event.error.error_cause)
+                if self._noisy():
+                    self.log.info(
+                        "gateway.error",
+                        cause=event.error.error_cause,
+                        tid=event.error.transaction_id,
+                    )
             elif kind is ConnectionClosed:
                 self.log.info("session.closed", reason=event.reason, by_peer=event.by_peer)
         self._flush_pending()
@@ -205,6 +271,23 @@ class GatewayConnection(asyncio.Protocol):
             self._close()
         else:
             self._arm_timer()
+            if self._backlog and not self._continuing:
+                self._continuing = True
+                self.loop.call_soon(self._continue)
+
+    def _continue(self) -> None:
+        self._continuing = False
+        if not self._closed and self.session is not None:
+            self._process()
+
+    def _noisy(self) -> bool:
+        """Whether to log one more error of this connection: the first LOGGED_ERRORS are,
+        then one line says the rest are only counted (metrics, and `errors=` when the
+        connection closes). A peer must not turn each bad frame into a log line."""
+        self._errors += 1
+        if self._errors == LOGGED_ERRORS + 1:
+            self.log.warning("connection.errors_muted", logged=LOGGED_ERRORS)
+        return self._errors <= LOGGED_ERRORS
 
     def _on_hello(self, event: HelloReceived) -> None:
         session = self.session
@@ -214,6 +297,15 @@ class GatewayConnection(asyncio.Protocol):
             self.log.warning("gateway.refused", reason="identity not in [[gateways]]")
             self.server.metrics.connection_refused("gateway_not_allowed")
             session.reject_hello(ErrorCause.GATEWAY_NOT_ALLOWED, "gateway identity not allowed")
+            return
+        retry_after = self.server.hello_allowed(policy.identity)
+        if retry_after is not None:
+            # Reconnect storm: this identity opened too many sessions lately.
+            self.log.warning("gateway.reconnect_damped", retry_after_ms=retry_after)
+            self.server.metrics.connection_refused("reconnect_storm")
+            session.send_goodbye(
+                ErrorCause.OVERLOADED, retry_after, "too many sessions from this gateway"
+            )
             return
         self.policy = policy
         self.nonce = os.urandom(32)
@@ -244,7 +336,6 @@ class GatewayConnection(asyncio.Protocol):
         entry = event.entry
         kind = self._bulk_kinds.get(tid, BULK_REG)
         if entry is None:
-            self.server.metrics.entry(kind, FailureCause.INVALID_ENTRY)
             self._pending.append(
                 (
                     self.server.registry_last_seq(),
@@ -272,7 +363,6 @@ class GatewayConnection(asyncio.Protocol):
         else:
             outcome = registrar.deregister(policy, self.nonce, uid, credential)
         self.entries_processed += 1
-        self.server.metrics.entry(kind, outcome.cause)
         # Even a failure waits for the state it was decided on to be durable.
         self._pending.append(
             (
@@ -312,6 +402,8 @@ class GatewayConnection(asyncio.Protocol):
         session = self.session
         assert session is not None
         send_entry = session.send_bulk_entry
+        # Counted as answered, with the cause actually sent (STORAGE_FAILURE included).
+        count = server.metrics.entry
         while pending:
             wait_seq, seq, tid, kind, uid, cause, retry = pending[0]
             if wait_seq > resolved:
@@ -319,7 +411,7 @@ class GatewayConnection(asyncio.Protocol):
             pending.popleft()
             if seq is not None and failed_first <= seq <= failed_last:
                 cause, retry = FailureCause.STORAGE_FAILURE, None
-                server.metrics.storage_failure()
+            count(kind, cause)
             if cause is None:
                 result, cause_value = Result.SUCCESS, None
             else:
@@ -341,12 +433,17 @@ class GatewayConnection(asyncio.Protocol):
         data = session.data_to_send()
         if data and not transport.is_closing():
             transport.write(data)
+            self.server.metrics.sent(len(data))
 
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or self._closed:
             return
-        stop = self._writing_paused or len(self._pending) >= self.server.bulk_window
+        stop = (
+            self._writing_paused
+            or self._backlog
+            or len(self._pending) >= self.server.bulk_window
+        )
         if stop and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()
@@ -355,6 +452,69 @@ class GatewayConnection(asyncio.Protocol):
         ):
             self._reading_paused = False
             transport.resume_reading()
+            # Octets of a partial frame waited in the kernel while we did not read: the
+            # frame clock counts only time we spent reading.
+            if self._frame_since is not None:
+                self._frame_since = self.loop.time()
+                self._arm_frame_timer()
+
+    # --- frame clock (slow drip) ------------------------------------------------------------
+
+    def _follow_frames(self, data: bytes, now: float) -> None:
+        """Track frame boundaries (12-octet header, then `body length` octets) so a frame that
+        takes longer than [limits] frame_timeout to arrive closes the connection. Only the
+        boundaries are followed here; every check of the octets is wire.session's."""
+        left = self._frame_left
+        head = self._frame_head
+        size = len(data)
+        pos = 0
+        began = False  # the last frame begun, if any, began in this read
+        frames = 0  # headers completed in this read (msgd_frames_received_total)
+        while pos < size:
+            if left:
+                take = min(left, size - pos)
+                left -= take
+                pos += take
+            else:
+                began = began or not head
+                take = min(HEADER_SIZE - len(head), size - pos)
+                head += data[pos : pos + take]
+                pos += take
+                if len(head) == HEADER_SIZE:
+                    left = int.from_bytes(head[8:12], "big")
+                    head.clear()
+                    frames += 1
+        self._frame_left = left
+        if frames:
+            self.server.metrics.frames(frames)
+        if not left and not head:
+            self._frame_since = None
+        elif began or self._frame_since is None:
+            # The incomplete frame began in this read: its clock starts now.
+            self._frame_since = now
+            self._arm_frame_timer()
+
+    def _arm_frame_timer(self) -> None:
+        if self._frame_timer is None and self._frame_since is not None and not self._closed:
+            when = self._frame_since + self.server.config.limits.frame_timeout
+            self._frame_timer = self.loop.call_at(when, self._on_frame_timer)
+
+    def _on_frame_timer(self) -> None:
+        self._frame_timer = None
+        since = self._frame_since
+        session = self.session
+        if since is None or session is None or self._closed or self._reading_paused:
+            return  # complete, closed, or paused by us (resuming restarts the clock)
+        timeout = self.server.config.limits.frame_timeout
+        if self.loop.time() < since + timeout:
+            self._arm_frame_timer()  # a later frame began meanwhile
+            return
+        self.log.warning("connection.slow_frame", frame_timeout=timeout)
+        self.server.metrics.protocol_error(ErrorCause.IDLE_TIMEOUT)
+        session.send_error(
+            0, ErrorCause.IDLE_TIMEOUT, f"frame not complete {timeout:g} s after its first octet"
+        )
+        self._process()
 
     # --- timers and closing -----------------------------------------------------------------
 
@@ -391,6 +551,7 @@ class GatewayConnection(asyncio.Protocol):
                 self.transport.abort()
             return
         session.send_goodbye(cause, retry_after, diagnostic)
+        self.server.metrics.goodbye(cause)
         self._write()
         if session.can_close:
             self._close()
@@ -406,6 +567,9 @@ class GatewayConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
         transport = self.transport
         if transport is not None:
             # Give TLS a chance to flush the last frames (ERROR / responses) before FIN.

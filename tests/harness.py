@@ -27,6 +27,10 @@ from msgd.tls import server_context
 from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
+# For the secret scan at the end of the session (tests/ops/secret_scan.py): every K_ue the
+# tests provision, and every log file a msgd child process writes.
+SECRETS: set[bytes] = set()
+LOG_FILES: list[Path] = []
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Deployment:
         lines = ["ue_service_id,key,gateways"]
         for uid, key, gws in rows:
             self.keys[uid] = key
+            SECRETS.add(key)
             lines.append(f"{uid},{key.hex()},{';'.join(gws)}")
         path = self.dir / "ues.csv"
         tmp = path.with_suffix(".tmp")
@@ -106,6 +111,16 @@ file = "ues.csv"
     return dep
 
 
+def demo_deployment(state_dir: Path) -> Deployment:
+    """The directory `msgctl demo init` made, with every listen address moved to
+    127.0.0.1:0 (tests never depend on 7554 or 9554 being free); for ChildServer."""
+    state_dir = Path(state_dir).resolve()  # ChildServer runs msgd from the repository root
+    config_path = state_dir / "msgd.toml"
+    text = re.sub(r'(?m)^listen = ".*"$', 'listen = "127.0.0.1:0"', config_path.read_text())
+    config_path.write_text(text)
+    return Deployment(state_dir, None, config_path)  # type: ignore[arg-type]
+
+
 @contextlib.asynccontextmanager
 async def running_server(dep: Deployment) -> AsyncIterator[Server]:
     """msgd in this event loop (the same code path as the daemon, minus signals)."""
@@ -116,6 +131,7 @@ async def running_server(dep: Deployment) -> AsyncIterator[Server]:
     registry.start(loop)
     server = Server(config, registry, server_context(config.tls), loop)
     await server.start()
+    server.mark_ready()  # as serve() does: READY (a no-op here), and SIGHUP-style reload() runs
     try:
         yield server
     finally:
@@ -139,6 +155,7 @@ class ChildServer:
     def __init__(self, dep: Deployment, env: dict[str, str] | None = None) -> None:
         self.dep = dep
         self.log_path = dep.dir / "msgd.log"
+        LOG_FILES.append(self.log_path)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0

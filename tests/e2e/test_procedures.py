@@ -64,7 +64,7 @@ async def test_credential_required_unless_trusted(dep):
             result = await fut
             assert result.cause is FailureCause.AUTHENTICATION_FAILED
         dep.write_provisioning([("trusted@example", secrets.token_bytes(32), ["gw3.example"])])
-        server.reload()
+        assert (await server.reload_now())["ok"]  # what SIGHUP runs, awaited
         async with await connect(dep, server.address, "gw3.example") as gw3:
             assert not gw3.authentication_required and not gw3.bulk_allowed
             ok = await gw3.register(GatewayUe("trusted@example"))
