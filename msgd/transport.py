@@ -159,7 +159,7 @@ class GatewayConnection(asyncio.Protocol):
     # allocates a 256 KiB bytes object, shrinks it, and ends in a raised SSLWantReadError
     # (bench/, docs/performance.md). One buffer serves every connection: buffer_updated()
     # runs right after the fill, and the session keeps its own copy.
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def _off_get_buffer(self, sizehint: int) -> memoryview:
         return _READ_VIEW
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -267,7 +267,12 @@ class GatewayConnection(asyncio.Protocol):
         self._flush_pending()
         self._write()
         self._update_reading()
-        if session.is_closed or (session.goodbye_sent and session.can_close):
+        # After a GOODBYE either way, the connection ends once nothing is in progress: the
+        # gateway's own close would otherwise wait on our TLS close_notify.
+        if session.is_closed or (
+            (session.goodbye_sent or session.goodbye_received) and session.can_close
+            and not self._pending
+        ):
             self._close()
         else:
             self._arm_timer()
@@ -386,7 +391,12 @@ class GatewayConnection(asyncio.Protocol):
         self._write()
         self._update_reading()
         session = self.session
-        if session is not None and session.goodbye_sent and session.can_close:
+        if (
+            session is not None
+            and (session.goodbye_sent or session.goodbye_received)
+            and session.can_close
+            and not self._pending
+        ):
             self._close()
 
     def _flush_pending(
