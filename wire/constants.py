@@ -216,6 +216,21 @@ CLOSES_CONNECTION: dict[ErrorCause, bool] = {
     ErrorCause.GATEWAY_NOT_ALLOWED: True,
 }
 
+# Causes that belong to GOODBYE (wire-v1 §7.2, "(GOODBYE)" in the table). GOODBYE ends the
+# connection once transactions finish; an ERROR carrying one of them (SHUTTING_DOWN refusing a new
+# request after our GOODBYE, OVERLOADED with Retry after) ends only its transaction.
+GOODBYE_CAUSES = frozenset({ErrorCause.NORMAL, ErrorCause.SHUTTING_DOWN, ErrorCause.OVERLOADED})
+
+
+def error_closes_connection(cause: ErrorCause | int) -> bool:
+    """Whether an ERROR with this cause closes the connection (unknown causes do not)."""
+    try:
+        cause = ErrorCause(cause)
+    except ValueError:
+        return False
+    return CLOSES_CONNECTION[cause] and cause not in GOODBYE_CAUSES
+
+
 # wire-v1 §3 value limits.
 UE_SERVICE_ID_MAX = 255
 NODE_NAME_MAX = 255

@@ -5,7 +5,7 @@ A `WireError` is the *peer's* fault and maps to an ERROR frame; `LocalProtocolEr
 
 from __future__ import annotations
 
-from .constants import CLOSES_CONNECTION, ErrorCause, FailureCause
+from .constants import ErrorCause, FailureCause, error_closes_connection
 
 
 class WireError(Exception):
@@ -20,7 +20,8 @@ class WireError(Exception):
 
     @property
     def closes_connection(self) -> bool:
-        return CLOSES_CONNECTION[self.cause]
+        """Whether the ERROR answering this closes the connection (wire-v1 §7.2)."""
+        return error_closes_connection(self.cause)
 
 
 class FrameError(WireError):

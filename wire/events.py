@@ -7,7 +7,7 @@ from typing import Any
 
 from .constants import ErrorCause, MessageType
 from .errors import EntryError, WireError
-from .messages import Error, Goodbye, Hello, HelloAck
+from .messages import Error, Goodbye, Hello, HelloAck, frozen_twin
 
 
 class Event:
@@ -62,6 +62,10 @@ class BulkEntryReceived(Event):
     index: int
     entry: Any
     error: EntryError | None = None
+
+
+# Built on the session's hot path without the frozen __init__ (see messages.frozen_twin).
+_BulkEntryReceivedTwin = frozen_twin(BulkEntryReceived)
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,8 @@ def decode_header(data: bytes) -> FrameHeader:
 def check_header(header: FrameHeader, max_frame_size: int) -> None:
     """wire-v1 §2: version, reserved flags, announced maximum body size."""
     if header.version != PROTOCOL_VERSION:
-        raise UnsupportedVersion(f"frame version {header.version}, only {PROTOCOL_VERSION} is spoken")
+        raise UnsupportedVersion(
+            f"frame version {header.version}, only {PROTOCOL_VERSION} is spoken")
     if header.flags & RESERVED_FLAGS:
         raise InvalidFrame(f"reserved flag bits 0x{header.flags & RESERVED_FLAGS:04x} set")
     if header.body_length > max_frame_size:
@@ -108,25 +109,36 @@ class FrameBuffer:
         self._advance(n)
         return data
 
-    def read_ie(self, limit: int) -> tuple[int, bytes] | int | None:
-        """The next IE within `limit` octets: (IEI, value), None if incomplete, or -1 when the
+    def read_ie(self, limit: int) -> tuple[int, bytes] | tuple[()] | None:
+        """The next IE within `limit` octets: (IEI, value), None if incomplete, or () when the
         IE would run past `limit` (malformed; the caller skips the rest of the body)."""
         buf = self._buf
         pos = self._pos
         have = len(buf) - pos
         if limit < 3:
-            return -1
+            return ()
         if have < 3:
             return None
         length = (buf[pos + 1] << 8) | buf[pos + 2]
         if 3 + length > limit:
-            return -1
+            return ()
         if have < 3 + length:
             return None
-        iei = buf[pos]
-        value = bytes(buf[pos + 3 : pos + 3 + length])
-        self._advance(3 + length)
-        return iei, value
+        end = pos + 3 + length
+        item = (buf[pos], bytes(buf[pos + 3 : end]))
+        # _advance(), written out: this runs once per bulk entry.
+        if end >= _COMPACT_AT or end == len(buf):
+            del buf[:end]
+            self._pos = 0
+        else:
+            self._pos = end
+        return item
+
+    def clear(self) -> None:
+        """Forget everything buffered (the connection is closed)."""
+        self._buf = bytearray()
+        self._pos = 0
+        self._skip = 0
 
     def skip(self, n: int) -> None:
         """Discard `n` octets, including ones not received yet."""

@@ -297,7 +297,8 @@ def _fast_text(name: str, min_len: int, max_len: int, no_controls: bool) -> Fast
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidMessage(f"IE {name}: not UTF-8") from exc
-        if no_controls and search(text):
+        # isprintable() is False for every C0/C1 control, so True settles it cheaply.
+        if no_controls and not text.isprintable() and search(text):
             raise InvalidMessage(f"IE {name}: control character")
         return text
 

@@ -1,13 +1,19 @@
 """The sans-IO session of wire-v1 §4–§5, for both roles (server and gateway).
 
-Rule 1 (h11): every state and transition of a session is in this file, as data.
+Rule 1 (h11): every state and transition of a session is in this file, as data: the connection
+machine is `TRANSITIONS`, and each transaction (h2's stream) is a `_Txn` whose life is described
+at its class.
 Rule 2: no I/O and no clock. Bytes come in through `receive_data(data, now)`, events come out of
 `next_event()`, messages go in through the `send_*` methods and bytes come out of
 `data_to_send()`. Time is only ever the `now` the caller passes (aioquic's `get_timer()` /
 `handle_timer(now)`).
 
-Role checks (who sends HELLO, which transaction ids are whose) live in `_role_allows()` and
-`_peer_tid_ok()`; the tables themselves are role-agnostic.
+Role checks (who may take which input, which transaction ids are whose, which message types a
+role receives) live in `_role_allows()`, `_peer_tid_ok()` and `_RECEIVES`; the transition table
+itself is role-agnostic.
+
+Peer errors never escape `next_event()`: each becomes an ERROR frame (or, for a bad ERROR,
+silence) plus a `ProtocolErrorDetected` event. Misuse by our own code raises `LocalProtocolError`.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ from typing import Any
 from .constants import (
     BULK_MESSAGES,
     BULK_REQUESTS,
-    CLOSES_CONNECTION,
     DEFAULT_HELLO_TIMEOUT,
     DEFAULT_KEEPALIVE_INTERVAL,
     DEFAULT_MAX_FRAME_SIZE,
+    DIAGNOSTIC_MAX,
     MAX_FRAME_SIZE_LIMIT,
     MAX_TID,
     NONCE_SIZE,
@@ -34,8 +40,10 @@ from .constants import (
     SINGLE_REQUESTS,
     ErrorCause,
     MessageType,
+    error_closes_connection,
 )
 from .errors import (
+    EntryError,
     InvalidFrame,
     InvalidMessage,
     LocalProtocolError,
@@ -61,6 +69,7 @@ from .events import (
     RequestReceived,
     ResponseReceived,
     TransactionFailed,
+    _BulkEntryReceivedTwin,
 )
 from .frames import FrameBuffer, FrameHeader
 from .messages import (
@@ -125,11 +134,14 @@ TRANSITIONS: dict[tuple[SessionState, SessionInput], SessionState] = {
 }
 
 _ROLE_INPUTS = {
-    Role.SERVER: {I.RECV_HELLO, I.SEND_HELLO_ACK, I.SEND_GOODBYE, I.RECV_GOODBYE, I.CLOSE},
-    Role.GATEWAY: {I.SEND_HELLO, I.RECV_HELLO_ACK, I.SEND_GOODBYE, I.RECV_GOODBYE, I.CLOSE},
+    Role.SERVER: frozenset(
+        {I.RECV_HELLO, I.SEND_HELLO_ACK, I.SEND_GOODBYE, I.RECV_GOODBYE, I.CLOSE}),
+    Role.GATEWAY: frozenset(
+        {I.SEND_HELLO, I.RECV_HELLO_ACK, I.SEND_GOODBYE, I.RECV_GOODBYE, I.CLOSE}),
 }
 
-# Message types each role may receive once established (wire-v1 §4, §5 "direction" columns).
+# Message types each role may receive (wire-v1 §4, §5 "direction" columns). Anything else is
+# INVALID_MESSAGE ("a message type sent in the wrong direction", docs/protocol.md).
 _RECEIVES = {
     Role.SERVER: frozenset(
         {MessageType.HELLO, MessageType.KEEPALIVE, MessageType.KEEPALIVE_ACK, MessageType.GOODBYE,
@@ -143,11 +155,36 @@ _RECEIVES = {
     ),
 }
 
+# What a gateway may receive before HELLO ACK; anything else is SESSION_NOT_ESTABLISHED.
+_GATEWAY_BEFORE_ACK = frozenset({MessageType.HELLO_ACK, MessageType.ERROR, MessageType.GOODBYE})
+
+_MESSAGE_TYPES: dict[int, MessageType] = {int(t): t for t in MessageType}
+
+# At most this many rejected or failed bulk messages have trailing fragments discarded at once.
 _MAX_DISCARDED = 64
 
 
 def _role_allows(role: Role, inp: SessionInput) -> bool:
     return inp in _ROLE_INPUTS[role]
+
+
+def next_state(role: Role, state: SessionState, inp: SessionInput) -> SessionState:
+    """The connection machine: the state after `inp`, or LocalProtocolError when the pair (or
+    the role) is not in the table. The state is then left unchanged."""
+    if not _role_allows(role, inp):
+        raise LocalProtocolError(f"a {role.value} cannot {inp.value}")
+    new = TRANSITIONS.get((state, inp))
+    if new is None:
+        raise LocalProtocolError(f"{inp.value} is not allowed in state {state.value}")
+    return new
+
+
+def _clip(text: str, limit: int = DIAGNOSTIC_MAX) -> str:
+    """At most `limit` UTF-8 octets of `text`, cut on a character boundary (Diagnostic IE)."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore")
 
 
 @dataclass
@@ -162,16 +199,36 @@ class Limits:
 
 
 class _Txn:
-    """One transaction (h2's stream): what came in, what went out, and whether it failed."""
+    """One transaction (h2's stream).
+
+    Single request: created by the request, ended by its response or an ERROR.
+
+    Bulk (both directions are streamed; "in" is what the peer sends us, "out" what we send):
+
+    * in: `in_reader` decodes fragments; `in_count` is the announced number, `in_delivered` the
+      entries handed out as events; `in_done` once the last fragment was seen (or skipped).
+    * out: `out_buf` collects entries not yet framed; `out_frames` counts frames sent;
+      `out_final` once the fragment without MORE was sent.
+    * failure: `failed` holds the peer's (or our user's) error. The server sends the ERROR only
+      once every delivered entry has been answered (`error_sent`), and its response then never
+      gets a final fragment (wire-v1 §5 Count).
+
+    The server's transaction ends when the request is complete (`in_done`) and either its
+    response is final or its ERROR went out; fragments that arrive after a failure are dropped
+    until the last one. The gateway's ends when the response is complete or an ERROR went
+    either way.
+    """
 
     __slots__ = (
-        "failed", "in_count", "in_delivered", "in_done", "in_reader", "out_buf", "out_count",
-        "out_done", "out_sent", "out_started", "request_type", "tid",
+        "error_sent", "failed", "in_count", "in_delivered", "in_done", "in_reader", "is_bulk",
+        "out_buf", "out_count", "out_final", "out_frames", "out_sent", "request_type",
+        "retry_after", "tid",
     )
 
     def __init__(self, tid: int, request_type: MessageType) -> None:
         self.tid = tid
         self.request_type = request_type
+        self.is_bulk = request_type in BULK_REQUESTS
         self.in_reader: BulkReader | None = None
         self.in_count = -1
         self.in_delivered = 0
@@ -179,23 +236,24 @@ class _Txn:
         self.out_buf: bytearray | None = None
         self.out_count = -1
         self.out_sent = 0
-        self.out_started = False
-        self.out_done = False
-        self.failed: SessionError | MessageError | None = None
-
-    @property
-    def is_bulk(self) -> bool:
-        return self.request_type in BULK_REQUESTS
+        self.out_frames = 0
+        self.out_final = False
+        self.failed: WireError | None = None
+        self.retry_after: int | None = None
+        self.error_sent = False
 
 
-@dataclass
 class _Frame:
     """The frame whose body is being read (bulk bodies are streamed IE by IE)."""
 
-    header: FrameHeader
-    remaining: int
-    txn: _Txn | None
-    mtype: MessageType
+    __slots__ = ("header", "more", "mtype", "remaining", "txn")
+
+    def __init__(self, header: FrameHeader, txn: _Txn | None, mtype: MessageType) -> None:
+        self.header = header
+        self.remaining = header.body_length
+        self.more = header.more
+        self.txn = txn
+        self.mtype = mtype
 
 
 class Session:
@@ -206,7 +264,11 @@ class Session:
         self.limits = limits or Limits()
         if not MIN_FRAME_SIZE <= self.limits.max_frame_size <= MAX_FRAME_SIZE_LIMIT:
             raise LocalProtocolError("max_frame_size outside 4096..16777215")
+        if self.limits.keepalive_interval < 1:
+            raise LocalProtocolError("keepalive_interval must be at least 1 s")
         self.state = SessionState.AWAIT_HELLO if role is Role.SERVER else SessionState.IDLE
+        self._is_server = role is Role.SERVER
+        self._receives = _RECEIVES[role]
         self._buf = FrameBuffer(self.limits.max_frame_size)
         self._out: list[bytes] = []
         self._events: deque[Event] = deque()
@@ -224,20 +286,18 @@ class Session:
         self.bulk_allowed = True
         self.goodbye_sent = False
         self.goodbye_received = False
-        # Timers (aioquic): deadlines derived from the last time anything was received.
+        # Timers (aioquic): deadlines derive from the last time anything was received and from
+        # when our KEEPALIVE went out.
         self._started = now
         self._last_rx = now
+        self._keepalive_sent_at: float | None = None  # set while our KEEPALIVE is unanswered
         self._keepalive_tid: int | None = None
         self._next_tid = 1 if role is Role.GATEWAY else SERVER_TID_BIT | 1
 
     # --- state machine ---------------------------------------------------------------------
 
     def _apply(self, inp: SessionInput) -> None:
-        if not _role_allows(self.role, inp):
-            raise LocalProtocolError(f"a {self.role.value} cannot {inp.value}")
-        new = TRANSITIONS.get((self.state, inp))
-        if new is None:
-            raise LocalProtocolError(f"{inp.value} is not allowed in state {self.state.value}")
+        new = next_state(self.role, self.state, inp)
         if new is not self.state:
             log.debug("session %s: %s -> %s on %s", self.role.value, self.state.value, new.value,
                       inp.value)
@@ -271,16 +331,20 @@ class Session:
             self._eof = True
             return
         self._last_rx = now
+        # wire-v1 §4.4: anything received answers our KEEPALIVE.
+        self._keepalive_sent_at = None
         self._buf.feed(data)
 
     def next_event(self) -> Event | Any:
         """The next event, NEED_DATA, or PAUSED while a HELLO awaits accept/reject."""
+        events = self._events
         while True:
-            if self._events:
-                return self._events.popleft()
-            if self.state is SessionState.CLOSED:
+            if events:
+                return events.popleft()
+            state = self.state
+            if state is SessionState.CLOSED:
                 return NEED_DATA
-            if self.state is SessionState.HELLO_PENDING:
+            if state is SessionState.HELLO_PENDING:
                 return PAUSED
             try:
                 progressed = self._step()
@@ -304,11 +368,8 @@ class Session:
                 return False
             self._start_frame(header)
             return True
-        if frame.remaining == 0:
-            self._frame = None
-            self._end_bulk_frame(frame)
-            return True
-        if frame.txn is None:
+        txn = frame.txn
+        if txn is None:
             # A non-bulk message: read it whole (it is at most max_frame_size).
             body = self._buf.read_exact(frame.remaining)
             if body is None:
@@ -316,20 +377,34 @@ class Session:
             self._frame = None
             self._on_message(frame.header, frame.mtype, body)
             return True
-        item = self._buf.read_ie(frame.remaining)
-        if item is None:
-            return False
-        if item == -1:
-            self._buf.skip(frame.remaining)
-            frame.remaining = 0
+        if frame.remaining == 0:
             self._frame = None
-            txn = frame.txn
-            self._fail(txn, InvalidMessage("IE length runs past the frame body",
-                                           transaction_id=txn.tid), last=not frame.header.more)
+            self._end_bulk_frame(frame)
             return True
-        iei, raw = item  # type: ignore[misc]
+        item = self._buf.read_ie(frame.remaining)
+        if not item:
+            if item is None:
+                return False
+            self._abort_frame(frame, InvalidMessage("IE length runs past the frame body",
+                                                    transaction_id=txn.tid))
+            return True
+        iei, raw = item
         frame.remaining -= 3 + len(raw)
-        self._on_bulk_ie(frame, iei, raw)
+        reader = txn.in_reader
+        if (iei == reader.entry_iei and reader.phase == 2  # type: ignore[union-attr]
+                and txn.in_delivered < txn.in_count and txn.failed is None):
+            # The hot path: one entry (wire-v1 §5 Streaming: delivered as soon as complete).
+            index = txn.in_delivered
+            txn.in_delivered = index + 1
+            value = reader.decode_entry(raw)  # type: ignore[union-attr]
+            if value.__class__ is EntryError:
+                event = _BulkEntryReceivedTwin(txn.tid, index, None, value)
+            else:
+                event = _BulkEntryReceivedTwin(txn.tid, index, value, None)
+            event.__class__ = BulkEntryReceived
+            self._events.append(event)
+            return True
+        self._on_bulk_ie(frame, txn, iei, raw)
         return True
 
     def _skip_frame(self, header: FrameHeader) -> None:
@@ -337,34 +412,53 @@ class Session:
 
     def _start_frame(self, header: FrameHeader) -> None:
         tid = header.transaction_id
-        try:
-            mtype = MessageType(header.message_type)
-        except ValueError:
-            mtype = None
-        if self.state is SessionState.AWAIT_HELLO and self.role is Role.SERVER:
-            if mtype is not MessageType.HELLO:
-                raise SessionError(ErrorCause.SESSION_NOT_ESTABLISHED,
-                                   "the first message must be HELLO")
+        mtype = _MESSAGE_TYPES.get(header.message_type)
+        state = self.state
+        if (state is not SessionState.ESTABLISHED and state is not SessionState.CLOSING
+                and not self._check_not_established(mtype)):
+            return
         if mtype is None:
+            # Checked before MORE: an unknown type is UNKNOWN_MESSAGE_TYPE even with MORE set.
             self._skip_frame(header)
             self._reject(UnknownMessageType(
                 f"message type 0x{header.message_type:02x}", transaction_id=tid))
             return
-        if header.more and mtype not in BULK_MESSAGES:
+        if mtype in BULK_MESSAGES:
+            self._start_bulk_frame(header, mtype)
+            return
+        if header.more:
             raise InvalidFrame(f"MORE set on {mtype.name}")
-        if mtype not in _RECEIVES[self.role]:
+        if mtype not in self._receives:
             self._skip_frame(header)
             self._reject(InvalidMessage(f"{mtype.name} is not sent to a {self.role.value}",
                                         transaction_id=tid))
             return
-        if mtype in BULK_MESSAGES:
-            self._start_bulk_frame(header, mtype)
-            return
-        self._frame = _Frame(header, header.body_length, None, mtype)
+        self._frame = _Frame(header, None, mtype)
+
+    def _check_not_established(self, mtype: MessageType | None) -> bool:
+        """wire-v1 §4.1: nothing but HELLO (server) / HELLO ACK (gateway) opens a session.
+        False when the frame ended the connection without an answer."""
+        if self._is_server:
+            if mtype is MessageType.HELLO:
+                return True
+            if mtype is MessageType.ERROR:
+                # wire-v1 §7.2: a receiver never answers an ERROR with an ERROR.
+                exc = SessionError(ErrorCause.SESSION_NOT_ESTABLISHED, "ERROR before HELLO")
+                self._events.append(ProtocolErrorDetected(exc))
+                self._close(exc.cause, exc.diagnostic, by_peer=False)
+                return False
+            raise SessionError(ErrorCause.SESSION_NOT_ESTABLISHED,
+                               "the first message must be HELLO")
+        if mtype not in _GATEWAY_BEFORE_ACK:
+            raise SessionError(ErrorCause.SESSION_NOT_ESTABLISHED,
+                               "the first message from the server must be HELLO ACK")
+        return True
 
     # --- single messages --------------------------------------------------------------------
 
     def _on_message(self, header: FrameHeader, mtype: MessageType, body: bytes) -> None:
+        if self.state is SessionState.CLOSED:
+            return
         tid = header.transaction_id
         try:
             message = decode_body(mtype, tid, body)
@@ -376,8 +470,7 @@ class Session:
             else:
                 self._reject(exc)
             return
-        handler = getattr(self, "_on_" + mtype.name.lower())
-        handler(message)
+        self._HANDLERS[mtype](self, message)
 
     def _on_hello(self, hello: Hello) -> None:
         if self.state is not SessionState.AWAIT_HELLO:
@@ -403,14 +496,17 @@ class Session:
         self._events.append(HelloReceived(hello))
 
     def _on_hello_ack(self, ack: HelloAck) -> None:
-        if self.state is not SessionState.AWAIT_HELLO:
-            self._reject(InvalidMessage("unexpected HELLO ACK", transaction_id=ack.transaction_id))
+        hello = self._txns.get(ack.transaction_id)
+        if (self.state is not SessionState.AWAIT_HELLO or hello is None
+                or hello.request_type is not MessageType.HELLO):
+            self._reject(InvalidMessage("HELLO ACK answering no HELLO",
+                                        transaction_id=ack.transaction_id))
             return
         if ack.protocol_version != PROTOCOL_VERSION:
             raise UnsupportedVersion(f"protocol version {ack.protocol_version}")
         if not MIN_FRAME_SIZE <= ack.max_frame_size <= MAX_FRAME_SIZE_LIMIT:
             raise InvalidFrame(f"server announced Maximum frame size {ack.max_frame_size}")
-        self._txns.pop(ack.transaction_id, None)
+        del self._txns[ack.transaction_id]
         self.hello_ack = ack
         self.peer_max_frame_size = ack.max_frame_size
         self.bulk_allowed = bool(ack.bulk_allowed)
@@ -418,8 +514,6 @@ class Session:
         self._events.append(HelloAckReceived(ack))
 
     def _on_keepalive(self, message: Keepalive) -> None:
-        if self.state is SessionState.AWAIT_HELLO:
-            raise SessionError(ErrorCause.SESSION_NOT_ESTABLISHED, "KEEPALIVE before HELLO ACK")
         self._out.append(encode_message(KeepaliveAck(message.transaction_id)))
 
     def _on_keepalive_ack(self, message: KeepaliveAck) -> None:
@@ -428,33 +522,40 @@ class Session:
 
     def _on_goodbye(self, goodbye: Goodbye) -> None:
         self.goodbye_received = True
+        self._events.append(GoodbyeReceived(goodbye))
         if self.state in (SessionState.ESTABLISHED, SessionState.CLOSING):
             self._apply(I.RECV_GOODBYE)
-            self._events.append(GoodbyeReceived(goodbye))
         else:
-            self._events.append(GoodbyeReceived(goodbye))
-            self._close(ErrorCause(goodbye.error_cause) if goodbye.error_cause in ErrorCause._value2member_map_ else None,
+            cause = goodbye.error_cause
+            self._close(ErrorCause(cause) if cause in _ERROR_CAUSES else None,
                         "GOODBYE before the session was established", by_peer=True)
 
     def _on_error(self, error: Error) -> None:
-        txn = self._txns.get(error.transaction_id) if error.transaction_id else None
+        tid = error.transaction_id
         cause: Any = error.error_cause
-        if cause in ErrorCause._value2member_map_:
+        if cause in _ERROR_CAUSES:
             cause = ErrorCause(cause)
-        if txn is not None:
+        txn = self._txns.get(tid) if tid else None
+        if cause is ErrorCause.TRANSACTION_ID_IN_USE:
+            # It refers to a duplicate request and leaves the original transaction alone.
+            txn = None
+        if txn is not None and not txn.error_sent:
             self._end_txn(txn)
             self._events.append(TransactionFailed(
                 txn.tid, cause, error.diagnostic or "", sent=False, retry_after=error.retry_after))
         else:
+            if txn is not None:
+                # The peer's ERROR about a transaction we have already failed ourselves.
+                self._end_txn(txn)
             self._events.append(ErrorReceived(error))
-        if self.state is SessionState.AWAIT_HELLO or (
-            isinstance(cause, ErrorCause) and CLOSES_CONNECTION[cause]
-            and cause not in (ErrorCause.NORMAL, ErrorCause.SHUTTING_DOWN)
-        ):
+        if self.state is not SessionState.ESTABLISHED and self.state is not SessionState.CLOSING:
             self._close(cause if isinstance(cause, ErrorCause) else None,
-                        f"peer sent ERROR({getattr(cause, 'name', cause)})", by_peer=True)
+                        f"peer sent ERROR({getattr(cause, 'name', cause)}) before HELLO ACK",
+                        by_peer=True)
+        elif error_closes_connection(cause):
+            self._close(cause, f"peer sent ERROR({cause.name})", by_peer=True)
 
-    def _new_request_ok(self, tid: int, mtype: MessageType) -> bool:
+    def _new_request_ok(self, tid: int) -> bool:
         """Checks for a transaction the peer starts (server role)."""
         if not self._peer_tid_ok(tid):
             self._reject(InvalidMessage(
@@ -465,8 +566,12 @@ class Session:
                                       f"transaction {tid} is in progress", transaction_id=tid))
             return False
         if self.state is SessionState.CLOSING:
-            self._reject(SessionError(ErrorCause.SHUTTING_DOWN,
-                                      "no new transaction after GOODBYE", transaction_id=tid))
+            if self.goodbye_sent:
+                self._reject(SessionError(ErrorCause.SHUTTING_DOWN,
+                                          "no new transaction after GOODBYE", transaction_id=tid))
+            else:
+                self._reject(InvalidMessage("no new transaction after your GOODBYE",
+                                            transaction_id=tid))
             return False
         if len(self._txns) >= self.limits.max_outstanding:
             self._reject(SessionError(ErrorCause.TOO_MANY_OUTSTANDING,
@@ -476,18 +581,12 @@ class Session:
         return True
 
     def _on_request(self, request: Any) -> None:
-        if self.role is not Role.SERVER:
+        if not self._new_request_ok(request.transaction_id):
             return
-        mtype = type(request).message_type
-        if not self._new_request_ok(request.transaction_id, mtype):
-            return
-        txn = _Txn(request.transaction_id, mtype)
+        txn = _Txn(request.transaction_id, type(request).message_type)
         txn.in_done = True
         self._txns[txn.tid] = txn
         self._events.append(RequestReceived(request))
-
-    _on_ue_registration_request = _on_request
-    _on_ue_deregistration_request = _on_request
 
     def _on_response(self, response: Any) -> None:
         txn = self._txns.get(response.transaction_id)
@@ -498,48 +597,57 @@ class Session:
         del self._txns[txn.tid]
         self._events.append(ResponseReceived(response))
 
-    _on_ue_registration_response = _on_response
-    _on_ue_deregistration_response = _on_response
-
     # --- bulk messages (streamed) -----------------------------------------------------------
 
     def _start_bulk_frame(self, header: FrameHeader, mtype: MessageType) -> None:
         tid = header.transaction_id
-        discarded = self._discarding.get(tid)
         txn = self._txns.get(tid)
-        if txn is not None and txn.in_reader is not None and not txn.in_done:
-            if _incoming_type(self.role, txn.request_type) is mtype:
-                txn.in_reader.start_frame(first=False)
-                if txn.failed is not None:
-                    self._skip_frame(header)
-                    if not header.more:
-                        txn.in_done = True
-                        self._maybe_finish(txn)
-                    return
-                self._frame = _Frame(header, header.body_length, txn, mtype)
+        if (txn is not None and txn.in_reader is not None and not txn.in_done
+                and txn.in_reader.message_type is mtype):
+            # A later fragment of a bulk in progress.
+            if txn.failed is not None:
+                # wire-v1 §5: a failed bulk's fragments are dropped up to its last one.
+                self._skip_frame(header)
+                if not header.more:
+                    txn.in_done = True
+                    self._maybe_finish(txn)
                 return
-        if txn is None and discarded is mtype:
+            txn.in_reader.start_frame(first=False)
+            self._frame = _Frame(header, txn, mtype)
+            return
+        if self._discarding.get(tid) is mtype:
             self._skip_frame(header)
             if not header.more:
                 del self._discarding[tid]
             return
-        if self.role is Role.SERVER:
-            txn = self._open_bulk_request(header, mtype)
+        if mtype not in self._receives:
+            self._skip_frame(header)
+            self._reject(InvalidMessage(f"{mtype.name} is not sent to a {self.role.value}",
+                                        transaction_id=tid))
+            if header.more:
+                self._discard(tid, mtype)
+            return
+        if self._is_server:
+            txn = self._open_bulk_request(tid, mtype)
         else:
-            txn = self._open_bulk_response(header, mtype)
+            txn = self._open_bulk_response(tid, mtype)
         if txn is None:
             self._skip_frame(header)
             if header.more:
-                if len(self._discarding) >= _MAX_DISCARDED:
-                    self._discarding.pop(next(iter(self._discarding)))
-                self._discarding[tid] = mtype
+                self._discard(tid, mtype)
             return
         txn.in_reader = BulkReader(mtype)
-        self._frame = _Frame(header, header.body_length, txn, mtype)
+        self._frame = _Frame(header, txn, mtype)
 
-    def _open_bulk_request(self, header: FrameHeader, mtype: MessageType) -> _Txn | None:
-        tid = header.transaction_id
-        if not self._new_request_ok(tid, mtype):
+    def _discard(self, tid: int, mtype: MessageType) -> None:
+        """Drop the fragments of (tid, mtype) still to come, up to its last one."""
+        discarding = self._discarding
+        if tid not in discarding and len(discarding) >= _MAX_DISCARDED:
+            discarding.pop(next(iter(discarding)))
+        discarding[tid] = mtype
+
+    def _open_bulk_request(self, tid: int, mtype: MessageType) -> _Txn | None:
+        if not self._new_request_ok(tid):
             return None
         if not self.bulk_allowed:
             self._reject(SessionError(ErrorCause.BULK_NOT_ALLOWED,
@@ -554,78 +662,78 @@ class Session:
         self._receiving_bulk = txn
         return txn
 
-    def _open_bulk_response(self, header: FrameHeader, mtype: MessageType) -> _Txn | None:
-        tid = header.transaction_id
+    def _open_bulk_response(self, tid: int, mtype: MessageType) -> _Txn | None:
         txn = self._txns.get(tid)
-        if txn is None or RESPONSE_TO.get(txn.request_type) is not mtype or txn.in_reader:
-            self._reject(InvalidMessage("bulk response to no bulk request of that type",
+        if (txn is None or not txn.is_bulk or txn.in_reader is not None
+                or RESPONSE_TO[txn.request_type] is not mtype):
+            self._reject(InvalidMessage("bulk response to no bulk request",
                                         transaction_id=tid))
             return None
         return txn
 
-    def _on_bulk_ie(self, frame: _Frame, iei: int, raw: bytes) -> None:
-        txn = frame.txn
-        assert txn is not None and txn.in_reader is not None
+    def _on_bulk_ie(self, frame: _Frame, txn: _Txn, iei: int, raw: bytes) -> None:
         if txn.failed is not None:
             return
+        reader = txn.in_reader
+        assert reader is not None
+        if iei == reader.entry_iei and reader.phase == 2:
+            # _step() delivers entries itself; one arriving here is one too many.
+            self._abort_frame(frame, SessionError(
+                ErrorCause.COUNT_MISMATCH,
+                f"{txn.in_count} entries announced, more sent", transaction_id=txn.tid))
+            return
         try:
-            item = txn.in_reader.feed_ie(iei, raw)
+            item = reader.feed_ie(iei, raw)
         except MessageError as exc:
             exc.transaction_id = txn.tid
-            self._buf.skip(frame.remaining)
-            frame.remaining = 0
-            self._frame = None
-            self._fail(txn, exc, last=not frame.header.more)
+            self._abort_frame(frame, exc)
             return
         if item is None:
             return
         kind, value = item
-        if kind == "count":
-            if self.role is Role.SERVER and value > self.limits.max_bulk_entries:
+        if kind != "count":  # pragma: no cover - entries take the path above
+            raise AssertionError(kind)
+        if self._is_server:
+            if value > self.limits.max_bulk_entries:
                 self._abort_frame(frame, SessionError(
                     ErrorCause.TOO_MANY_ENTRIES,
                     f"{value} entries announced, at most {self.limits.max_bulk_entries}",
                     transaction_id=txn.tid))
                 return
-            if self.role is Role.GATEWAY and value != txn.out_count:
-                self._abort_frame(frame, SessionError(
-                    ErrorCause.COUNT_MISMATCH,
-                    f"response announces {value} entries, request had {txn.out_count}",
-                    transaction_id=txn.tid))
-                return
-            txn.in_count = value
-            self._events.append(BulkStarted(txn.tid, frame.mtype, value))
-            return
-        if txn.in_delivered >= txn.in_count:
+        elif value != txn.out_count:
             self._abort_frame(frame, SessionError(
                 ErrorCause.COUNT_MISMATCH,
-                f"{txn.in_count} entries announced, more sent", transaction_id=txn.tid))
+                f"response announces {value} entries, request had {txn.out_count}",
+                transaction_id=txn.tid))
             return
-        index = txn.in_delivered
-        txn.in_delivered += 1
-        if isinstance(value, WireError):
-            self._events.append(BulkEntryReceived(txn.tid, index, None, value))  # type: ignore[arg-type]
-        else:
-            self._events.append(BulkEntryReceived(txn.tid, index, value))
+        txn.in_count = value
+        self._events.append(BulkStarted(txn.tid, frame.mtype, value))
 
     def _abort_frame(self, frame: _Frame, exc: WireError) -> None:
-        assert frame.txn is not None
+        """Fail the frame's transaction and skip what is left of the frame."""
+        txn = frame.txn
+        assert txn is not None
         self._buf.skip(frame.remaining)
         frame.remaining = 0
         self._frame = None
-        self._fail(frame.txn, exc, last=not frame.header.more)
+        self._fail(txn, exc, last=not frame.more)
 
     def _end_bulk_frame(self, frame: _Frame) -> None:
         txn = frame.txn
-        if txn is None or txn.failed is not None or txn.in_reader is None:
+        assert txn is not None and txn.in_reader is not None
+        if txn.failed is not None:
+            # Failed meanwhile (our user's send_error): this frame still counts as a fragment.
+            if not frame.more and not txn.in_done:
+                txn.in_done = True
+                self._maybe_finish(txn)
             return
         try:
             txn.in_reader.end_frame()
         except MessageError as exc:
             exc.transaction_id = txn.tid
-            self._fail(txn, exc, last=not frame.header.more)
+            self._fail(txn, exc, last=not frame.more)
             return
-        if frame.header.more:
+        if frame.more:
             return
         if txn.in_delivered != txn.in_count:
             self._fail(txn, SessionError(
@@ -637,44 +745,64 @@ class Session:
         if self._receiving_bulk is txn:
             self._receiving_bulk = None
         self._events.append(BulkEnded(txn.tid, frame.mtype, txn.in_count))
+        if self._is_server and txn.out_sent == txn.in_count:
+            # Every entry is answered (or there were none): the response can end now.
+            self._finish_response(txn)
         self._maybe_finish(txn)
 
-    def _fail(self, txn: _Txn, exc: WireError, *, last: bool) -> None:
-        """End a bulk transaction on a peer error; entries already delivered still get their
+    def _fail(self, txn: _Txn, exc: WireError, *, last: bool, report: bool = True) -> None:
+        """End a bulk transaction on an error; entries already delivered still get their
         answers first (wire-v1 §5 Count: "Entries that already have a response entry stand")."""
-        txn.failed = exc  # type: ignore[assignment]
+        txn.failed = exc
         if last:
             txn.in_done = True
         if self._receiving_bulk is txn:
             self._receiving_bulk = None
-        self._events.append(ProtocolErrorDetected(exc))
-        if self.role is Role.GATEWAY or txn.out_sent >= txn.in_delivered:
+        if report:
+            self._events.append(ProtocolErrorDetected(exc))
+        if not self._is_server or txn.out_sent >= txn.in_delivered:
             self._send_txn_error(txn)
         self._maybe_finish(txn)
 
     def _send_txn_error(self, txn: _Txn) -> None:
         exc = txn.failed
         assert exc is not None
-        if txn.out_buf is not None and self.role is Role.SERVER:
+        if self._is_server:
+            # Answered entries go first, in a fragment with MORE: the response never ends.
             self._flush_bulk(txn, final=False)
-        txn.out_done = True
+        txn.out_buf = None
+        txn.error_sent = True
         self._dirty.discard(txn)
-        self._out.append(encode_message(Error(txn.tid, int(exc.cause), None, exc.diagnostic[:1024])))
-        self._events.append(TransactionFailed(txn.tid, exc.cause, exc.diagnostic, sent=True))
+        diagnostic = _clip(exc.diagnostic)
+        self._out.append(encode_message(
+            Error(txn.tid, int(exc.cause), txn.retry_after, diagnostic or None)))
+        self._events.append(TransactionFailed(txn.tid, exc.cause, diagnostic, sent=True,
+                                              retry_after=txn.retry_after))
 
     def _maybe_finish(self, txn: _Txn) -> None:
-        if txn.out_done and (txn.in_done or self.role is Role.GATEWAY):
+        if self._is_server:
+            if txn.in_done and (txn.out_final or txn.error_sent):
+                self._end_txn(txn)
+        elif txn.in_done or txn.error_sent:
             self._end_txn(txn)
-            if not txn.in_done and txn.failed is not None:
-                # Fragments still on their way are dropped without further answers.
-                self._discarding[txn.tid] = _incoming_type(self.role, txn.request_type)
+            if not txn.in_done and txn.is_bulk:
+                # Response fragments the server sent before our ERROR reached it are dropped.
+                self._discard(txn.tid, RESPONSE_TO[txn.request_type])
 
     def _end_txn(self, txn: _Txn) -> None:
-        self._txns.pop(txn.tid, None)
+        if self._txns.get(txn.tid) is txn:
+            del self._txns[txn.tid]
         self._dirty.discard(txn)
         if self._receiving_bulk is txn:
             self._receiving_bulk = None
-        txn.out_done = True
+        if (not self._is_server and txn.is_bulk and txn.out_frames and not txn.out_final
+                and not txn.error_sent and self.state is not SessionState.CLOSED):
+            # The server ended our bulk request while fragments were still to come: end the
+            # fragment train with an empty last fragment, so the server stops discarding
+            # (docs/protocol.md, "Ending a bulk early").
+            self._out.append(encode_frame(txn.request_type, txn.tid, b"", more=False))
+            txn.out_final = True
+        txn.out_buf = None
 
     # --- errors -----------------------------------------------------------------------------
 
@@ -685,14 +813,17 @@ class Session:
             self._fatal(exc, already_reported=True)
             return
         self._out.append(encode_message(
-            Error(exc.transaction_id, int(exc.cause), None, exc.diagnostic[:1024])))
+            Error(exc.transaction_id, int(exc.cause), None, _clip(exc.diagnostic) or None)))
 
     def _fatal(self, exc: WireError, *, already_reported: bool = False) -> None:
+        if self.state is SessionState.CLOSED:
+            return
         if not already_reported:
             self._events.append(ProtocolErrorDetected(exc))
+        # Connection-level ERRORs carry id 0, but GATEWAY_NOT_ALLOWED answers the HELLO's id.
+        tid = exc.transaction_id if exc.cause is ErrorCause.GATEWAY_NOT_ALLOWED else 0
         self._out.append(encode_message(
-            Error(exc.transaction_id if exc.cause is ErrorCause.GATEWAY_NOT_ALLOWED else 0,
-                  int(exc.cause), None, exc.diagnostic[:1024])))
+            Error(tid, int(exc.cause), None, _clip(exc.diagnostic) or None)))
         self._close(exc.cause, exc.diagnostic, by_peer=False)
 
     def _close(self, cause: ErrorCause | None, reason: str, *, by_peer: bool) -> None:
@@ -701,21 +832,24 @@ class Session:
         self._apply(I.CLOSE)
         self.closed_reason = reason
         self._frame = None
+        self._txns.clear()
+        self._dirty.clear()
+        self._receiving_bulk = None
+        self._buf.clear()
         self._events.append(ConnectionClosed(cause, reason, by_peer))
 
     def _peer_tid_ok(self, tid: int) -> bool:
-        if self.role is Role.SERVER:
+        if self._is_server:
             return tid != 0 and not tid & SERVER_TID_BIT
         return bool(tid & SERVER_TID_BIT)
 
     # --- messages out -----------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        """Everything queued so far, with partial bulk response fragments flushed (MORE set)."""
+        """Everything queued so far, with partial bulk fragments flushed (MORE set)."""
         if self._dirty:
             for txn in list(self._dirty):
-                if txn.out_buf is not None and not txn.out_done:
-                    self._flush_bulk(txn, final=False)
+                self._flush_bulk(txn, final=False)
             self._dirty.clear()
         if not self._out:
             return b""
@@ -731,16 +865,23 @@ class Session:
                 self._next_tid = tid + 1 if tid < SERVER_TID_BIT - 1 else 1
             else:
                 self._next_tid = tid + 1 if tid < MAX_TID else SERVER_TID_BIT | 1
-            if tid not in self._txns and tid != self._keepalive_tid:
+            if (tid not in self._txns and tid != self._keepalive_tid
+                    and tid not in self._discarding):
                 return tid
         raise LocalProtocolError("no free transaction id")
 
     def send_hello(self, hello: Hello) -> None:
-        self._apply(I.SEND_HELLO)
+        """Gateway: open the session (wire-v1 §4.1)."""
+        if self.role is not Role.GATEWAY:
+            raise LocalProtocolError("a server cannot send HELLO")
+        if not 0 < hello.transaction_id < SERVER_TID_BIT:
+            raise LocalProtocolError(f"transaction id {hello.transaction_id} is not a gateway's")
         if hello.max_frame_size is not None and hello.max_frame_size != self.limits.max_frame_size:
             raise LocalProtocolError("HELLO must announce the session's own max_frame_size")
+        data = encode_message(hello)
+        self._apply(I.SEND_HELLO)
         self._txns[hello.transaction_id] = _Txn(hello.transaction_id, MessageType.HELLO)
-        self._out.append(encode_message(hello))
+        self._out.append(data)
 
     def accept_hello(
         self,
@@ -766,18 +907,20 @@ class Session:
             ue_authentication_required=int(ue_authentication_required),
             node_name=node_name,
         )
+        data = encode_message(ack, max_frame_size=self.peer_max_frame_size)
         self._apply(I.SEND_HELLO_ACK)
         self.hello_ack = ack
         self.bulk_allowed = bulk_allowed
-        self._out.append(encode_message(ack, max_frame_size=self.peer_max_frame_size))
+        self._out.append(data)
         return ack
 
     def reject_hello(self, cause: ErrorCause, diagnostic: str = "") -> None:
-        """Server: refuse the pending HELLO (GATEWAY_NOT_ALLOWED) and close."""
+        """Server: refuse the pending HELLO (GATEWAY_NOT_ALLOWED answers the HELLO's id; any
+        other cause is about the connection and carries id 0) and close."""
         if self.peer_hello is None or self.state is not SessionState.HELLO_PENDING:
             raise LocalProtocolError("no HELLO to reject")
-        self._out.append(encode_message(
-            Error(self.peer_hello.transaction_id, int(cause), None, diagnostic[:1024] or None)))
+        tid = self.peer_hello.transaction_id if cause is ErrorCause.GATEWAY_NOT_ALLOWED else 0
+        self._out.append(encode_message(Error(tid, int(cause), None, _clip(diagnostic) or None)))
         self._close(cause, diagnostic or cause.name, by_peer=False)
 
     def send_request(self, request: Any) -> None:
@@ -786,8 +929,9 @@ class Session:
         if self.role is not Role.GATEWAY or mtype not in SINGLE_REQUESTS:
             raise LocalProtocolError(f"a {self.role.value} cannot send {mtype.name}")
         self._check_new_transaction(request.transaction_id)
+        data = encode_message(request, max_frame_size=self.peer_max_frame_size)
         self._txns[request.transaction_id] = _Txn(request.transaction_id, mtype)
-        self._out.append(encode_message(request, max_frame_size=self.peer_max_frame_size))
+        self._out.append(data)
 
     def start_bulk(self, message_type: MessageType, transaction_id: int, count: int) -> None:
         """Gateway: open a bulk request of `count` entries; send them with send_bulk_entry()."""
@@ -798,8 +942,8 @@ class Session:
             raise LocalProtocolError("the server does not allow bulk for this gateway")
         assert self.hello_ack is not None
         if not 0 <= count <= self.hello_ack.max_bulk_entries:
-            raise LocalProtocolError(f"count {count} above the server's maximum bulk entries")
-        if any(t.is_bulk and t.out_sent < t.out_count for t in self._txns.values()):
+            raise LocalProtocolError(f"count {count} outside 0..the server's maximum bulk entries")
+        if any(t.is_bulk and not t.out_final for t in self._txns.values()):
             raise LocalProtocolError("one bulk request at a time")
         txn = _Txn(transaction_id, message_type)
         txn.out_count = count
@@ -814,75 +958,105 @@ class Session:
         assert self.hello_ack is not None
         if len(self._txns) >= self.hello_ack.max_outstanding:
             raise LocalProtocolError("the server's maximum outstanding transactions is reached")
+        # An id chosen again by our user ends the discarding of its old fragments.
+        self._discarding.pop(tid, None)
 
     def _begin_bulk_out(self, txn: _Txn) -> None:
-        response_type = _outgoing_type(self.role, txn.request_type)
-        txn.out_buf = bytearray(bulk_header_ies(response_type, txn.out_count))
-        txn.out_started = True
+        out_type = self._outgoing_type(txn)
+        txn.out_buf = bytearray(bulk_header_ies(out_type, txn.out_count))
         if txn.out_count == 0:
             self._flush_bulk(txn, final=True)
 
+    def _outgoing_type(self, txn: _Txn) -> MessageType:
+        return RESPONSE_TO[txn.request_type] if self._is_server else txn.request_type
+
     def send_bulk_entry(self, transaction_id: int, entry: Any) -> bool:
         """Queue the next entry of a bulk message (request or response, by role). False when
-        the transaction has ended meanwhile (the peer's ERROR, our own)."""
+        the transaction has ended meanwhile (the peer's ERROR, our own, or the connection)."""
         txn = self._txns.get(transaction_id)
-        if txn is None or txn.out_done:
+        if txn is None or txn.error_sent:
             return False
         if not txn.is_bulk:
             raise LocalProtocolError(f"transaction {transaction_id} is not a bulk")
-        if self.role is Role.SERVER:
-            if txn.out_buf is None:
-                if txn.in_count < 0:
-                    raise LocalProtocolError("answering a bulk before its count arrived")
-                txn.out_count = txn.in_count
-                self._begin_bulk_out(txn)
+        if self._is_server:
+            if txn.in_count < 0:
+                raise LocalProtocolError("answering a bulk before its count arrived")
             if txn.out_sent >= txn.in_delivered:
                 raise LocalProtocolError("more response entries than request entries")
-        expected = BULK_SPECS[_outgoing_type(self.role, txn.request_type)].entry
+            if txn.out_buf is None:
+                txn.out_count = txn.in_count
+                self._begin_bulk_out(txn)
+        elif txn.out_sent >= txn.out_count:
+            raise LocalProtocolError("more entries than the bulk announced")
+        expected = BULK_SPECS[self._outgoing_type(txn)].entry
         if ENTRY_IEI_OF.get(type(entry)) is not expected:
             raise LocalProtocolError(f"{type(entry).__name__} does not belong in this bulk")
         ie = encode_entry(entry)
         buf = txn.out_buf
         assert buf is not None
         if len(buf) + len(ie) > self.peer_max_frame_size:
+            if len(ie) > self.peer_max_frame_size:
+                raise LocalProtocolError("one entry does not fit the peer's maximum frame size")
             self._flush_bulk(txn, final=False)
-            buf = txn.out_buf = bytearray()
+            buf = txn.out_buf
+            assert buf is not None
         buf += ie
-        txn.out_sent += 1
-        if txn.out_sent == txn.out_count:
+        sent = txn.out_sent = txn.out_sent + 1
+        if self._is_server:
+            if txn.failed is not None:
+                if sent >= txn.in_delivered:
+                    self._send_txn_error(txn)
+                    self._maybe_finish(txn)
+                else:
+                    self._dirty.add(txn)
+            elif sent == txn.in_count:
+                if txn.in_done:
+                    self._finish_response(txn)
+                    self._maybe_finish(txn)
+                else:
+                    # The tail waits for the request's last fragment: if that brings an error
+                    # instead, the response must not have ended (wire-v1 §5 Count).
+                    self._dirty.discard(txn)
+            else:
+                self._dirty.add(txn)
+        elif sent == txn.out_count:
             self._flush_bulk(txn, final=True)
-            self._maybe_finish(txn)
-        elif txn.failed is not None and txn.out_sent >= txn.in_delivered:
-            self._send_txn_error(txn)
-            self._maybe_finish(txn)
         else:
             self._dirty.add(txn)
         return True
 
+    def _finish_response(self, txn: _Txn) -> None:
+        if txn.out_buf is None:
+            txn.out_count = txn.in_count
+            self._begin_bulk_out(txn)
+        if not txn.out_final:
+            self._flush_bulk(txn, final=True)
+
     def _flush_bulk(self, txn: _Txn, *, final: bool) -> None:
         buf = txn.out_buf
-        if buf is None:
+        if buf is None or (not final and not buf):
             return
-        if not final and not buf:
-            return
-        mtype = _outgoing_type(self.role, txn.request_type)
-        self._out.append(encode_frame(mtype, txn.tid, bytes(buf), more=not final))
-        txn.out_buf = bytearray()
+        self._out.append(encode_frame(self._outgoing_type(txn), txn.tid, bytes(buf),
+                                      more=not final))
+        txn.out_frames += 1
         if final:
             txn.out_buf = None
+            txn.out_final = True
             self._dirty.discard(txn)
-            if self.role is Role.SERVER:
-                txn.out_done = True
+        else:
+            txn.out_buf = bytearray()
 
     def send_response(self, response: Any) -> bool:
         """Server: answer a single request (False if its transaction has ended meanwhile)."""
+        if not self._is_server:
+            raise LocalProtocolError("a gateway sends no responses")
         txn = self._txns.get(response.transaction_id)
         if txn is None:
             return False
-        if RESPONSE_TO[txn.request_type] is not type(response).message_type:
+        if txn.is_bulk or RESPONSE_TO[txn.request_type] is not type(response).message_type:
             raise LocalProtocolError("response type does not answer the request")
-        self._out.append(encode_message(response, max_frame_size=self.peer_max_frame_size))
-        txn.out_done = True
+        data = encode_message(response, max_frame_size=self.peer_max_frame_size)
+        self._out.append(data)
         self._end_txn(txn)
         return True
 
@@ -893,50 +1067,62 @@ class Session:
         diagnostic: str = "",
         retry_after: int | None = None,
     ) -> None:
-        """End a transaction (or, with id 0, the connection) with ERROR."""
-        txn = self._txns.get(transaction_id) if transaction_id else None
-        if txn is not None and txn.is_bulk and self.role is Role.SERVER:
-            # Entries delivered before this point are answered first.
-            exc = SessionError(cause, diagnostic, transaction_id=transaction_id)
-            txn.failed = exc
-            if self._receiving_bulk is txn:
-                self._receiving_bulk = None
-            if txn.out_sent >= txn.in_delivered:
-                self._send_txn_error(txn)
-            self._maybe_finish(txn)
+        """End a transaction (or, with id 0, the connection) with ERROR.
+
+        A bulk request the server is answering ends after the entries already delivered are
+        answered (wire-v1 §5 Count); the ERROR follows them."""
+        if self.state is SessionState.CLOSED:
             return
-        if txn is not None:
-            self._end_txn(txn)
+        txn = self._txns.get(transaction_id) if transaction_id else None
+        if txn is not None and txn.is_bulk and self._is_server:
+            if txn.failed is None and not txn.out_final:
+                txn.retry_after = retry_after
+                self._fail(txn, SessionError(cause, diagnostic, transaction_id=transaction_id),
+                           last=False, report=False)
+            return
+        diagnostic = _clip(diagnostic)
         self._out.append(encode_message(
-            Error(transaction_id, int(cause), retry_after, diagnostic[:1024] or None)))
-        if transaction_id == 0 and CLOSES_CONNECTION.get(cause, False):
+            Error(transaction_id, int(cause), retry_after, diagnostic or None)))
+        if txn is not None:
+            txn.error_sent = True
+            if self._is_server:
+                self._end_txn(txn)
+            else:
+                self._maybe_finish(txn)
+            self._events.append(TransactionFailed(transaction_id, cause, diagnostic, sent=True,
+                                                  retry_after=retry_after))
+        if transaction_id == 0 and error_closes_connection(cause):
             self._close(cause, diagnostic or cause.name, by_peer=False)
 
     def send_goodbye(
         self, cause: ErrorCause, retry_after: int | None = None, diagnostic: str = ""
     ) -> None:
         """Announce an orderly close: no new transactions, those in progress finish."""
+        if self.state is SessionState.CLOSED:
+            return
+        data = encode_message(Goodbye(0, int(cause), retry_after, _clip(diagnostic) or None))
         if self.state in (SessionState.ESTABLISHED, SessionState.CLOSING):
             self._apply(I.SEND_GOODBYE)
-        elif self.state is not SessionState.CLOSED:
+            self.goodbye_sent = True
+            self._out.append(data)
+        else:
+            self.goodbye_sent = True
+            self._out.append(data)
             self._close(cause, diagnostic or cause.name, by_peer=False)
-        self.goodbye_sent = True
-        self._out.append(encode_message(Goodbye(0, int(cause), retry_after, diagnostic or None)))
 
     # --- timers -----------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
         """When handle_timer() must next be called, or None."""
-        if self.state is SessionState.CLOSED:
+        state = self.state
+        if state is SessionState.CLOSED or state is SessionState.IDLE:
             return None
-        if self.state in (SessionState.AWAIT_HELLO, SessionState.HELLO_PENDING, SessionState.IDLE):
-            if self.state is SessionState.IDLE:
-                return None
+        if state is SessionState.AWAIT_HELLO or state is SessionState.HELLO_PENDING:
             return self._started + self.limits.hello_timeout
         interval = self._keepalive_interval()
-        if self._keepalive_tid is None:
-            return self._last_rx + interval
-        return self._last_rx + 2 * interval
+        if self._keepalive_sent_at is not None:
+            return self._keepalive_sent_at + interval
+        return self._last_rx + interval
 
     def _keepalive_interval(self) -> float:
         if self.role is Role.GATEWAY and self.hello_ack is not None:
@@ -944,31 +1130,45 @@ class Session:
         return float(self.limits.keepalive_interval)
 
     def handle_timer(self, now: float) -> None:
-        """wire-v1 §4.1 HELLO deadline and §4.4 keepalive."""
-        if self.state is SessionState.CLOSED:
+        """wire-v1 §4.1 HELLO deadline and §4.4 keepalive: KEEPALIVE after an interval with
+        nothing received, IDLE_TIMEOUT when a further interval passes with nothing received."""
+        state = self.state
+        if state is SessionState.CLOSED or state is SessionState.IDLE:
             return
-        if self.state in (SessionState.AWAIT_HELLO, SessionState.HELLO_PENDING):
+        if state is SessionState.AWAIT_HELLO or state is SessionState.HELLO_PENDING:
             if now >= self._started + self.limits.hello_timeout:
-                what = "HELLO" if self.role is Role.SERVER else "HELLO ACK"
+                what = "HELLO" if self._is_server else "HELLO ACK"
                 self._fatal(SessionError(
                     ErrorCause.IDLE_TIMEOUT,
                     f"no {what} within {self.limits.hello_timeout:g} s"))
             return
-        if self.state is SessionState.IDLE:
-            return
         interval = self._keepalive_interval()
-        if now >= self._last_rx + 2 * interval:
-            self._fatal(SessionError(ErrorCause.IDLE_TIMEOUT,
-                                     f"nothing received for {2 * interval:g} s"))
-        elif now >= self._last_rx + interval and self._keepalive_tid is None:
+        sent_at = self._keepalive_sent_at
+        if sent_at is not None:
+            if now >= sent_at + interval:
+                self._fatal(SessionError(
+                    ErrorCause.IDLE_TIMEOUT,
+                    f"nothing received for {now - self._last_rx:g} s after KEEPALIVE"))
+        elif now >= self._last_rx + interval:
             tid = self.next_transaction_id()
             self._keepalive_tid = tid
+            self._keepalive_sent_at = now
             self._out.append(encode_message(Keepalive(tid)))
 
-
-def _incoming_type(role: Role, request_type: MessageType) -> MessageType:
-    return request_type if role is Role.SERVER else RESPONSE_TO[request_type]
+    _HANDLERS: dict[MessageType, Any] = {}
 
 
-def _outgoing_type(role: Role, request_type: MessageType) -> MessageType:
-    return RESPONSE_TO[request_type] if role is Role.SERVER else request_type
+_ERROR_CAUSES = frozenset(int(c) for c in ErrorCause)
+
+Session._HANDLERS = {
+    MessageType.HELLO: Session._on_hello,
+    MessageType.HELLO_ACK: Session._on_hello_ack,
+    MessageType.KEEPALIVE: Session._on_keepalive,
+    MessageType.KEEPALIVE_ACK: Session._on_keepalive_ack,
+    MessageType.GOODBYE: Session._on_goodbye,
+    MessageType.ERROR: Session._on_error,
+    MessageType.UE_REGISTRATION_REQUEST: Session._on_request,
+    MessageType.UE_DEREGISTRATION_REQUEST: Session._on_request,
+    MessageType.UE_REGISTRATION_RESPONSE: Session._on_response,
+    MessageType.UE_DEREGISTRATION_RESPONSE: Session._on_response,
+}

@@ -6,14 +6,13 @@ from typing import Any
 
 import pytest
 
-from tests.vectors import INVALID, VALID, VECTORS
+from tests.vectors import VALID, VECTORS
 from wire.constants import MESSAGE_NAMES, ErrorCause, MessageType
 from wire.credential import compute_proof, verify_proof
 from wire.events import NEED_DATA, BulkEntryReceived, ConnectionClosed, HelloReceived
 from wire.ies import split_ies
 from wire.messages import (
     BulkMessage,
-    Error,
     RegistrationResponseEntry,
     decode_frames,
     encode_bulk,
@@ -99,7 +98,8 @@ def test_credential_vector() -> None:
     ((iei, value),) = split_ies(bytes.fromhex(vector["hex"]))
     assert iei == 0x02
     key, nonce = bytes.fromhex(decoded["key"]), bytes.fromhex(decoded["nonce"])
-    assert key == bytes.fromhex(VECTORS["key_ue"]) and nonce == bytes.fromhex(VECTORS["server_nonce"])
+    assert key == bytes.fromhex(VECTORS["key_ue"])
+    assert nonce == bytes.fromhex(VECTORS["server_nonce"])
     proof = compute_proof(key, nonce, decoded["op"], decoded["ue_service_id"])
     assert proof.hex() == decoded["proof"] == value.hex()
     assert verify_proof(key, nonce, decoded["op"], decoded["ue_service_id"], value)
@@ -136,7 +136,8 @@ def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
     while pos < len(data):
         length = int.from_bytes(data[pos + 8 : pos + 12], "big")
         out.append((data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big"),
-                    int.from_bytes(data[pos + 4 : pos + 8], "big"), data[pos + 12 : pos + 12 + length]))
+                    int.from_bytes(data[pos + 4 : pos + 8], "big"),
+                    data[pos + 12 : pos + 12 + length]))
         pos += 12 + length
     return out
 

@@ -1,0 +1,546 @@
+"""Fuzz targets for the codec and the session, and an atheris (libFuzzer) runner.
+
+    python -m wire.fuzz [--seconds N] [--target frames|messages|session-server|session-gateway]
+                        [--corpus DIR] [--vectors PATH] [libFuzzer flags, e.g. -jobs=2]
+
+What counts as a crash (docs/fuzzing.md):
+
+* `frames`: `decode_frames()` and `FrameBuffer` raising anything but a `WireError`;
+* `messages`: a decoder raising anything but a `WireError`, the fast decoder and the construct
+  reference disagreeing (value, or error class), or a decoded value that does not survive
+  encode → decode;
+* `session-server` / `session-gateway`: `Session.next_event()` raising anything at all, the
+  events of a stream fed at once differing from the same stream fed in chunks, or the session
+  sending a frame that is not well-formed.
+
+The seed corpus is written at run time from the spec vectors into `--corpus` (default
+`fuzz-out/corpus/<target>`, ignored by git). The harness functions are plain Python and are
+also driven by Hypothesis in tests/wire/test_fuzz.py. Nothing here imports atheris until the
+runner starts, and wire's own modules are imported lazily so that atheris can instrument them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+NONCE = bytes(range(0xA0, 0xC0))
+
+
+class FuzzFailure(AssertionError):
+    """The harness found a bug that is not an exception of the code under test."""
+
+
+# --- outcomes ------------------------------------------------------------------------------
+
+
+def _outcome(call: Callable[[], Any]) -> tuple[str, Any]:
+    """("ok", value) or ("error", WireError subclass); any other exception propagates."""
+    from .errors import WireError
+
+    try:
+        return ("ok", call())
+    except WireError as exc:
+        return ("error", type(exc))
+
+
+def _same(kind: str, fast: tuple[str, Any], reference: tuple[str, Any]) -> None:
+    if fast != reference:
+        raise FuzzFailure(f"{kind}: fast decoder {fast!r} but reference {reference!r}")
+
+
+# --- target: frames ------------------------------------------------------------------------
+
+_FRAME_SIZES = (4096, 65_535, 16_777_215)
+
+
+def run_frames(data: bytes) -> None:
+    """decode_frames() and the streaming FrameBuffer on arbitrary octets."""
+    from .errors import WireError
+    from .frames import FrameBuffer
+    from .messages import decode_frames
+
+    if not data:
+        return
+    size = _FRAME_SIZES[data[0] % len(_FRAME_SIZES)]
+    stream = data[1:]
+    with contextlib.suppress(WireError):
+        decode_frames(stream, max_frame_size=size)
+    # The streaming reader: headers, then the body IE by IE, fed in two pieces.
+    buf = FrameBuffer(size)
+    cut = len(stream) // 2
+    buf.feed(stream[:cut])
+    fed_all = False
+    try:
+        while True:
+            header = buf.read_header()
+            if header is None:
+                if fed_all:
+                    return
+                buf.feed(stream[cut:])
+                fed_all = True
+                continue
+            remaining = header.body_length
+            while remaining:
+                item = buf.read_ie(remaining)
+                if item is None:
+                    if fed_all:
+                        return
+                    buf.feed(stream[cut:])
+                    fed_all = True
+                    continue
+                if not item:
+                    buf.skip(remaining)
+                    break
+                remaining -= 3 + len(item[1])  # type: ignore[index]
+    except WireError:
+        return
+
+
+# --- target: messages (differential) --------------------------------------------------------
+
+
+def _message_kinds() -> list[tuple[str, Any]]:
+    from .ies import IE_VALUE
+    from .messages import BULK_SPECS, ENTRY_SPECS, MESSAGE_SPECS
+
+    return ([("message", t) for t in MESSAGE_SPECS] + [("entry", i) for i in ENTRY_SPECS]
+            + [("profile", None), ("split", None)] + [("ie", i) for i in IE_VALUE]
+            + [("bulk", t) for t in BULK_SPECS])
+
+
+_KINDS: list[tuple[str, Any]] = []
+
+
+def run_messages(data: bytes) -> None:
+    """One decoder, chosen by the first octet, on the rest; fast against construct."""
+    from .ies import decode_value, reference_split, reference_value, split_ies
+    from .messages import (
+        PROFILE_SPEC,
+        decode_body,
+        decode_entry,
+        decode_group,
+        encode_entry,
+        encode_group,
+        encode_message,
+    )
+
+    if not _KINDS:
+        _KINDS.extend(_message_kinds())
+    if not data:
+        return
+    kind, what = _KINDS[data[0] % len(_KINDS)]
+    body = data[1:]
+    if kind == "message":
+        fast = _outcome(lambda: decode_body(what, 7, body))
+        _same(what.name, fast, _outcome(lambda: decode_body(what, 7, body, reference=True)))
+        if fast[0] == "ok":
+            again = _decode_single(encode_message(fast[1]))
+            if again != fast[1]:
+                raise FuzzFailure(f"{what.name}: {fast[1]!r} re-decodes as {again!r}")
+    elif kind == "entry":
+        fast = _outcome(lambda: decode_entry(what, body))
+        _same(what.name, fast, _outcome(lambda: decode_entry(what, body, reference=True)))
+        if fast[0] == "ok":
+            ie = encode_entry(fast[1])
+            if decode_entry(what, ie[3:]) != fast[1]:
+                raise FuzzFailure(f"{what.name}: {fast[1]!r} does not survive re-encoding")
+    elif kind == "profile":
+        fast = _outcome(lambda: decode_group(PROFILE_SPEC, body))
+        _same("profile", fast, _outcome(lambda: decode_group(PROFILE_SPEC, body, reference=True)))
+        if fast[0] == "ok" and decode_group(PROFILE_SPEC, encode_group(PROFILE_SPEC, fast[1])) \
+                != fast[1]:
+            raise FuzzFailure(f"profile {fast[1]!r} does not survive re-encoding")
+    elif kind == "split":
+        _same("split", _outcome(lambda: split_ies(body)), _outcome(lambda: reference_split(body)))
+    elif kind == "ie":
+        _same(what.name, _outcome(lambda: decode_value(what, body)),
+              _outcome(lambda: reference_value(what, body)))
+    else:
+        _run_bulk_reader(what, body)
+
+
+def _decode_single(wire: bytes) -> Any:
+    from .messages import decode_frames
+
+    (message,) = decode_frames(wire)
+    return message
+
+
+def _run_bulk_reader(message_type: Any, body: bytes) -> None:
+    from .errors import WireError
+    from .ies import split_ies
+    from .messages import BulkReader
+
+    reader = BulkReader(message_type)
+    try:
+        for iei, raw in split_ies(body):
+            reader.feed_ie(iei, raw)
+        reader.end_frame()
+    except WireError:
+        return
+
+
+# --- targets: the session, both roles -------------------------------------------------------
+
+
+def _normalize(event: Any) -> Any:
+    from .events import BulkEntryReceived, ProtocolErrorDetected
+
+    if isinstance(event, ProtocolErrorDetected):
+        e = event.error
+        return ("ProtocolErrorDetected", type(e).__name__, e.cause, e.transaction_id, e.diagnostic)
+    if isinstance(event, BulkEntryReceived) and event.error is not None:
+        return ("BulkEntryReceived", event.transaction_id, event.index, str(event.error))
+    return event
+
+
+def new_server(established: bool) -> Any:
+    """A server session, before HELLO or right after accepting one."""
+    from .messages import Hello, encode_message
+    from .session import Limits, Role, Session
+
+    server = Session(Role.SERVER, 0.0, Limits(max_bulk_entries=100, max_outstanding=8))
+    if established:
+        server.receive_data(encode_message(Hello(1, 2, node_name="gw1.example")), 0.0)
+        server.next_event()
+        server.accept_hello(server_nonce=NONCE, bulk_allowed=True,
+                            ue_authentication_required=False)
+        server.data_to_send()
+    return server
+
+
+def new_gateway(established: bool) -> Any:
+    """A gateway session that sent HELLO (id 1); established, it also has transactions that
+    the spec vectors answer: registration 2, de-registration 4, bulk registration 6 (3
+    entries), bulk de-registration 7 (3 entries), and registration 8."""
+    from .constants import MessageType
+    from .messages import (
+        DeregistrationEntry,
+        Hello,
+        HelloAck,
+        RegistrationEntry,
+        UeDeregistrationRequest,
+        UeRegistrationRequest,
+        encode_message,
+    )
+    from .session import Role, Session
+
+    gateway = Session(Role.GATEWAY, 0.0)
+    gateway.send_hello(Hello(1, 2, node_name="gw1.example"))
+    if established:
+        gateway.receive_data(encode_message(HelloAck(1, NONCE, 65535, 1000, 64, 30, 1, 0)), 0.0)
+        gateway.next_event()
+        gateway.send_request(UeRegistrationRequest(2, "ue-0001@gw1.example"))
+        gateway.send_request(UeDeregistrationRequest(4, "ue-0001@gw1.example"))
+        for tid, mtype, cls in ((6, MessageType.BULK_REGISTRATION_REQUEST, RegistrationEntry),
+                                (7, MessageType.BULK_DEREGISTRATION_REQUEST,
+                                 DeregistrationEntry)):
+            gateway.start_bulk(mtype, tid, 3)
+            for n in range(3):
+                gateway.send_bulk_entry(tid, cls(f"ue-{n:04d}@gw1.example"))
+        gateway.send_request(UeRegistrationRequest(8, "ue-0008@gw1.example"))
+    gateway.data_to_send()
+    return gateway
+
+
+class _Server:
+    """A well-behaved server user: accept, answer every request and entry at once."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[int, Any] = {}
+
+    def __call__(self, session: Any, event: Any) -> None:
+        from .constants import FailureCause, MessageType
+        from .events import BulkEntryReceived, BulkStarted, HelloReceived, RequestReceived
+        from .messages import (
+            DeregistrationResponseEntry,
+            RegistrationResponseEntry,
+            UeDeregistrationResponse,
+            UeRegistrationResponse,
+        )
+
+        if isinstance(event, HelloReceived):
+            session.accept_hello(server_nonce=NONCE, bulk_allowed=True,
+                                 ue_authentication_required=False)
+        elif isinstance(event, RequestReceived):
+            request = event.request
+            cls = (UeRegistrationResponse
+                   if request.message_type is MessageType.UE_REGISTRATION_REQUEST
+                   else UeDeregistrationResponse)
+            session.send_response(cls(request.transaction_id, request.ue_service_id, 0))
+        elif isinstance(event, BulkStarted):
+            self.kinds[event.transaction_id] = (
+                RegistrationResponseEntry
+                if event.message_type is MessageType.BULK_REGISTRATION_REQUEST
+                else DeregistrationResponseEntry)
+        elif isinstance(event, BulkEntryReceived):
+            cls = self.kinds[event.transaction_id]
+            if event.entry is None:
+                entry = cls("", 1, int(FailureCause.INVALID_ENTRY))
+            else:
+                entry = cls(event.entry.ue_service_id, 0)
+            session.send_bulk_entry(event.transaction_id, entry)
+
+
+def _no_user(session: Any, event: Any) -> None:
+    """The gateway's user only reads (its requests were sent up front)."""
+
+
+def _chunks(seed: int, size: int) -> Iterable[int]:
+    """Chunk sizes from one octet: 0 means byte by byte, else a repeating small pattern."""
+    if seed == 0:
+        return [1] * size
+    pattern = [1 + (seed * k * 7) % 61 for k in range(1, 5)]
+    out: list[int] = []
+    total = 0
+    k = 0
+    while total < size:
+        out.append(pattern[k % len(pattern)])
+        total += out[-1]
+        k += 1
+    return out
+
+
+def drive_session(make: Callable[[], Any], user: Callable[[Any, Any], None], stream: bytes,
+                  chunks: Iterable[int] | None) -> tuple[list[Any], bytes, Any]:
+    """Feed `stream` (at once, or in `chunks`), acting on every event: the normalized events,
+    the octets the session sent, and the session. Nothing here may raise."""
+    from .events import NEED_DATA, PAUSED
+
+    session = make()
+    events: list[Any] = []
+    pieces = [len(stream)] if chunks is None else list(chunks)
+    pos = 0
+    for size in pieces:
+        if pos >= len(stream):
+            break
+        session.receive_data(stream[pos : pos + size], 1.0)
+        pos += size
+        while (event := session.next_event()) is not NEED_DATA and event is not PAUSED:
+            events.append(_normalize(event))
+            user(session, event)
+    return events, session.data_to_send(), session
+
+
+def _finish(session: Any) -> None:
+    """Timers and EOF on top of what the session has seen: still nothing may raise."""
+    from .events import NEED_DATA, PAUSED
+
+    for now in (5.0, 11.0, 40.0, 75.0, 200.0):
+        session.handle_timer(now)
+        session.get_timer()
+        while session.next_event() not in (NEED_DATA, PAUSED):
+            pass
+    session.receive_data(b"", 300.0)
+    while session.next_event() not in (NEED_DATA, PAUSED):
+        pass
+    check_sent(session.data_to_send())
+
+
+def check_sent(data: bytes) -> None:
+    """Every frame we send is well-formed: a peer decodes it without error."""
+    from .constants import BULK_MESSAGES, RESERVED_FLAGS, MessageType
+    from .errors import WireError
+    from .ies import split_ies
+    from .messages import decode_body
+
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < 12:
+            raise FuzzFailure("we sent a truncated frame header")
+        version, mtype, flags = data[pos], data[pos + 1], int.from_bytes(data[pos + 2:pos + 4],
+                                                                          "big")
+        tid = int.from_bytes(data[pos + 4 : pos + 8], "big")
+        length = int.from_bytes(data[pos + 8 : pos + 12], "big")
+        body = data[pos + 12 : pos + 12 + length]
+        if version != 1 or flags & RESERVED_FLAGS or len(body) != length:
+            raise FuzzFailure(f"we sent a bad frame header {data[pos:pos + 12].hex()}")
+        try:
+            if mtype in BULK_MESSAGES:
+                split_ies(body)
+            else:
+                decode_body(MessageType(mtype), tid, body)
+        except (WireError, ValueError) as exc:
+            raise FuzzFailure(f"we sent a frame the peer cannot decode: {exc}") from exc
+        pos += 12 + length
+
+
+def run_session(role_name: str, data: bytes) -> None:
+    """octet 0: context (bit 0: established), octet 1: chunking; the rest is the stream."""
+    from .events import ConnectionClosed
+
+    if len(data) < 2:
+        return
+    established = bool(data[0] & 1)
+    if role_name == "server":
+        def make() -> Any:
+            return new_server(established)
+        user: Callable[[Any, Any], None] = _Server()
+    else:
+        def make() -> Any:
+            return new_gateway(established)
+        user = _no_user
+    stream = data[2:]
+    whole = drive_session(make, user, stream, None)
+    if role_name == "server":
+        user = _Server()
+    chunked = drive_session(make, user, stream, _chunks(data[1], len(stream)))
+    if whole[0] != chunked[0]:
+        raise FuzzFailure(f"events differ by chunking:\n{whole[0]}\n{chunked[0]}")
+    if sum(isinstance(e, ConnectionClosed) for e in whole[0]) > 1:
+        raise FuzzFailure("ConnectionClosed twice")
+    check_sent(whole[1])
+    check_sent(chunked[1])
+    _finish(whole[2])
+
+
+def run_session_server(data: bytes) -> None:
+    run_session("server", data)
+
+
+def run_session_gateway(data: bytes) -> None:
+    run_session("gateway", data)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "frames": run_frames,
+    "messages": run_messages,
+    "session-server": run_session_server,
+    "session-gateway": run_session_gateway,
+}
+
+
+# --- seed corpus ----------------------------------------------------------------------------
+
+
+def find_vectors(explicit: str | None = None) -> Path | None:
+    candidates = [Path(explicit)] if explicit else []
+    if os.environ.get("MSGD_VECTORS"):
+        candidates.append(Path(os.environ["MSGD_VECTORS"]))
+    candidates += [REPO.parent / "shared" / "spec" / "vectors" / "v1.json",
+                   REPO / "shared" / "spec" / "vectors" / "v1.json"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+_GATEWAY_SENDS = {0x01, 0x03, 0x04, 0x05, 0x06, 0x10, 0x12, 0x14, 0x16}
+_SERVER_SENDS = {0x02, 0x03, 0x04, 0x05, 0x06, 0x11, 0x13, 0x15, 0x17}
+
+
+def seeds(target: str, vectors: dict[str, Any] | None) -> dict[str, bytes]:
+    """Named seed inputs for `target`, from the spec vectors (and a few built here)."""
+    from .ies import split_ies
+    from .messages import ENTRY_SPECS, Hello, encode_message
+
+    valid = [(v["name"], bytes.fromhex(v["hex"])) for v in (vectors or {}).get("valid", [])]
+    invalid = [(v["name"], v["context"], bytes.fromhex(v["hex"]))
+               for v in (vectors or {}).get("invalid", [])]
+    frames = [(n, d) for n, d in valid if len(d) >= 12 and d[0] == 1]
+    hello = encode_message(Hello(1, 2, node_name="gw1.example"))
+    out: dict[str, bytes] = {}
+    if target == "frames":
+        for name, data in frames + [(n, d) for n, _, d in invalid]:
+            out[name] = b"\x01" + data
+        out["all-valid"] = b"\x01" + b"".join(d for _, d in frames)
+    elif target == "messages":
+        kinds = _message_kinds()
+        index = {k: n for n, k in enumerate(kinds)}
+        for name, data in frames:
+            for (kind, what), n in index.items():
+                if kind in ("message", "bulk") and int(what) == data[1]:
+                    out[name] = bytes([n]) + data[12:]
+            entries = [(i, r) for i, r in _safe_split(split_ies, data[12:]) if i in ENTRY_SPECS]
+            for k, (iei, raw) in enumerate(entries):
+                out[f"{name}-entry{k}"] = bytes([index[("entry", iei)]]) + raw
+        for name, data in valid:
+            if data and data[0] == 0x02:  # the credential IE vector
+                out[name] = bytes([index[("ie", 0x02)]]) + data[3:]
+    else:
+        server = target == "session-server"
+        sends = _GATEWAY_SENDS if server else _SERVER_SENDS
+        mine = [(n, d) for n, d in frames if d[1] in sends and n not in ("hello", "hello_ack")]
+        for name, data in mine:
+            out[f"after-{name}"] = b"\x01\x00" + data
+            out[f"chunked-{name}"] = b"\x01\x05" + data
+        if server:
+            out["before-hello"] = b"\x00\x03" + hello + b"".join(d for _, d in mine)
+            for name, context, data in invalid:
+                out[f"invalid-{name}"] = (b"\x01\x02" if context == "after HELLO"
+                                          else b"\x00\x02") + data
+        else:
+            ack = dict(frames).get("hello_ack")
+            if ack:
+                out["before-ack"] = b"\x00\x03" + ack + b"".join(d for _, d in mine)
+        out["after-all"] = b"\x01\x09" + b"".join(d for _, d in mine)
+    return out
+
+
+def _safe_split(split: Callable[[bytes], Any], body: bytes) -> list[tuple[int, bytes]]:
+    from .errors import WireError
+
+    try:
+        return split(body)
+    except WireError:
+        return []
+
+
+def write_corpus(target: str, directory: Path, vectors_path: Path | None) -> Path:
+    vectors = json.loads(vectors_path.read_text()) if vectors_path else None
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in seeds(target, vectors).items():
+        (directory / f"seed-{name}").write_bytes(data)
+    return directory
+
+
+# --- the atheris runner ---------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m wire.fuzz",
+        description="Fuzz the wire codec or session with atheris (libFuzzer). Unknown "
+                    "arguments (e.g. -runs=1000, -jobs=2) go to libFuzzer.")
+    parser.add_argument("--seconds", type=int, default=60,
+                        help="stop after this many seconds (libFuzzer -max_total_time)")
+    parser.add_argument("--target", choices=sorted(TARGETS), default="session-server")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="corpus directory (default fuzz-out/corpus/<target>)")
+    parser.add_argument("--vectors", default=None, help="path to the spec vectors v1.json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, libfuzzer_args = _parser().parse_known_args(argv)
+    try:
+        import atheris
+    except ImportError:
+        print("atheris is not installed: pip install -e '.[fuzz]'", file=sys.stderr)
+        return 2
+    # Instrument wire (and construct, for the differential target) as it is imported.
+    include = ["wire", "construct"] if args.target == "messages" else ["wire"]
+    with atheris.instrument_imports(include=include):
+        from . import ies, messages, session  # noqa: F401
+    vectors = find_vectors(args.vectors)
+    if vectors is None:
+        print("spec vectors not found; seeding from built-in messages only", file=sys.stderr)
+    corpus = write_corpus(args.target, args.corpus or Path("fuzz-out", "corpus", args.target),
+                          vectors)
+    Path("fuzz-out").mkdir(exist_ok=True)
+    target = TARGETS[args.target]
+    # Files among the extra arguments are inputs to replay (libFuzzer runs just those).
+    replay = any(Path(a).is_file() for a in libfuzzer_args if not a.startswith("-"))
+    atheris.Setup([sys.argv[0], f"-max_total_time={args.seconds}", "-artifact_prefix=fuzz-out/",
+                   *libfuzzer_args, *([] if replay else [str(corpus)])], target)
+    atheris.Fuzz()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
