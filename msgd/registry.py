@@ -728,7 +728,15 @@ class Registry:
         try:
             version = 0
             wal = path.with_name(path.name + "-wal")
-            if (path.exists() and path.stat().st_size > 0) or wal.exists():
+            wal_size = wal.stat().st_size if wal.exists() else 0
+            if path.exists() and path.stat().st_size == 0 and wal_size == 0:
+                # A registry is checkpointed into its file as soon as it is created, so an
+                # empty file is a truncated one: SQLite would silently take it as a new one.
+                raise RegistryCorruptError(
+                    f"registry {path} is empty (truncated?); refusing to start, the file is "
+                    "left untouched (remove it to start with an empty registry)"
+                )
+            if (path.exists() and path.stat().st_size > 0) or wal_size > 0:
                 version = _check_file(path)
             state: _State | None = None
             if version == SCHEMA_VERSION:
@@ -748,6 +756,9 @@ class Registry:
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             conn.execute("PRAGMA busy_timeout = 5000")
             _prepare_schema(conn, path)
+            if version == 0:
+                # Put the new schema into the main file now (see the empty-file check above).
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             if state is None:  # new or just migrated
                 state = _load_checked(conn, path)
             registry = cls(
