@@ -49,9 +49,6 @@ if TYPE_CHECKING:
     from .server import Server
 
 _log = get_logger("msgd.connection")
-
-# Decrypted octets land here (get_buffer); see GatewayConnection.buffer_updated.
-_READ_VIEW = memoryview(bytearray(256 * 1024))
 # Errors logged per connection before the rest are only counted (a flood of bad frames
 # must not become a flood of log lines).
 LOGGED_ERRORS = 20
@@ -107,6 +104,8 @@ class GatewayConnection(asyncio.Protocol):
         # Events left in the session's buffer after a turn's budget; reading stops meanwhile.
         self._backlog = False
         self._continuing = False
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self._window_full = False
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -154,17 +153,6 @@ class GatewayConnection(asyncio.Protocol):
         # Changes this chunk submitted date from its arrival (group-commit latency metric).
         server.metrics.submitted(server.registry_last_seq(), now)
 
-    # uvloop's TLS transport decrypts straight into get_buffer()'s buffer when the protocol
-    # has one (asyncio's own loop keeps calling data_received). Without it, every read
-    # allocates a 256 KiB bytes object, shrinks it, and ends in a raised SSLWantReadError
-    # (bench/, docs/performance.md). One buffer serves every connection: buffer_updated()
-    # runs right after the fill, and the session keeps its own copy.
-    def _off_get_buffer(self, sizehint: int) -> memoryview:
-        return _READ_VIEW
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_READ_VIEW[:nbytes].tobytes())
-
     def eof_received(self) -> bool:
         if self.session is not None and not self._closed:
             self.session.receive_data(b"", self.loop.time())
@@ -177,6 +165,9 @@ class GatewayConnection(asyncio.Protocol):
         if self._frame_timer is not None:
             self._frame_timer.cancel()
             self._frame_timer = None
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
         was_open = not self._closed
         self._closed = True
         self._pending.clear()
@@ -449,17 +440,18 @@ class GatewayConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closed:
             return
-        stop = (
-            self._writing_paused
-            or self._backlog
-            or len(self._pending) >= self.server.bulk_window
-        )
+        # A full window pauses until half of it is answered (hysteresis); a backlog or a
+        # peer that does not read pauses only while it lasts.
+        pending, window = len(self._pending), self.server.bulk_window
+        if pending >= window:
+            self._window_full = True
+        elif pending <= window // 2:
+            self._window_full = False
+        stop = self._writing_paused or self._backlog or self._window_full
         if stop and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()
-        elif (
-            not stop and self._reading_paused and len(self._pending) <= self.server.bulk_window // 2
-        ):
+        elif not stop and self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
             # Octets of a partial frame waited in the kernel while we did not read: the
@@ -570,6 +562,13 @@ class GatewayConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _abort_unflushed(self) -> None:
+        self._abort_timer = None
+        if self.transport is not None:
+            self.log.warning("connection.aborted", reason="peer did not read our last octets",
+                             after=self.server.config.limits.frame_timeout)
+            self.transport.abort()
+
     def _close(self) -> None:
         if self._closed:
             return
@@ -584,3 +583,7 @@ class GatewayConnection(asyncio.Protocol):
         if transport is not None:
             # Give TLS a chance to flush the last frames (ERROR / responses) before FIN.
             transport.close()
+            # A peer that never reads would hold that flush, and the connection, for ever: it
+            # gets frame_timeout to take our last octets (docs/protocol.md, Decisions).
+            self._abort_timer = self.loop.call_later(
+                self.server.config.limits.frame_timeout, self._abort_unflushed)
