@@ -132,11 +132,18 @@ class HandshakeError(ClientError):
     (the server refused our certificate or our identity, or we refused the server's)."""
 
     def __init__(
-        self, message: str, cause: ErrorCause | int | None = None, *, retryable: bool = True
+        self,
+        message: str,
+        cause: ErrorCause | int | None = None,
+        *,
+        retryable: bool = True,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.cause = cause
         self.retryable = retryable
+        # Milliseconds, from a GOODBYE/ERROR(OVERLOADED) that refused the session.
+        self.retry_after = retry_after
 
 
 class ConnectionLost(ClientError):
@@ -939,8 +946,8 @@ class GatewayClient(asyncio.Protocol):
         except OSError as exc:
             raise HandshakeError(f"{where}: cannot connect: {exc.strerror or exc}") from exc
         except HandshakeError as exc:
-            raise HandshakeError(f"{where}: {exc}", exc.cause,
-                                 retryable=exc.retryable) from exc.__cause__
+            raise HandshakeError(f"{where}: {exc}", exc.cause, retryable=exc.retryable,
+                                 retry_after=exc.retry_after) from exc.__cause__
         assert client is not None
         log.info("client.connected", server=where, bulk_allowed=client.bulk_allowed,
                  max_bulk_entries=client.hello_ack.max_bulk_entries if client.hello_ack else 0)
@@ -1067,11 +1074,20 @@ class GatewayClient(asyncio.Protocol):
                         f"server refused HELLO: {_name(cause)}"
                         + (f" ({err.diagnostic})" if err.diagnostic else ""), cause,
                         retryable=cause not in (ErrorCause.GATEWAY_NOT_ALLOWED,
-                                                ErrorCause.UNSUPPORTED_VERSION)))
+                                                ErrorCause.UNSUPPORTED_VERSION),
+                        retry_after=err.retry_after))
                 log.info("server.error", cause=_name(cause), tid=err.transaction_id,
                          detail=err.diagnostic)
             elif kind is GoodbyeReceived:
                 self.goodbye = event.goodbye
+                if not self._hello.done():
+                    # e.g. reconnect-storm damping: GOODBYE(OVERLOADED) with Retry after.
+                    cause = _error_cause(event.goodbye.error_cause)
+                    self._hello.set_exception(HandshakeError(
+                        f"server said GOODBYE before HELLO ACK: {_name(cause)}"
+                        + (f", retry after {event.goodbye.retry_after} ms"
+                           if event.goodbye.retry_after is not None else ""),
+                        cause, retry_after=event.goodbye.retry_after))
                 log.info("server.goodbye", cause=_name(_error_cause(event.goodbye.error_cause)),
                          retry_after=event.goodbye.retry_after)
                 for run in list(self._runs):
@@ -1436,6 +1452,9 @@ class GatewaySession:
                 except HandshakeError as exc:
                     if not exc.retryable or not retry:
                         raise
+                    if exc.retry_after is not None:
+                        self._not_before = max(self._not_before,
+                                               loop.time() + exc.retry_after / 1000)
                     self._count_failure(exc)
                     continue
                 self.client = client
