@@ -1,0 +1,556 @@
+"""The load generator: gateways driving a real msgd over mutual TLS, in its own process.
+
+    python -m bench.loadgen MODE --params JSON
+
+It speaks wire-v1 with the wire codec directly, not through msgd.client, so that what is
+measured is the server: after HELLO ACK (the proofs depend on the connection's nonce) it
+pre-computes every request (HMAC-SHA256 proof per UE, wire-v1 §6) and every frame, then tells
+the orchestrator on stdout `{"event": "prepared"}` and waits for one line on stdin before it
+sends anything. Results come back as one JSON line `{"event": "result", ...}`.
+
+Modes:
+  bulk     one gateway: one BULK (DE-)REGISTRATION REQUEST of every UE; UE/s, wall time.
+  singles  G gateways, each keeping up to the announced outstanding window of single
+           UE REGISTRATION REQUESTs in flight (closed loop), or paced at a fixed total rate
+           (open loop: latency counts from the moment a request was due, so a stall is not
+           hidden by the sender waiting for it); registrations/s and latency percentiles.
+  connect  N connections (mutual TLS + HELLO/HELLO ACK), `concurrency` at a time; handshakes/s;
+           then holds them open (answering KEEPALIVE) until a line on stdin, for memory use.
+
+Every response is checked: a UE whose answer is not SUCCESS is counted with its cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import random
+import resource
+import ssl
+import struct
+import sys
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+from wire.constants import (
+    ALPN_PROTOCOL,
+    IEI,
+    GatewayType,
+    MessageType,
+    Operation,
+)
+from wire.messages import (
+    DeregistrationEntry,
+    Hello,
+    KeepaliveAck,
+    RegistrationEntry,
+    UeRegistrationRequest,
+    bulk_header_ies,
+    decode_body,
+    encode_entry,
+    encode_message,
+)
+
+HEADER = struct.Struct(">BBHII")
+LABEL = b"MSGin5G-GW/1\x00"
+ALPHABET = bytes(range(0x30, 0x3A)) + bytes(range(0x41, 0x5B)) + bytes(range(0x61, 0x7B))
+# byte -> an alphanumeric octet (slightly non-uniform; the keys only need the shape).
+_TO_ALNUM = bytes(ALPHABET[b % len(ALPHABET)] for b in range(256))
+MT = MessageType
+
+
+# --- the UEs: the same ids and keys in the orchestrator (CSV) and here (proofs) ------------------
+
+
+def ue_ids(seed: str, n: int) -> list[str]:
+    """n distinct random ASCII UE Service IDs of 20-40 octets, the same for the same seed."""
+    rng = random.Random(seed)
+    lengths = rng.randbytes(n)
+    text = rng.randbytes(40 * n).translate(_TO_ALNUM).decode("ascii")
+    ids = [text[40 * i : 40 * i + 20 + lengths[i] % 21] for i in range(n)]
+    if len(set(ids)) != n:  # 62^20 makes this practically impossible; say so if it happens
+        raise RuntimeError("duplicate UE ids generated")
+    return ids
+
+
+def ue_key(secret: bytes, uid: str) -> bytes:
+    """K_ue of a bench UE: derived from the run's random secret (never stored in the repo)."""
+    return hashlib.sha256(secret + uid.encode()).digest()
+
+
+def proof(key: bytes, nonce: bytes, op: int, uid: str) -> bytes:
+    """wire-v1 §6, as msgd's wire.credential.compute_proof, with the one-shot C HMAC."""
+    return hmac.digest(key, LABEL + nonce + bytes((op,)) + uid.encode(), "sha256")
+
+
+def entry_ie(iei: int, uid: str, credential: bytes) -> bytes:
+    """One bulk entry IE (UE Service ID + credential), hand-packed; checked against the codec."""
+    u = uid.encode()
+    n = len(u)
+    return (bytes((iei,)) + (n + 38).to_bytes(2, "big") + b"\x01" + n.to_bytes(2, "big") + u
+            + b"\x02\x00\x20" + credential)
+
+
+def _check_packing(uid: str, credential: bytes) -> None:
+    """Our hand-packed entries and requests must be byte-identical to the wire codec's."""
+    assert entry_ie(IEI.REGISTRATION_ENTRY, uid, credential) == encode_entry(
+        RegistrationEntry(uid, credential))
+    assert entry_ie(IEI.DEREGISTRATION_ENTRY, uid, credential) == encode_entry(
+        DeregistrationEntry(uid, credential))
+    request = encode_message(UeRegistrationRequest(7, uid, credential))
+    assert request[HEADER.size:] == single_body(uid, credential)
+
+
+def single_body(uid: str, credential: bytes) -> bytes:
+    u = uid.encode()
+    return b"\x01" + len(u).to_bytes(2, "big") + u + b"\x02\x00\x20" + credential
+
+
+# --- one connection ----------------------------------------------------------------------------
+
+
+class Gw(asyncio.Protocol):
+    """One gateway connection: frames in, callbacks out; HELLO and KEEPALIVE handled here."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_frame_size: int = 65_535) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.hello_ack: Any = None
+        self.ready: asyncio.Future[Any] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self.buf = bytearray()
+        self.max_frame_size = max_frame_size
+        self.on_frame: Any = None  # (mtype, flags, tid, body) for responses
+        self.errors: Counter[str] = Counter()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_PROTOCOL:
+            self.ready.set_exception(RuntimeError("no ALPN"))
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        transport.write(encode_message(  # type: ignore[attr-defined]
+            Hello(1, int(GatewayType.NON_3GPP), max_frame_size=self.max_frame_size)))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        on_frame = self.on_frame
+        while end - pos >= 12:
+            _v, mtype, flags, tid, length = HEADER.unpack_from(buf, pos)
+            stop = pos + 12 + length
+            if stop > end:
+                break
+            body = bytes(buf[pos + 12 : stop])
+            pos = stop
+            if mtype >= 0x10 and on_frame is not None:
+                on_frame(mtype, flags, tid, body)
+            else:
+                self._control(mtype, tid, body)
+        if pos:
+            del buf[:pos]
+
+    def _control(self, mtype: int, tid: int, body: bytes) -> None:
+        if mtype == MT.HELLO_ACK:
+            self.hello_ack = decode_body(MT.HELLO_ACK, tid, body)
+            if not self.ready.done():
+                self.ready.set_result(self.hello_ack)
+        elif mtype == MT.KEEPALIVE:
+            assert self.transport is not None
+            self.transport.write(encode_message(KeepaliveAck(tid)))
+        elif mtype in (MT.ERROR, MT.GOODBYE):
+            message = decode_body(MT(mtype), tid, body)
+            self.errors[f"{MT(mtype).name}:{message.error_cause}"] += 1
+            if not self.ready.done():
+                self.ready.set_exception(RuntimeError(f"server said {message}"))
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(str(exc or "closed before HELLO ACK")))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.can_write.set()
+
+
+def client_context(pki: dict[str, str], identity: str) -> ssl.SSLContext:
+    from msgd.tls import client_context as make
+
+    return make(f"{pki['dir']}/{identity}.pem", f"{pki['dir']}/{identity}.key", pki["ca"])
+
+
+async def open_gw(params: dict[str, Any], ctx: ssl.SSLContext) -> Gw:
+    loop = asyncio.get_running_loop()
+    _transport, gw = await loop.create_connection(
+        lambda: Gw(loop), params["host"], params["port"], ssl=ctx, server_hostname="localhost")
+    await asyncio.wait_for(gw.ready, 60)
+    return gw
+
+
+def _await_go() -> None:
+    print(json.dumps({"event": "prepared"}), flush=True)
+    sys.stdin.readline()
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _causes(counter: Counter[int]) -> dict[str, int]:
+    from wire.constants import FailureCause
+
+    out = {}
+    for cause, count in counter.items():
+        try:
+            out[FailureCause(cause).name] = count
+        except ValueError:
+            out[str(cause)] = count
+    return out
+
+
+# --- bulk ----------------------------------------------------------------------------------------
+
+
+async def run_bulk(params: dict[str, Any]) -> dict[str, Any]:
+    op = Operation.REGISTRATION if params["op"] == "register" else Operation.DEREGISTRATION
+    secret = bytes.fromhex(params["secret"])
+    started = time.perf_counter()
+    ids = ue_ids(params["seed"], params["n"])
+    gw = await open_gw(params, client_context(params["pki"], params["identity"]))
+    ack = gw.hello_ack
+    nonce = ack.server_nonce
+    frame_max = ack.max_frame_size
+    count = len(ids)
+    if count > ack.max_bulk_entries:
+        raise RuntimeError(f"{count} UEs, the server takes {ack.max_bulk_entries} per bulk")
+    if op is Operation.REGISTRATION:
+        rtype, iei = MT.BULK_REGISTRATION_REQUEST, IEI.REGISTRATION_ENTRY
+    else:
+        rtype, iei = MT.BULK_DEREGISTRATION_REQUEST, IEI.DEREGISTRATION_ENTRY
+    _check_packing(ids[0], proof(ue_key(secret, ids[0]), nonce, op, ids[0]))
+    frames: list[bytes] = []
+    body = bytearray(bulk_header_ies(rtype, count))
+    tid = 2
+    for uid in ids:
+        ie = entry_ie(iei, uid, proof(ue_key(secret, uid), nonce, op, uid))
+        if len(body) + len(ie) > frame_max:
+            frames.append(HEADER.pack(1, rtype, 1, tid, len(body)) + body)
+            body = bytearray()
+        body += ie
+    frames.append(HEADER.pack(1, rtype, 0, tid, len(body)) + body)
+    request_octets = sum(map(len, frames))
+    del ids
+    prep_s = time.perf_counter() - started
+
+    done = asyncio.get_running_loop().create_future()
+    state = {"ok": 0, "failed": 0, "entries": 0, "first_answer": 0.0}
+    causes: Counter[int] = Counter()
+
+    def on_frame(mtype: int, flags: int, rtid: int, data: bytes) -> None:
+        if rtid != tid:
+            return
+        if not state["first_answer"]:
+            state["first_answer"] = time.perf_counter()
+        ok = failed = 0
+        p, end = 0, len(data)
+        while p < end:
+            ie_type = data[p]
+            length = (data[p + 1] << 8) | data[p + 2]
+            if ie_type == 0x0D or ie_type == 0x0F:
+                # value: UE Service ID IE, then the result IE (iei, 0x0001, result)[, cause IE]
+                ulen = (data[p + 4] << 8) | data[p + 5]
+                result_at = p + 3 + 3 + ulen + 3
+                if data[result_at] == 0:
+                    ok += 1
+                else:
+                    failed += 1
+                    causes[data[result_at + 4]] += 1
+            p += 3 + length
+        state["ok"] += ok
+        state["failed"] += failed
+        state["entries"] += ok + failed
+        if not flags & 1 and not done.done():
+            done.set_result(time.perf_counter())
+
+    gw.on_frame = on_frame
+    await asyncio.to_thread(_await_go)
+    cpu0 = _cpu()
+    t0 = time.perf_counter()
+    transport = gw.transport
+    assert transport is not None
+    for frame in frames:
+        if not gw.can_write.is_set():
+            await gw.can_write.wait()
+        transport.write(frame)
+    frames.clear()
+    error_wait = asyncio.ensure_future(gw.closed)
+    finished, _ = await asyncio.wait({done, error_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if done not in finished:
+        raise RuntimeError(f"connection closed during the bulk: {dict(gw.errors)}")
+    t1 = done.result()
+    cpu = _cpu() - cpu0
+    transport.close()
+    wall = t1 - t0
+    return {
+        "n": count,
+        "ok": state["ok"],
+        "failed": state["failed"],
+        "causes": _causes(causes),
+        "wall_s": wall,
+        "ue_per_s": count / wall,
+        "first_answer_ms": (state["first_answer"] - t0) * 1000,
+        "request_octets": request_octets,
+        "prep_s": prep_s,
+        "loadgen_cpu_s": cpu,
+        "errors": dict(gw.errors),
+    }
+
+
+# --- singles -------------------------------------------------------------------------------------
+
+
+class _Single:
+    """One gateway's closed or open loop of single registrations."""
+
+    def __init__(self, gw: Gw, bodies: list[bytes], window: int, rec: _Recorder) -> None:
+        self.gw = gw
+        self.bodies = bodies
+        self.next_body = 0
+        self.window = window
+        self.rec = rec
+        self.tid = 1
+        self.inflight: dict[int, float] = {}
+        self.backlog: deque[float] = deque()  # open loop: due times not yet sent
+        self.issued = 0
+        self.stopped = False
+        gw.on_frame = self.on_frame
+
+    def frame(self, due: float) -> bytes:
+        tid = self.tid = self.tid + 1 if self.tid < 0x7FFF_FFFF else 2
+        body = self.bodies[self.next_body]
+        self.next_body = (self.next_body + 1) % len(self.bodies)
+        self.inflight[tid] = due
+        return HEADER.pack(1, MT.UE_REGISTRATION_REQUEST, 0, tid, len(body)) + body
+
+    def fill(self, closed_loop: bool) -> None:
+        """Send what may be sent now: up to the window (closed) or the due backlog (open)."""
+        if self.stopped:
+            return
+        room = self.window - len(self.inflight)
+        if room <= 0:
+            return
+        out = []
+        if closed_loop:
+            now = time.perf_counter()
+            out = [self.frame(now) for _ in range(room)]
+        else:
+            backlog = self.backlog
+            while backlog and room:
+                out.append(self.frame(backlog.popleft()))
+                room -= 1
+        if out:
+            assert self.gw.transport is not None
+            self.gw.transport.write(b"".join(out))
+
+    def on_frame(self, mtype: int, flags: int, tid: int, body: bytes) -> None:
+        sent = self.inflight.pop(tid, None)
+        if sent is None:
+            return
+        now = time.perf_counter()
+        # Body: UE Service ID IE, then Registration result IE (0x04, 0x0001, result).
+        ulen = (body[1] << 8) | body[2]
+        result = body[3 + ulen + 3]
+        cause = body[3 + ulen + 4 + 3] if result else None
+        self.rec.record(sent, now, cause)
+        self.fill(self.rec.closed_loop)
+
+
+class _Recorder:
+    def __init__(self, closed_loop: bool, measure_from: float, measure_to: float) -> None:
+        self.closed_loop = closed_loop
+        self.measure_from = measure_from
+        self.measure_to = measure_to
+        self.latencies: list[float] = []
+        self.completed = 0
+        self.ok = 0
+        self.causes: Counter[int] = Counter()
+
+    def record(self, sent: float, now: float, cause: int | None) -> None:
+        if cause is None:
+            self.ok += 1
+        else:
+            self.causes[cause] += 1
+        if self.measure_from <= sent and now <= self.measure_to:
+            self.completed += 1
+            self.latencies.append(now - sent)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+async def run_singles(params: dict[str, Any]) -> dict[str, Any]:
+    secret = bytes.fromhex(params["secret"])
+    identities: list[str] = params["identities"]
+    pool = params["pool"]
+    rate = params.get("rate")  # total requests/s (open loop) or None (closed loop)
+    started = time.perf_counter()
+    gws = await asyncio.gather(
+        *(open_gw(params, client_context(params["pki"], identity)) for identity in identities))
+    recorder = _Recorder(rate is None, 0.0, 0.0)
+    loops = []
+    for index, gw in enumerate(gws):
+        nonce = gw.hello_ack.server_nonce
+        ids = ue_ids(f"{params['seed']}-{index}", pool)
+        bodies = [single_body(uid, proof(ue_key(secret, uid), nonce, Operation.REGISTRATION, uid))
+                  for uid in ids]
+        if index == 0:
+            _check_packing(ids[0], proof(ue_key(secret, ids[0]), nonce, 1, ids[0]))
+        loops.append(_Single(gw, bodies, max(1, gw.hello_ack.max_outstanding), recorder))
+    window = loops[0].window
+    prep_s = time.perf_counter() - started
+    await asyncio.to_thread(_await_go)
+    cpu0 = _cpu()
+    t0 = time.perf_counter()
+    warmup, duration = params["warmup"], params["duration"]
+    recorder.measure_from = t0 + warmup
+    recorder.measure_to = t0 + warmup + duration
+    end = recorder.measure_to
+    if rate is None:
+        for single in loops:
+            single.fill(True)
+        await asyncio.sleep(end - t0)
+    else:
+        per_gw = rate / len(loops)
+        while (now := time.perf_counter()) < end:
+            elapsed = now - t0
+            for single in loops:
+                due = int(elapsed * per_gw)
+                while single.issued < due:
+                    single.issued += 1
+                    single.backlog.append(t0 + single.issued / per_gw)
+                single.fill(False)
+            await asyncio.sleep(0.001)
+    cpu = _cpu() - cpu0
+    for single in loops:
+        single.stopped = True
+    # Let the last answers in (they count towards correctness, not towards the rate).
+    deadline = time.perf_counter() + 10
+    while any(s.inflight for s in loops) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
+    unanswered = sum(len(s.inflight) for s in loops)
+    backlog = sum(len(s.backlog) for s in loops)
+    for gw in gws:
+        assert gw.transport is not None
+        gw.transport.close()
+    lat = sorted(recorder.latencies)
+    errors: Counter[str] = Counter()
+    for gw in gws:
+        errors.update(gw.errors)
+    return {
+        "gateways": len(gws),
+        "window": window,
+        "rate_target": rate,
+        "duration_s": duration,
+        "completed": recorder.completed,
+        "answered": recorder.ok + sum(recorder.causes.values()),
+        "per_s": recorder.completed / duration,
+        "ok": recorder.ok,
+        "causes": _causes(recorder.causes),
+        "p50_ms": percentile(lat, 0.50) * 1000,
+        "p99_ms": percentile(lat, 0.99) * 1000,
+        "p999_ms": percentile(lat, 0.999) * 1000,
+        "max_ms": (lat[-1] if lat else float("nan")) * 1000,
+        "unanswered_at_end": unanswered,
+        "backlog_at_end": backlog,
+        "prep_s": prep_s,
+        "loadgen_cpu_s": cpu,
+        "errors": dict(errors),
+    }
+
+
+# --- connect -------------------------------------------------------------------------------------
+
+
+async def run_connect(params: dict[str, Any]) -> dict[str, Any]:
+    identities: list[str] = params["identities"]
+    contexts = [client_context(params["pki"], identity) for identity in identities]
+    n, concurrency = params["count"], params["concurrency"]
+    gws: list[Gw] = []
+    failures: Counter[str] = Counter()
+    stop = False
+    next_index = 0
+    await asyncio.to_thread(_await_go)
+    cpu0 = _cpu()
+    t0 = time.perf_counter()
+
+    async def worker() -> None:
+        nonlocal next_index, stop
+        while not stop and next_index < n:
+            index = next_index
+            next_index += 1
+            try:
+                gws.append(await open_gw(params, contexts[index % len(contexts)]))
+            except (OSError, ssl.SSLError, RuntimeError, TimeoutError, ConnectionError) as exc:
+                failures[f"{type(exc).__name__}: {exc}"[:200]] += 1
+                if sum(failures.values()) >= 20:
+                    stop = True  # the limit is reached; say why instead of hammering on
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    cpu = _cpu() - cpu0
+    holding = {
+        "opened": len(gws),
+        "wall_s": elapsed,
+        "per_s": len(gws) / elapsed if elapsed else 0.0,
+        "loadgen_cpu_s": cpu,
+        "failures": dict(failures),
+    }
+    print(json.dumps({"event": "holding", **holding}), flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    alive = sum(1 for gw in gws if not gw.closed.done())
+    for gw in gws:
+        if gw.transport is not None:
+            gw.transport.abort()
+    return {**holding, "alive_at_end": alive}
+
+
+MODES = {"bulk": run_bulk, "singles": run_singles, "connect": run_connect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument("--params", type=Path, required=True, help="JSON file of parameters")
+    args = parser.parse_args(argv)
+    params = json.loads(args.params.read_text())
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    import uvloop
+
+    result = uvloop.run(MODES[args.mode](params))
+    print(json.dumps({"event": "result", **result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
