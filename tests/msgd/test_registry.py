@@ -660,3 +660,52 @@ async def test_open_compacts_a_journal_of_churn(
         assert snapshot_of(reopened) == expected
     finally:
         reopened.close_sync()
+
+
+# -- the in-memory provisioning index ----------------------------------------------------------
+
+
+def _settle_index(reg: Registry) -> None:
+    """Wait for the background index build to finish (joining its thread, no timing)."""
+    thread = reg._index_thread
+    if thread is not None:
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def test_provisioning_index_agrees_with_the_table(path: Path) -> None:
+    from msgd.provisioning import ProvisionedUe
+
+    reg = Registry.open(path)
+    try:
+        rows = [
+            ProvisionedUe(f"ue-{i:05d}", bytes([i % 256]) * 32,
+                          frozenset({f"gw{i % 3}", "gw-x"} if i % 2 else {f"gw{i % 3}"}))
+            for i in range(3000)
+        ]
+        reg.replace_provisioning(rows)
+        _settle_index(reg)
+        assert reg._prov_index is not None and len(reg._prov_index[0]) == 3000
+        for row in rows[:100] + rows[-100:]:
+            assert reg.provisioned(row.ue_service_id) == row
+        assert reg.provisioned("nobody") is None
+        # Writes are seen at once (the index is dropped, lookups go to SQL) and after rebuild.
+        new = ProvisionedUe("ue-new", b"\x09" * 32, frozenset({"gw9"}))
+        reg.upsert_provisioned(new)
+        assert reg.remove_provisioned("ue-00001")
+        assert reg.provisioned("ue-new") == new
+        assert reg.provisioned("ue-00001") is None
+        _settle_index(reg)
+        assert reg._prov_index is not None
+        assert reg.provisioned("ue-new") == new
+        assert reg.provisioned("ue-00001") is None
+        assert reg.provisioned("ue-00002") == rows[2]
+    finally:
+        reg.close_sync()
+    # And from a fresh open, built from the file.
+    reg = Registry.open(path)
+    try:
+        _settle_index(reg)
+        assert reg.provisioned("ue-new") == new and reg.provisioned("ue-00003") == rows[3]
+    finally:
+        reg.close_sync()
