@@ -176,12 +176,21 @@ class ChildServer:
                 raise RuntimeError(f"msgd exited {self.proc.returncode}: {self.log_text()[-2000:]}")
             text = self.log_text()
             match = _LISTENING.search(text, offset)
-            if match:
+            # Also wait for the provisioning index (built in the background after start), so
+            # a test's RSS baseline includes it and its lookups are the steady-state ones.
+            if match and self._index_ready(text, match, offset):
                 self.port = int(match.group(1))
                 return self.port
             # Polling a log file is waiting for an observable condition, not timing.
             time.sleep(0.02)
         raise TimeoutError("msgd did not start listening")
+
+    @staticmethod
+    def _index_ready(text: str, listening: re.Match[str], offset: int) -> bool:
+        line_end = text.find("\n", listening.start())
+        wanted = re.search(r"provisioned=(\d+)", text[listening.start():line_end])
+        counts = {int(n) for n in re.findall(r"provisioning index of (\d+) UEs", text[offset:])}
+        return wanted is None or int(wanted.group(1)) in counts
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

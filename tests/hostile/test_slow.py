@@ -226,9 +226,11 @@ async def test_peers_that_never_read_are_paused_not_buffered(slow):
                 hog.writer.write(chunk)
                 written += len(chunk)
                 try:
-                    # Observing that msgd stopped reading: drain cannot finish.
+                    # Observing that msgd stopped reading: drain cannot finish. On a slow
+                    # machine the keepalive may already have ended the session and msgd
+                    # aborted the connection: that too is "not buffered without bound".
                     await asyncio.wait_for(hog.writer.drain(), 2.0)
-                except TimeoutError:
+                except (TimeoutError, ConnectionResetError):
                     blocked = True
                     break
             assert blocked, f"{name}: msgd kept reading from a peer that never reads"

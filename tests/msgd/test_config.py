@@ -408,12 +408,50 @@ def test_missing_file_message_says_which_path(conf_dir: Path) -> None:
     assert message == f"tls.private_key: file {conf_dir / 'keys' / 'k.pem'} does not exist"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file, so nothing is unreadable")
-def test_unreadable_file(conf_dir: Path) -> None:
-    (conf_dir / "server.key").chmod(0)
-    assert load_error(conf_dir, BASE) == (
-        f"tls.private_key: file {conf_dir / 'server.key'} is not readable by this user"
-    )
+def test_unreadable_file(tmp_path: Path) -> None:
+    """A key file this user cannot read. Root reads any file, so as root the check runs in a
+    forked child that has dropped to an unprivileged uid (real permission check, no skip)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="msgd-unreadable-"))
+    try:
+        base.chmod(0o755)
+        for name in FILES:
+            (base / name).write_text("placeholder\n")
+            (base / name).chmod(0o644)
+        (base / "server.key").chmod(0)
+        config = write(base, BASE)
+        config.chmod(0o644)
+        expected = f"config {config}: tls.private_key: file {base / 'server.key'} is not " \
+                   "readable by this user"
+        if os.geteuid() != 0:
+            with pytest.raises(ConfigError) as info:
+                load_config(config)
+            assert str(info.value) == expected
+            return
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: drop privileges, report the message, exit without cleanup
+            try:
+                os.close(read_end)
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    load_config(config)
+                    message = "loaded"
+                except ConfigError as exc:
+                    message = str(exc)
+                os.write(write_end, message.encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode()
+        os.waitpid(pid, 0)
+        assert message == expected
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
