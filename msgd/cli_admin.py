@@ -22,7 +22,7 @@ import argparse
 import json
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -218,103 +218,109 @@ def _dump(obj: Any, out: TextIO) -> None:
     out.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def _request(
+    args: argparse.Namespace,
+    cmd: str,
+    render: Callable[[dict[str, Any], TextIO], None],
+    **params: Any,
+) -> int:
+    """Ask the daemon once; print its answer as JSON (--json) or through `render`."""
+
+    def body(client: ControlClient, args: argparse.Namespace, out: TextIO) -> None:
+        result = client.request(cmd, **params)
+        if args.json:
+            _dump(result, out)
+        else:
+            render(result, out)
+
+    return _run(args, body)
+
+
 # --- commands -----------------------------------------------------------------------------
 
 
 def _status(args: argparse.Namespace) -> int:
-    def body(client: ControlClient, args: argparse.Namespace, out: TextIO) -> None:
-        status = client.request("status")
-        if args.json:
-            _dump(status, out)
-            return
-        reg = status["registry"]
-        gws = status["gateways"]
-        lines = [
-            f"{status['node_name']}: {status['state']}, pid {status['pid']}, "
-            f"up {_duration(status['uptime_seconds'])} (msgd {status['version']})",
-            f"listening    {status['listen']}",
-            f"gateways     {gws['connected']} connected, {gws['configured']} configured",
-            f"registry     {reg['registered']} registered, {reg['provisioned']} provisioned, "
-            f"{reg['pending']} pending ({reg['path']})",
-        ]
-        for cert in status["tls"]["certificates"]:
-            lines.append(f"certificate  {cert['role']}: {cert['subject']}, expires "
-                         f"{cert['not_after']} ({cert['days_left']} days)")
-        if status["tls"]["crl"]:
-            lines.append(f"crl          {status['tls']['crl']}, next update "
-                         f"{status['tls']['crl_next_update']}")
-        if status["metrics"]:
-            lines.append(f"metrics      http://{status['metrics']}/metrics")
-        if status["watchdog_seconds"]:
-            lines.append(f"watchdog     {status['watchdog_seconds']:g} s")
-        reload = status["last_reload"]
-        if reload:
-            outcome = "ok" if reload["ok"] else f"FAILED ({reload['part']}): {reload['error']}"
-            lines.append(f"last reload  {reload['at']}: {outcome}")
-        out.write("\n".join(lines) + "\n")
+    return _request(args, "status", _render_status)
 
-    return _run(args, body)
+
+def _render_status(status: dict[str, Any], out: TextIO) -> None:
+    reg = status["registry"]
+    gws = status["gateways"]
+    lines = [
+        f"{status['node_name']}: {status['state']}, pid {status['pid']}, "
+        f"up {_duration(status['uptime_seconds'])} (msgd {status['version']})",
+        f"listening    {status['listen']}",
+        f"gateways     {gws['connected']} connected, {gws['configured']} configured",
+        f"registry     {reg['registered']} registered, {reg['provisioned']} provisioned, "
+        f"{reg['pending']} pending ({reg['path']})",
+    ]
+    for cert in status["tls"]["certificates"]:
+        lines.append(f"certificate  {cert['role']}: {cert['subject']}, expires "
+                     f"{cert['not_after']} ({cert['days_left']} days)")
+    if status["tls"]["crl"]:
+        lines.append(f"crl          {status['tls']['crl']}, next update "
+                     f"{status['tls']['crl_next_update']}")
+    if status["metrics"]:
+        lines.append(f"metrics      http://{status['metrics']}/metrics")
+    if status["watchdog_seconds"]:
+        lines.append(f"watchdog     {status['watchdog_seconds']:g} s")
+    reload = status["last_reload"]
+    if reload:
+        outcome = "ok" if reload["ok"] else f"FAILED ({reload['part']}): {reload['error']}"
+        lines.append(f"last reload  {reload['at']}: {outcome}")
+    out.write("\n".join(lines) + "\n")
 
 
 def _gateways(args: argparse.Namespace) -> int:
-    def body(client: ControlClient, args: argparse.Namespace, out: TextIO) -> None:
-        result = client.request("gateways")
-        if args.json:
-            _dump(result, out)
-            return
-        rows = [("GATEWAY", "CONNECTED", "SINCE", "PEER", "ENTRIES", "POLICY")]
-        for gw in result["gateways"]:
-            policy = ("not configured" if not gw["configured"] else
-                      ("auth" if gw["ue_authentication"] else "trusted")
-                      + (",bulk" if gw["bulk_allowed"] else ""))
-            conns = gw["connections"] or [None]
-            for conn in conns:
-                rows.append((
-                    gw["identity"] or "(no identity)",
-                    "yes" + (" (closing)" if conn and conn["closing"] else "") if conn else "no",
-                    conn["since"] if conn else "-",
-                    conn["peer"] if conn else "-",
-                    str(conn["entries_processed"]) if conn else "-",
-                    policy,
-                ))
-        _table(rows, out)
+    return _request(args, "gateways", _render_gateways)
 
-    return _run(args, body)
+
+def _render_gateways(result: dict[str, Any], out: TextIO) -> None:
+    rows = [("GATEWAY", "CONNECTED", "SINCE", "PEER", "ENTRIES", "POLICY")]
+    for gw in result["gateways"]:
+        policy = ("not configured" if not gw["configured"] else
+                  ("auth" if gw["ue_authentication"] else "trusted")
+                  + (",bulk" if gw["bulk_allowed"] else ""))
+        conns = gw["connections"] or [None]
+        for conn in conns:
+            rows.append((
+                gw["identity"] or "(no identity)",
+                "yes" + (" (closing)" if conn and conn["closing"] else "") if conn else "no",
+                conn["since"] if conn else "-",
+                conn["peer"] if conn else "-",
+                str(conn["entries_processed"]) if conn else "-",
+                policy,
+            ))
+    _table(rows, out)
 
 
 def _count(args: argparse.Namespace) -> int:
-    def body(client: ControlClient, args: argparse.Namespace, out: TextIO) -> None:
-        result = client.request("registry.count")
-        if args.json:
-            _dump(result, out)
-            return
-        out.write(f"{result['registered']} registered, {result['provisioned']} provisioned, "
-                  f"{result['pending']} pending\n")
+    return _request(args, "registry.count", _render_count)
 
-    return _run(args, body)
+
+def _render_count(result: dict[str, Any], out: TextIO) -> None:
+    out.write(f"{result['registered']} registered, {result['provisioned']} provisioned, "
+              f"{result['pending']} pending\n")
 
 
 def _show(args: argparse.Namespace) -> int:
-    def body(client: ControlClient, args: argparse.Namespace, out: TextIO) -> None:
-        result = client.request("registry.show", ue=args.ue)
-        if args.json:
-            _dump(result, out)
-            return
-        lines = [f"ue_service_id        {result['ue_service_id']}"]
-        if result["registered"]:
-            lines.append(f"registered           yes, through {result['gateway']}")
-            if result["profile"]:
-                lines.append(f"profile              {json.dumps(result['profile'])}")
-        else:
-            lines.append("registered           no")
-        if result["provisioned"]:
-            allowed = ", ".join(result["authorized_gateways"])
-            lines.append(f"provisioned          yes, for {allowed}")
-        else:
-            lines.append("provisioned          no")
-        out.write("\n".join(lines) + "\n")
+    return _request(args, "registry.show", _render_show, ue=args.ue)
 
-    return _run(args, body)
+
+def _render_show(result: dict[str, Any], out: TextIO) -> None:
+    lines = [f"ue_service_id        {result['ue_service_id']}"]
+    if result["registered"]:
+        lines.append(f"registered           yes, through {result['gateway']}")
+        if result["profile"]:
+            lines.append(f"profile              {json.dumps(result['profile'])}")
+    else:
+        lines.append("registered           no")
+    if result["provisioned"]:
+        allowed = ", ".join(result["authorized_gateways"])
+        lines.append(f"provisioned          yes, for {allowed}")
+    else:
+        lines.append("provisioned          no")
+    out.write("\n".join(lines) + "\n")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -362,62 +368,50 @@ def _import(args: argparse.Namespace) -> int:
         print(f"msgctl: {args.file}: no UEs in the file", file=sys.stderr)
         return EXIT_FAILED
 
-    def body(client: ControlClient, args: argparse.Namespace, out: TextIO) -> None:
-        result = client.request("provision.import", rows=rows)
-        if args.json:
-            _dump(result, out)
-            return
-        out.write(f"imported {result['imported']} UEs ({result['provisioned']} provisioned)\n")
-        print("msgctl: note: the provisioning file stays the reference; the next reload or "
-              "restart replaces provisioning with its content", file=sys.stderr)
+    return _request(args, "provision.import", _render_import, rows=rows)
 
-    return _run(args, body)
+
+def _render_import(result: dict[str, Any], out: TextIO) -> None:
+    out.write(f"imported {result['imported']} UEs ({result['provisioned']} provisioned)\n")
+    print("msgctl: note: the provisioning file stays the reference; the next reload or "
+          "restart replaces provisioning with its content", file=sys.stderr)
 
 
 def _remove(args: argparse.Namespace) -> int:
-    def body(client: ControlClient, args: argparse.Namespace, out: TextIO) -> None:
-        result = client.request("provision.remove", ue=args.ue)
-        if args.json:
-            _dump(result, out)
-            return
-        still = " (its registration stays until it de-registers)" \
-            if result["still_registered"] else ""
-        out.write(f"removed {result['removed']}{still}\n")
+    return _request(args, "provision.remove", _render_remove, ue=args.ue)
 
-    return _run(args, body)
+
+def _render_remove(result: dict[str, Any], out: TextIO) -> None:
+    still = " (its registration stays until it de-registers)" \
+        if result["still_registered"] else ""
+    out.write(f"removed {result['removed']}{still}\n")
 
 
 def _drain(args: argparse.Namespace) -> int:
-    def body(client: ControlClient, args: argparse.Namespace, out: TextIO) -> None:
-        result = client.request("drain")
-        if args.json:
-            _dump(result, out)
-            return
-        out.write(f"draining: GOODBYE sent to {result['gateways_told']} gateways, "
-                  f"{result['connected']} still finishing; no new connections accepted\n")
+    return _request(args, "drain", _render_drain)
 
-    return _run(args, body)
+
+def _render_drain(result: dict[str, Any], out: TextIO) -> None:
+    out.write(f"draining: GOODBYE sent to {result['gateways_told']} gateways, "
+              f"{result['connected']} still finishing; no new connections accepted\n")
 
 
 def _reload(args: argparse.Namespace) -> int:
-    def body(client: ControlClient, args: argparse.Namespace, out: TextIO) -> None:
-        result = client.request("reload")
-        if args.json:
-            _dump(result, out)
-            return
-        changes = result["changes"]
-        parts = [f"{changes['provisioned']} UEs provisioned"]
-        if changes["gateways_added"]:
-            parts.append("gateways added: " + ", ".join(changes["gateways_added"]))
-        if changes["gateways_removed"]:
-            parts.append("gateways removed: " + ", ".join(changes["gateways_removed"]))
-        if changes["sessions_ended"]:
-            parts.append(f"{changes['sessions_ended']} sessions told GOODBYE")
-        if changes["restart_needed"]:
-            parts.append("needs a restart to apply: " + ", ".join(changes["restart_needed"]))
-        out.write("reloaded: " + "; ".join(parts) + "\n")
+    return _request(args, "reload", _render_reload)
 
-    return _run(args, body)
+
+def _render_reload(result: dict[str, Any], out: TextIO) -> None:
+    changes = result["changes"]
+    parts = [f"{changes['provisioned']} UEs provisioned"]
+    if changes["gateways_added"]:
+        parts.append("gateways added: " + ", ".join(changes["gateways_added"]))
+    if changes["gateways_removed"]:
+        parts.append("gateways removed: " + ", ".join(changes["gateways_removed"]))
+    if changes["sessions_ended"]:
+        parts.append(f"{changes['sessions_ended']} sessions told GOODBYE")
+    if changes["restart_needed"]:
+        parts.append("needs a restart to apply: " + ", ".join(changes["restart_needed"]))
+    out.write("reloaded: " + "; ".join(parts) + "\n")
 
 
 # --- formatting -----------------------------------------------------------------------------
