@@ -191,7 +191,8 @@ def _run_bulk_reader(message_type: Any, body: bytes) -> None:
 # --- targets: the session, both roles -------------------------------------------------------
 
 
-def _normalize(event: Any) -> Any:
+def normalize(event: Any) -> Any:
+    """A comparable form of an event (exceptions compare by identity, so flatten them)."""
     from .events import BulkEntryReceived, ProtocolErrorDetected
 
     if isinstance(event, ProtocolErrorDetected):
@@ -251,43 +252,37 @@ def new_gateway(established: bool) -> Any:
     return gateway
 
 
-class _Server:
-    """A well-behaved server user: accept, answer every request and entry at once."""
+def answer(session: Any, event: Any) -> None:
+    """A well-behaved server user: accept, answer every request and entry at once (success,
+    or INVALID_ENTRY for a malformed entry). Shared with tests/wire."""
+    from .constants import FailureCause, MessageType
+    from .events import BulkEntryReceived, HelloReceived, RequestReceived
+    from .messages import (
+        DeregistrationResponseEntry,
+        RegistrationResponseEntry,
+        UeDeregistrationResponse,
+        UeRegistrationResponse,
+    )
 
-    def __init__(self) -> None:
-        self.kinds: dict[int, Any] = {}
-
-    def __call__(self, session: Any, event: Any) -> None:
-        from .constants import FailureCause, MessageType
-        from .events import BulkEntryReceived, BulkStarted, HelloReceived, RequestReceived
-        from .messages import (
-            DeregistrationResponseEntry,
-            RegistrationResponseEntry,
-            UeDeregistrationResponse,
-            UeRegistrationResponse,
-        )
-
-        if isinstance(event, HelloReceived):
-            session.accept_hello(server_nonce=NONCE, bulk_allowed=True,
-                                 ue_authentication_required=False)
-        elif isinstance(event, RequestReceived):
-            request = event.request
-            cls = (UeRegistrationResponse
-                   if request.message_type is MessageType.UE_REGISTRATION_REQUEST
-                   else UeDeregistrationResponse)
-            session.send_response(cls(request.transaction_id, request.ue_service_id, 0))
-        elif isinstance(event, BulkStarted):
-            self.kinds[event.transaction_id] = (
-                RegistrationResponseEntry
-                if event.message_type is MessageType.BULK_REGISTRATION_REQUEST
-                else DeregistrationResponseEntry)
-        elif isinstance(event, BulkEntryReceived):
-            cls = self.kinds[event.transaction_id]
-            if event.entry is None:
-                entry = cls("", 1, int(FailureCause.INVALID_ENTRY))
-            else:
-                entry = cls(event.entry.ue_service_id, 0)
-            session.send_bulk_entry(event.transaction_id, entry)
+    if isinstance(event, HelloReceived):
+        session.accept_hello(server_nonce=NONCE, bulk_allowed=True,
+                             ue_authentication_required=False)
+    elif isinstance(event, RequestReceived):
+        request = event.request
+        cls = (UeRegistrationResponse
+               if request.message_type is MessageType.UE_REGISTRATION_REQUEST
+               else UeDeregistrationResponse)
+        session.send_response(cls(request.transaction_id, request.ue_service_id, 0))
+    elif isinstance(event, BulkEntryReceived):
+        txn = session._txns[event.transaction_id]
+        entry_cls = (RegistrationResponseEntry
+                     if txn.request_type is MessageType.BULK_REGISTRATION_REQUEST
+                     else DeregistrationResponseEntry)
+        if event.entry is None:
+            entry = entry_cls("", 1, int(FailureCause.INVALID_ENTRY))
+        else:
+            entry = entry_cls(event.entry.ue_service_id, 0)
+        session.send_bulk_entry(event.transaction_id, entry)
 
 
 def _no_user(session: Any, event: Any) -> None:
@@ -325,7 +320,7 @@ def drive_session(make: Callable[[], Any], user: Callable[[Any, Any], None], str
         session.receive_data(stream[pos : pos + size], 1.0)
         pos += size
         while (event := session.next_event()) is not NEED_DATA and event is not PAUSED:
-            events.append(_normalize(event))
+            events.append(normalize(event))
             user(session, event)
     return events, session.data_to_send(), session
 
@@ -383,7 +378,7 @@ def run_session(role_name: str, data: bytes) -> None:
     if role_name == "server":
         def make() -> Any:
             return new_server(established)
-        user: Callable[[Any, Any], None] = _Server()
+        user: Callable[[Any, Any], None] = answer
     else:
         def make() -> Any:
             return new_gateway(established)
@@ -391,7 +386,7 @@ def run_session(role_name: str, data: bytes) -> None:
     stream = data[2:]
     whole = drive_session(make, user, stream, None)
     if role_name == "server":
-        user = _Server()
+        user = answer
     chunked = drive_session(make, user, stream, _chunks(data[1], len(stream)))
     if whole[0] != chunked[0]:
         raise FuzzFailure(f"events differ by chunking:\n{whole[0]}\n{chunked[0]}")

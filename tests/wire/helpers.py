@@ -9,27 +9,22 @@ from wire.constants import BULK_MESSAGES, IEI, MessageType
 from wire.events import (
     NEED_DATA,
     PAUSED,
-    BulkEntryReceived,
     Event,
     HelloReceived,
-    ProtocolErrorDetected,
-    RequestReceived,
 )
+# Shared with the fuzz targets; re-exported for the tests.
+from wire.fuzz import NONCE as NONCE
+from wire.fuzz import answer as answer
+from wire.fuzz import normalize as normalize
 from wire.ies import encode_ie, split_ies
 from wire.messages import (
     BULK_SPECS,
-    DeregistrationResponseEntry,
     Hello,
-    RegistrationResponseEntry,
-    UeDeregistrationResponse,
-    UeRegistrationResponse,
     bulk_header_ies,
     decode_body,
     encode_frame,
 )
 from wire.session import Limits, Role, Session
-
-NONCE = bytes(range(0xA0, 0xC0))
 
 
 def drain(session: Session) -> list[Event]:
@@ -40,16 +35,6 @@ def drain(session: Session) -> list[Event]:
         if event is NEED_DATA or event is PAUSED:
             return out
         out.append(event)
-
-
-def normalize(event: Any) -> Any:
-    """A comparable form of an event (exceptions compare by identity, so flatten them)."""
-    if isinstance(event, ProtocolErrorDetected):
-        e = event.error
-        return ("ProtocolErrorDetected", type(e).__name__, e.cause, e.transaction_id, e.diagnostic)
-    if isinstance(event, BulkEntryReceived) and event.error is not None:
-        return ("BulkEntryReceived", event.transaction_id, event.index, None, str(event.error))
-    return event
 
 
 @dataclass
@@ -98,31 +83,6 @@ def bulk_frame(mtype: MessageType, tid: int, entries: list[bytes], *, count: int
 def reg_entry(uid: str | bytes, *extra: bytes) -> bytes:
     raw = uid.encode() if isinstance(uid, str) else uid
     return encode_ie(IEI.REGISTRATION_ENTRY, encode_ie(IEI.UE_SERVICE_ID, raw) + b"".join(extra))
-
-
-def answer(session: Session, event: Any) -> None:
-    """What a simple server does with each event: accept, succeed, or INVALID_ENTRY."""
-    if isinstance(event, HelloReceived):
-        session.accept_hello(server_nonce=NONCE, bulk_allowed=True,
-                             ue_authentication_required=False)
-    elif isinstance(event, RequestReceived):
-        request = event.request
-        cls = (UeRegistrationResponse
-               if request.message_type is MessageType.UE_REGISTRATION_REQUEST
-               else UeDeregistrationResponse)
-        session.send_response(cls(request.transaction_id, request.ue_service_id, 0))
-    elif isinstance(event, BulkEntryReceived):
-        session.send_bulk_entry(event.transaction_id, response_entry(session, event))
-
-
-def response_entry(session: Session, event: BulkEntryReceived) -> Any:
-    txn = session._txns[event.transaction_id]
-    cls = (RegistrationResponseEntry
-           if txn.request_type is MessageType.BULK_REGISTRATION_REQUEST
-           else DeregistrationResponseEntry)
-    if event.entry is None:
-        return cls("", 1, 6)
-    return cls(event.entry.ue_service_id, 0)
 
 
 class Pair:
