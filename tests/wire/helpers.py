@@ -12,6 +12,7 @@ from wire.events import (
     Event,
     HelloReceived,
 )
+
 # Shared with the fuzz targets; re-exported for the tests.
 from wire.fuzz import NONCE as NONCE
 from wire.fuzz import answer as answer
