@@ -8,19 +8,18 @@ import time
 
 import pytest
 
-from tests.harness import ChildServer, Gw, RawGateway, make_deployment
+from tests.harness import RawGateway
 from tests.hostile.tools import (
     Witness,
-    assert_clean_log,
     check_rss,
     client_hello,
     frame,
     ie,
     proof,
-    provisioning_csv,
     read_message,
     record,
     registration_body,
+    witnessed_server,
 )
 from wire.constants import IEI, ErrorCause, FailureCause, MessageType
 from wire.messages import (
@@ -43,19 +42,10 @@ FLOOD_UES = [f"f-{i:03d}@gw1.example" for i in range(200)]
 
 
 def _server(tmp_path_factory, pki, name: str, limits: dict[str, object]):
-    dep = make_deployment(
+    yield from witnessed_server(
         tmp_path_factory.mktemp(name), pki,
-        gateways=(Gw("gw1.example"), Gw("gw2.example"), Gw("gw3.example")), limits=limits)
-    provisioning_csv(dep.dir / "ues.csv", [(u, ["gw2.example"]) for u in WITNESS_UES]
-                     + [(u, ["gw1.example"]) for u in FLOOD_UES])
-    child = ChildServer(dep)
-    child.start()
-    try:
-        yield dep, child, child.rss_bytes()
-        assert child.proc is not None and child.proc.poll() is None, "msgd died"
-        assert_clean_log(child)
-    finally:
-        assert child.terminate() == 0
+        gateways=("gw1.example", "gw2.example", "gw3.example"), limits=limits,
+        witness_ues=WITNESS_UES, abuser_ues=FLOOD_UES)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from msgd.client import GatewayClient, GatewayUe
-from tests.harness import ChildServer, Deployment, RawGateway, connect
+from tests.harness import ChildServer, Deployment, Gw, RawGateway, connect, make_deployment
 from wire.constants import IEI, MessageType
 from wire.credential import compute_proof
 from wire.ies import encode_ie
@@ -256,3 +256,29 @@ async def stream_bulk(raw: RawGateway, mtype: MessageType, tid: int, ues: Sequen
         with contextlib.suppress(asyncio.CancelledError, OSError, ConnectionError):
             await sender
     return answers, error
+
+
+def witnessed_server(
+    directory: Path,
+    pki: Any,
+    *,
+    gateways: Sequence[str],
+    limits: dict[str, object],
+    witness_ues: Sequence[str],
+    abuser_ues: Sequence[str],
+) -> Iterator[tuple[Deployment, ChildServer, int]]:
+    """A real msgd for a module of abuse tests: the witness UEs belong to gw2.example, the
+    abuser's to gw1.example. Yields (deployment, child, RSS baseline); on teardown msgd must
+    still be alive, its log clean, and SIGTERM must stop it with exit code 0."""
+    dep = make_deployment(directory, pki, gateways=tuple(Gw(g) for g in gateways),
+                          limits=limits)
+    provisioning_csv(dep.dir / "ues.csv", [(u, ["gw2.example"]) for u in witness_ues]
+                     + [(u, ["gw1.example"]) for u in abuser_ues])
+    child = ChildServer(dep)
+    child.start()
+    try:
+        yield dep, child, child.rss_bytes()
+        assert child.proc is not None and child.proc.poll() is None, "msgd died"
+        assert_clean_log(child)
+    finally:
+        assert child.terminate() == 0
