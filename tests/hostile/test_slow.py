@@ -9,20 +9,19 @@ import time
 
 import pytest
 
-from tests.harness import ChildServer, Gw, RawGateway, make_deployment
+from tests.harness import RawGateway
 from tests.hostile.tools import (
     Witness,
-    assert_clean_log,
     check_rss,
     client_hello,
     closed_by_server,
     frame,
     proof,
-    provisioning_csv,
     read_message,
     record,
     registration_body,
     wait_for_log,
+    witnessed_server,
 )
 from wire.constants import ErrorCause, MessageType
 from wire.messages import Error, Hello, Keepalive, KeepaliveAck, encode_message
@@ -36,21 +35,12 @@ SLOW_UES = [f"s-{i:03d}@gw1.example" for i in range(100)]
 
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory, pki):
-    dep = make_deployment(
-        tmp_path_factory.mktemp("slow"), pki, gateways=(Gw("gw1.example"), Gw("gw2.example")),
+    yield from witnessed_server(
+        tmp_path_factory.mktemp("slow"), pki, gateways=("gw1.example", "gw2.example"),
         limits={"hello_timeout": HELLO_TIMEOUT, "frame_timeout": FRAME_TIMEOUT,
                 "keepalive_interval": KEEPALIVE, "max_outstanding": 8,
-                "reconnect_limit": 1_000_000})
-    provisioning_csv(dep.dir / "ues.csv", [(u, ["gw2.example"]) for u in WITNESS_UES]
-                     + [(u, ["gw1.example"]) for u in SLOW_UES])
-    child = ChildServer(dep)
-    child.start()
-    try:
-        yield dep, child, child.rss_bytes()
-        assert child.proc is not None and child.proc.poll() is None, "msgd died"
-        assert_clean_log(child)
-    finally:
-        assert child.terminate() == 0
+                "reconnect_limit": 1_000_000},
+        witness_ues=WITNESS_UES, abuser_ues=SLOW_UES)
 
 
 async def _eof_after(reader: asyncio.StreamReader, timeout: float = 10.0) -> int:
@@ -226,6 +216,10 @@ async def test_peers_that_never_read_are_paused_not_buffered(slow):
                 n += 1000
                 hog.writer.write(chunk)
                 written += len(chunk)
+                # The witness runs in this process's loop too: drain() does not yield while
+                # the socket takes the octets, so yield here, or the witness starves on our
+                # side and the check below would measure the test, not msgd.
+                await asyncio.sleep(0)
                 try:
                     # Observing that msgd stopped reading: drain cannot finish. On a slow
                     # machine the keepalive may already have ended the session and msgd
@@ -239,10 +233,10 @@ async def test_peers_that_never_read_are_paused_not_buffered(slow):
             # events from one connection per turn of its loop).
             figures["witness_rounds_during"] = witness.rounds - before
             figures["flood_s"] = round(time.monotonic() - flood_started, 2)
-            if figures["flood_s"] > 3.0:
+            if figures["flood_s"] > 5.0:
                 # A flood that lasted (not cut short by the keepalive's abort on a slow
                 # machine) must not have starved the witness.
-                assert witness.rounds > before, "the witness starved during the flood"
+                assert witness.rounds > before, f"the witness starved during the flood {figures}"
             figures[name] = round(written / 2**20, 1)
             await witness.progressed(1)
             check_rss(child, baseline, name)
