@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from msgd.config import TlsConfig
 from msgd.errors import TLSSetupError
+from msgd.tls_groups import restrict_groups
 from wire.constants import ALPN_PROTOCOL
 
 __all__ = [
@@ -91,6 +92,7 @@ def server_context(tls: TlsConfig, *, now: dt.datetime | None = None) -> ssl.SSL
     if tls.crl is not None:
         _load_crl(ctx, tls.crl, ca_certs, now)
     ctx.set_alpn_protocols([ALPN_PROTOCOL])
+    restrict_groups(ctx)
     return ctx
 
 
@@ -131,6 +133,7 @@ def client_context(
             ) from None
     if alpn_protocols:
         ctx.set_alpn_protocols(list(alpn_protocols))
+    restrict_groups(ctx)
     return ctx
 
 
