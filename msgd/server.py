@@ -129,7 +129,14 @@ class Server:
     # --- connections ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        host, port = self.config.server.host, self.config.server.port
+        host, port = self._listen(self.config.server.host, self.config.server.port)
+        log.info("server.listening", address=_fmt_address(host, port),
+                 registered=self.registry.registered_count(),
+                 provisioned=self.registry.provisioned_count())
+
+    def _listen(self, host: str, port: int) -> tuple[str, int]:
+        """Bind the listener and start accepting (start(), undrain()); returns the address
+        bound. An OSError from the bind leaves everything as it was."""
         # Our own accept loop: a connection over max_connections is closed before any TLS
         # work, and the TLS handshake of each accepted socket runs in its own task.
         sock = socket.create_server((host, port), backlog=1024, reuse_port=False)
@@ -138,9 +145,7 @@ class Server:
         name = sock.getsockname()
         self.address = (name[0], name[1])
         self._accepting = self.loop.create_task(self._accept_loop(sock))
-        log.info("server.listening", address=_fmt_address(name[0], name[1]),
-                 registered=self.registry.registered_count(),
-                 provisioned=self.registry.provisioned_count())
+        return self.address
 
     def _stop_accepting(self) -> None:
         if self._accepting is not None:
@@ -383,7 +388,9 @@ class Server:
         )
 
     def drain(self) -> int:
-        """Stop accepting and say GOODBYE to everyone (admin `drain`); how many were told."""
+        """Stop accepting and say GOODBYE to everyone (admin `drain`); how many were told.
+
+        undrain() is its inverse."""
         if not self.draining:
             log.warning("server.draining", gateways=len(self.connections))
         self.draining = True
@@ -396,6 +403,30 @@ class Server:
                 told += 1
         self._status()
         return told
+
+    def undrain(self) -> str | None:
+        """Accept gateways again after drain() (admin `undrain`): the listener is re-opened on
+        the address it had. Returns None once listening (also when not draining), else why
+        not: the bind failed (say the port was taken meanwhile) and the server stays
+        draining."""
+        if self.stopping:
+            return "shutting down"
+        if not self.draining:
+            return None
+        host, port = self.address or (self.config.server.host, self.config.server.port)
+        where = _fmt_address(host, port)
+        try:
+            self._listen(host, port)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            log.error("server.undrain_failed", address=where, reason=reason,
+                      effect="still draining")
+            return f"cannot listen on {where}: {reason}"
+        self.draining = False
+        self.metrics.draining.set(0)
+        log.warning("server.undrained", address=where, gateways=len(self.connections))
+        self._status()
+        return None
 
     async def shutdown(self) -> None:
         """SIGTERM: GOODBYE(SHUTTING_DOWN), let transactions finish within the grace period."""
