@@ -3,8 +3,8 @@
     msgctl demo init DIR                      a ready-to-run demo (make run uses it)
     msgctl certs init|gateway|crl ...         dev PKI (msgd.certs)
     msgctl gateway register|deregister ...    act as a Message Gateway (msgd.cli_gateway)
-    msgctl status|gateways|registry|provision|drain ...   admin over the control socket
-                                                          (msgd.cli_admin)
+    msgctl status|gateways|registry|provision|drain|undrain|reload ...
+                                              admin over the control socket (msgd.cli_admin)
 
 parse_args(argv) is testable without starting anything; main(argv) returns the exit code.
 """

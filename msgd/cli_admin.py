@@ -1,14 +1,21 @@
-"""`msgctl status|gateways|registry|provision|drain|reload`: admin over the control socket.
+"""`msgctl status|gateways|registry|provision|drain|undrain|reload`: admin over the control socket.
 
     msgctl status                         daemon state, listener, registry, certificates
     msgctl gateways                       configured gateways, connected since, entries
     msgctl registry count                 registered / provisioned / pending
     msgctl registry show UE               one UE (its registration and provisioning)
     msgctl registry list [--gateway G]    registered UEs, optionally of one gateway
-    msgctl provision import FILE          add or replace the UEs of a provisioning CSV
+    msgctl provision import FILE          add or replace the UEs of a provisioning CSV (all
+                                          of them in one transaction, or none)
     msgctl provision remove UE            remove one UE's provisioning
+    msgctl provision forget UE... | --all drop admin changes: the provisioning file decides
+                                          for those UEs again from the next reload
     msgctl drain                          GOODBYE to every gateway, stop accepting
+    msgctl undrain                        accept gateways again after a drain
     msgctl reload                         reload like SIGHUP and report the outcome
+
+Admin changes (provision import, provision remove) persist across reloads and restarts and win
+over the provisioning file until forgotten (provision forget); `msgctl status` counts them.
 
 Every command takes --json (machine-readable output), --socket PATH, or --config FILE
 (default /etc/msgd/msgd.toml) whose [control] socket names the socket. The protocol is in
@@ -31,6 +38,8 @@ from .errors import MsgdError
 __all__ = ["DEFAULT_CONFIG", "AdminError", "ControlClient", "add_parsers", "resolve_socket"]
 
 DEFAULT_CONFIG = Path("/etc/msgd/msgd.toml")
+ADMIN_RULE = ("Admin changes (provision import, provision remove) persist across reloads and "
+              "restarts and win over the provisioning file until forgotten (provision forget).")
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 3
 
@@ -187,15 +196,28 @@ def add_parsers(commands: Any) -> None:
     listing = add(registry_commands, "list", "registered UEs", _list)
     listing.add_argument("--gateway", metavar="G", help="only UEs registered through G")
     listing.add_argument("--limit", type=int, metavar="N", help="at most N UEs")
-    provision = commands.add_parser("provision", help="change provisioning at once")
+    provision = commands.add_parser(
+        "provision", help="change provisioning at once",
+        description="Change provisioning at once. " + ADMIN_RULE)
     provision_commands = provision.add_subparsers(dest="provision_command", required=True,
                                                   metavar="COMMAND")
     importing = add(provision_commands, "import",
-                    "add or replace the UEs of a CSV file (ue_service_id,key,gateways)", _import)
+                    "add or replace the UEs of a CSV file (ue_service_id,key,gateways), all "
+                    "in one transaction or none", _import)
     importing.add_argument("file", type=Path, metavar="FILE")
+    importing.epilog = ADMIN_RULE
     remove = add(provision_commands, "remove", "remove one UE's provisioning", _remove)
     remove.add_argument("ue", metavar="UE", help="UE Service ID")
+    remove.epilog = ADMIN_RULE
+    forget = add(provision_commands, "forget",
+                 "drop admin changes, so that the provisioning file decides for these UEs "
+                 "again from the next reload or restart", _forget)
+    forget.add_argument("ues", nargs="*", metavar="UE", help="UE Service IDs")
+    forget.add_argument("--all", action="store_true", help="every admin change")
+    forget.epilog = ADMIN_RULE
     add(commands, "drain", "GOODBYE to every gateway and stop accepting new ones", _drain)
+    add(commands, "undrain", "accept gateways again after a drain (the listener re-opens on "
+        "the same address)", _undrain)
     add(commands, "reload", "reload configuration, certificates, CRL and provisioning now",
         _reload)
 
@@ -253,6 +275,7 @@ def _render_status(status: dict[str, Any], out: TextIO) -> None:
         f"gateways     {gws['connected']} connected, {gws['configured']} configured",
         f"registry     {reg['registered']} registered, {reg['provisioned']} provisioned, "
         f"{reg['pending']} pending ({reg['path']})",
+        f"provisioning {reg['admin_overrides']} admin changes kept over the provisioning file",
     ]
     for cert in status["tls"]["certificates"]:
         lines.append(f"certificate  {cert['role']}: {cert['subject']}, expires "
@@ -373,8 +396,8 @@ def _import(args: argparse.Namespace) -> int:
 
 def _render_import(result: dict[str, Any], out: TextIO) -> None:
     out.write(f"imported {result['imported']} UEs ({result['provisioned']} provisioned)\n")
-    print("msgctl: note: the provisioning file stays the reference; the next reload or "
-          "restart replaces provisioning with its content", file=sys.stderr)
+    print("msgctl: note: kept over the provisioning file across reloads and restarts until "
+          "`msgctl provision forget`", file=sys.stderr)
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -387,6 +410,24 @@ def _render_remove(result: dict[str, Any], out: TextIO) -> None:
     out.write(f"removed {result['removed']}{still}\n")
 
 
+def _forget(args: argparse.Namespace) -> int:
+    if bool(args.ues) == bool(args.all):
+        print("msgctl: provision forget: give UE Service IDs or --all (not both)",
+              file=sys.stderr)
+        return 2
+    params: dict[str, Any] = {"all": True} if args.all else {"ues": args.ues}
+    return _request(args, "provision.forget", _render_forget, **params)
+
+
+def _render_forget(result: dict[str, Any], out: TextIO) -> None:
+    out.write(f"forgot {result['forgotten']} admin changes ({result['admin_overrides']} left); "
+              "the provisioning file decides for those UEs from the next reload "
+              "(msgctl reload)\n")
+    if result["unknown"]:
+        print("msgctl: no admin change was recorded for: " + ", ".join(result["unknown"]),
+              file=sys.stderr)
+
+
 def _drain(args: argparse.Namespace) -> int:
     return _request(args, "drain", _render_drain)
 
@@ -394,6 +435,15 @@ def _drain(args: argparse.Namespace) -> int:
 def _render_drain(result: dict[str, Any], out: TextIO) -> None:
     out.write(f"draining: GOODBYE sent to {result['gateways_told']} gateways, "
               f"{result['connected']} still finishing; no new connections accepted\n")
+
+
+def _undrain(args: argparse.Namespace) -> int:
+    return _request(args, "undrain", _render_undrain)
+
+
+def _render_undrain(result: dict[str, Any], out: TextIO) -> None:
+    was = "" if result["was_draining"] else " (it was not draining)"
+    out.write(f"accepting gateways on {result['listen']}{was}\n")
 
 
 def _reload(args: argparse.Namespace) -> int:

@@ -14,20 +14,29 @@ and is answered by one line, {"ok": true, "result": {...}} or {"ok": false, "err
 `registry.list` streams: one {"item": {...}} line per registration, then the final
 {"ok": true, "result": {"count": N}} line. Commands:
 
-    status                               daemon, listener, registry, certificates, last reload
+    status                               daemon, listener, registry (with the number of admin
+                                         changes kept over the provisioning file),
+                                         certificates, last reload
     gateways                             configured and connected gateways (since, entries)
     registry.count                       registered / provisioned / pending counts
     registry.show     {"ue"}             one UE's registration and provisioning (never its key)
     registry.list     {"gateway"?, "limit"?}
     provision.import  {"rows": [{"ue_service_id", "key": hex, "gateways": [...]}]}
+                                         all rows in one transaction, or none of them
     provision.remove  {"ue"}
+    provision.forget  {"ues": [...]} | {"all": true}
+                                         drop admin changes: the provisioning file decides
+                                         for those UEs again from the next reload
     drain                                GOODBYE to every gateway, stop accepting
+    undrain                              accept gateways again (the listener re-opened)
     reload                               as SIGHUP, but answers with the outcome
     debug.block       {"seconds"}        ONLY with MSGD_TEST_HOOKS=1 in the daemon's
                                          environment: blocks the event loop (watchdog tests)
 
-Requests are logged with their command and non-secret parameters; `provision.import` carries
-keys, so only its row count is logged. Keys are never sent back.
+Admin changes (provision.import, provision.remove) are recorded in the registry file and win
+over the provisioning file: they persist across reloads and restarts until forgotten
+(provision.forget). Requests are logged with their command and non-secret parameters;
+`provision.import` carries keys, so only its row count is logged. Keys are never sent back.
 """
 
 from __future__ import annotations
@@ -105,7 +114,9 @@ class ControlServer:
             "registry.show": self._registry_show,
             "provision.import": self._provision_import,
             "provision.remove": self._provision_remove,
+            "provision.forget": self._provision_forget,
             "drain": self._drain,
+            "undrain": self._undrain,
             "reload": self._reload,
         }
         if self.test_hooks:
@@ -298,6 +309,7 @@ class ControlServer:
                 "registered": registry.registered_count(),
                 "provisioned": registry.provisioned_count(),
                 "pending": registry.pending(),
+                "admin_overrides": registry.provisioning_overrides(),
             },
             "tls": {
                 "certificate": str(config.tls.certificate),
@@ -396,23 +408,14 @@ class ControlServer:
                 raise RequestError(f"row {index}: duplicate ue_service_id")
             seen.add(row.ue_service_id)
         registry = self.server.registry
-
-        def store() -> tuple[int, str | None]:
-            done = 0
-            for row in rows:
-                try:
-                    registry.upsert_provisioned(row)
-                except MsgdError as exc:
-                    return done, str(exc)
-                done += 1
-            return done, None
-
         clog.info("provision.import", rows=len(rows))
-        done, error = await asyncio.to_thread(store)
-        if error is not None:
-            return _Failed(f"stored {done} of {len(rows)} rows, then: {error}",
-                           {"imported": done})
-        return {"imported": done, "provisioned": registry.provisioned_count()}
+        try:
+            # One transaction: every row is stored, or none is.
+            await asyncio.to_thread(registry.upsert_provisioned_many, rows)
+        except MsgdError as exc:
+            return _Failed(f"import failed, nothing was applied: {exc}", {"imported": 0})
+        return {"imported": len(rows), "provisioned": registry.provisioned_count(),
+                "admin_overrides": registry.provisioning_overrides()}
 
     async def _provision_remove(self, request: dict[str, Any], _log: Any) -> Any:
         ue = _ue_param(request)
@@ -423,10 +426,42 @@ class ControlServer:
         return {"removed": ue, "still_registered": registry.registration(ue) is not None,
                 "provisioned": registry.provisioned_count()}
 
+    async def _provision_forget(self, request: dict[str, Any], _log: Any) -> Any:
+        everything = request.get("all")
+        ues = request.get("ues")
+        if everything is True and ues is None:
+            wanted = None
+        elif everything in (None, False) and isinstance(ues, list) and ues:
+            for ue in ues:
+                problem = identity_problem(ue, "ue")
+                if problem is not None:
+                    raise RequestError(problem)
+            wanted = ues
+        else:
+            raise RequestError('give either "ues" (a non-empty list) or "all": true')
+        registry = self.server.registry
+        forgotten = await asyncio.to_thread(registry.forget_provisioning_overrides, wanted)
+        if wanted is not None and not forgotten:
+            raise RequestError("no admin change is recorded for " + ", ".join(
+                repr(ue) for ue in wanted))
+        dropped = set(forgotten)
+        unknown = [] if wanted is None else [ue for ue in dict.fromkeys(wanted)
+                                             if ue not in dropped]
+        return {"forgotten": len(forgotten), "unknown": unknown,
+                "admin_overrides": registry.provisioning_overrides()}
+
     async def _drain(self, _request: dict[str, Any], _log: Any) -> dict[str, Any]:
         told = self.server.drain()
         return {"draining": True, "gateways_told": told,
                 "connected": len(self.server.connections)}
+
+    async def _undrain(self, _request: dict[str, Any], _log: Any) -> Any:
+        was_draining = self.server.draining
+        problem = self.server.undrain()
+        if problem is not None:
+            return _Failed(f"still draining: {problem}", {"draining": True})
+        return {"draining": False, "was_draining": was_draining,
+                "listen": _address(self.server.address)}
 
     async def _reload(self, _request: dict[str, Any], _log: Any) -> Any:
         result = await self.server.reload_now()
@@ -454,7 +489,8 @@ class _Failed:
 
 
 _KNOWN = frozenset({"status", "gateways", "registry.count", "registry.show", "registry.list",
-                    "provision.import", "provision.remove", "drain", "reload", "debug.block"})
+                    "provision.import", "provision.remove", "provision.forget", "drain",
+                    "undrain", "reload", "debug.block"})
 
 
 def _ue_param(request: dict[str, Any]) -> str:
@@ -496,6 +532,11 @@ def _loggable(cmd: str, request: dict[str, Any]) -> dict[str, Any]:
             fields[name] = request[name]
     if cmd == "provision.import" and isinstance(request.get("rows"), list):
         fields["rows"] = len(request["rows"])
+    if cmd == "provision.forget":
+        if isinstance(request.get("ues"), list):
+            fields["ues"] = len(request["ues"])
+        if request.get("all") is True:
+            fields["all"] = True
     return fields
 
 

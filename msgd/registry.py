@@ -14,8 +14,10 @@ process at any instant). This module keeps that promise:
 * A `snapshot` (chunked) plus the journal rows after it is the durable state. Start loads the
   snapshot and replays the journal; compaction rewrites the snapshot at open (large journal)
   and at close.
-* The provisioned subscriber store (`provisioning` table) is in the same file; lookups use a
-  dedicated read connection (WAL lets it read while the writer writes).
+* The provisioned subscriber store (`provisioning` table) is in the same file; lookups use an
+  in-memory index, and a dedicated read connection (WAL lets it read while the writer writes)
+  until the index is built. Admin changes (`msgctl provision import|remove`) are also kept in
+  `provisioning_admin` and win over the provisioning file at every replace until forgotten.
 
 The file layout, the blob formats and the reasons for them are in docs/registry.md.
 """
@@ -59,7 +61,7 @@ __all__ = ["SCHEMA_VERSION", "Registration", "Registry"]
 
 log = logging.getLogger("msgd.registry")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x4D534744  # "MSGD": tells our files from other SQLite databases
 SYNCHRONOUS_MODES = ("full", "normal")
 
@@ -94,6 +96,15 @@ _SQL_PROVISIONED_GET = "SELECT key, gateways FROM provisioning WHERE ue_service_
 _SQL_PROVISIONING_UPSERT = (
     "INSERT INTO provisioning(ue_service_id, key, gateways) VALUES (?, ?, ?) "
     "ON CONFLICT(ue_service_id) DO UPDATE SET key = excluded.key, gateways = excluded.gateways"
+)
+# Admin changes (msgctl provision import|remove): a row with its key and gateways, or NULLs for
+# a UE the admin removed. replace_provisioning() applies them over the file's rows.
+_SQL_ADMIN_TABLE = (
+    "CREATE TABLE provisioning_admin(ue_service_id TEXT PRIMARY KEY, key BLOB NULL, "
+    "gateways TEXT NULL) WITHOUT ROWID"
+)
+_SQL_ADMIN_PUT = (
+    "INSERT OR REPLACE INTO provisioning_admin(ue_service_id, key, gateways) VALUES (?, ?, ?)"
 )
 
 
@@ -390,6 +401,7 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA_V2:
         conn.execute(statement)
     conn.execute(_SQL_PROVISIONING_TABLE.format(table="provisioning"))
+    conn.execute(_SQL_ADMIN_TABLE)
     _write_snapshot(conn, {}, [], 0)
     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
@@ -416,8 +428,20 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE registration")
 
 
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """Schema 3 adds `provisioning_admin`: admin changes that outlive reloads (docs/registry.md).
+
+    A schema 2 file has none recorded (an admin change there was undone by the next reload),
+    so the table starts empty and the stored provisioning is still exactly the file's.
+    """
+    conn.execute(_SQL_ADMIN_TABLE)
+
+
 # from-version -> function that upgrades a database at that version to from-version + 1
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
+}
 
 
 def _one_line(text: object) -> str:
@@ -565,7 +589,9 @@ class _Staging:
 
     It needs no journal and no fsync: it is rebuilt from the source after any failure. It lets
     rows arrive in any order with flat memory use, and come back sorted (SQLite's external
-    sort), which is what the merge and the append-only rebuild need.
+    sort), which is what the merge and the append-only rebuild need. The admin changes
+    (`provisioning_admin`) are staged too and win over the file's rows on the way out, so the
+    count, the diff and the rebuild all see the provisioning as it will be.
     """
 
     def __init__(self, registry_path: Path) -> None:
@@ -578,6 +604,11 @@ class _Staging:
             "CREATE TABLE st(ue_service_id TEXT NOT NULL, key BLOB NOT NULL, "
             "gateways TEXT NOT NULL)"
         )
+        self.conn.execute(
+            "CREATE TABLE ov(ue_service_id TEXT PRIMARY KEY, key BLOB, gateways TEXT) "
+            "WITHOUT ROWID"
+        )
+        self.overrides = 0
 
     def __enter__(self) -> _Staging:
         return self
@@ -607,14 +638,51 @@ class _Staging:
         self.conn.execute("COMMIT")
         return count
 
+    def load_overrides(self, overrides: list[tuple[str, bytes | None, str | None]]) -> None:
+        """Stage the admin changes: (id, key, gateways), or (id, None, None) for a removal."""
+        self.conn.execute("BEGIN")
+        self.conn.executemany("INSERT INTO ov VALUES (?, ?, ?)", overrides)
+        self.conn.execute("COMMIT")
+        self.overrides = len(overrides)
+
+    def count(self, loaded: int) -> int:
+        """How many rows sorted_rows() yields, given `loaded` rows from the source."""
+        if not self.overrides:
+            return loaded
+        (kept,) = self.conn.execute(
+            "SELECT count(*) FROM st WHERE ue_service_id NOT IN (SELECT ue_service_id FROM ov)"
+        ).fetchone()
+        (added,) = self.conn.execute("SELECT count(*) FROM ov WHERE key IS NOT NULL").fetchone()
+        return int(kept) + int(added)
+
     def sorted_rows(self) -> Iterator[tuple[str, bytes, str]]:
-        """The rows in key order (BINARY collation: the order of the provisioning table)."""
+        """The rows in key order (BINARY collation: the order of the provisioning table), each
+        admin change in place of the source's row of that UE (a removal: no row)."""
         previous = None
-        for row in self.conn.execute("SELECT * FROM st ORDER BY ue_service_id"):
-            if row[0] == previous:
-                raise ProvisioningError("provisioning rows: duplicate ue_service_id")
-            previous = row[0]
-            yield row
+        if not self.overrides:
+            for row in self.conn.execute("SELECT * FROM st ORDER BY ue_service_id"):
+                if row[0] == previous:
+                    raise ProvisioningError("provisioning rows: duplicate ue_service_id")
+                previous = row[0]
+                yield row
+            return
+        # Source rows (0) and admin rows (1) of one UE come out together, the source's first.
+        held: tuple[str, bytes, str] | None = None
+        for uid, key, gateways, admin in self.conn.execute(
+            "SELECT ue_service_id, key, gateways, 0 FROM st UNION ALL "
+            "SELECT ue_service_id, key, gateways, 1 FROM ov ORDER BY 1, 4"
+        ):
+            if uid == previous:
+                if not admin:
+                    raise ProvisioningError("provisioning rows: duplicate ue_service_id")
+                held = None if key is None else (uid, key, gateways)
+                continue
+            if held is not None:
+                yield held
+            previous = uid
+            held = None if key is None else (uid, key, gateways)
+        if held is not None:
+            yield held
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,9 +693,10 @@ class Registry:
 
     Threads: submit_*, reads, listeners and wait_durable() belong to the event-loop thread.
     The writer thread owns the write connection. Provisioning writes block their caller until
-    committed: upsert/remove for one short transaction, replace_provisioning for the whole
-    load (seconds for a million rows, most of it in the caller's thread), so call that one
-    through asyncio.to_thread() when the loop must keep running.
+    committed: admin upserts (one transaction for all rows), removals and forgets for one
+    transaction, replace_provisioning for the whole load (seconds for a million rows, most of
+    it in the caller's thread), so call these through asyncio.to_thread() when the loop must
+    keep running.
     """
 
     def __init__(
@@ -694,8 +763,17 @@ class Registry:
         self._rconn.execute(f"PRAGMA cache_size = -{READ_CACHE_KIB}")
         self._rlock = threading.Lock()
         (self._prov_count,) = self._rconn.execute("SELECT count(*) FROM provisioning").fetchone()
+        (self._admin_count,) = self._rconn.execute(
+            "SELECT count(*) FROM provisioning_admin"
+        ).fetchone()
         self._gwset_cache: dict[str, frozenset[str]] = {}
-        self._prov_generation = 0  # bumped by every provisioning write (writer thread)
+        # Bumped under _index_lock as every provisioning write begins and again as it ends;
+        # _prov_writing counts the writes between the two (see _transaction, _index_main).
+        self._prov_generation = 0
+        self._prov_writing = 0
+        # Bumped (writer thread) by every committed admin change, so a replace that read the
+        # admin changes before it knows to apply them again (see _reapply_admin).
+        self._admin_generation = 0
         self._replace_lock = threading.Lock()
         # The provisioning index: UE id -> K_ue (32 octets) + gateway-set number (2 octets),
         # with the distinct gateway sets in a list. A point SELECT costs 10-30 µs here and was
@@ -821,17 +899,23 @@ class Registry:
     def replace_provisioning(self, rows: Iterable[ProvisionedUe]) -> int:
         """Replace all provisioning with `rows` atomically; returns how many there are now.
 
+        The admin changes recorded in `provisioning_admin` (upsert_provisioned_many,
+        remove_provisioned) win over `rows` until forget_provisioning_overrides() drops them:
+        the result is `rows` with each admin change in place of the row of its UE.
+
         Blocking, and most of the work runs in the calling thread: call it through
         asyncio.to_thread() from a running loop. If `rows` raises (e.g. ProvisioningError from
         read_provisioning_csv) or storage fails, the old provisioning stays. Steps:
 
         1. rows from read_provisioning_csv() of a file byte-identical to the one the stored
-           provisioning came from (no upsert/remove since): nothing to do;
-        2. rows go to a private staging file (no journal, no fsync) and come back sorted;
+           provisioning came from (no admin change forgotten since): nothing to do;
+        2. rows go to a private staging file (no journal, no fsync), the admin changes too, and
+           come back sorted with the admin changes applied;
         3. a merge with the stored table finds the differences: if few, they are applied in one
            transaction; else the table is rebuilt from the sorted rows in short append-only
            transactions and swapped in with one transaction. Registration commits go on between
-           these transactions; none of them holds the writer for long.
+           these transactions; none of them holds the writer for long. An admin change committed
+           meanwhile is applied again in that last transaction.
         """
         if self._refusal is not None:
             raise RegistryError(f"registry {self._refusal}")
@@ -848,30 +932,41 @@ class Registry:
                     )
                     return self._prov_count
             with _Staging(self._path) as staging:
-                count = staging.load(rows, checked=source is not None)
+                loaded = staging.load(rows, checked=source is not None)
                 digest = source.digest() if source is not None else None
-                generation = self._prov_generation
+                # Taken before the admin changes are read: any committed after shows as a
+                # different generation when the result is applied (on the writer thread).
+                admin_generation = self._admin_generation
+                staging.load_overrides(self._read_admin())
+                count = staging.count(loaded)
                 limit = max(PROVISIONING_DIFF_MIN, count // 10)
                 diff = self._provisioning_diff(staging, limit)
+                self._provisioning_pause("replace-merged")
                 if diff is not None:
                     upserts, deletes = diff
-                    applied = self._run_job(
+                    count = self._run_job(
                         lambda: self._apply_provisioning_diff(
-                            upserts, deletes, generation, count, digest
+                            upserts, deletes, admin_generation, count, digest
                         )
                     )
-                    if applied:
-                        log.info(
-                            "registry %s: provisioning replaced, %d UEs (%d added or changed, "
-                            "%d removed)",
-                            self._path,
-                            count,
-                            len(upserts),
-                            len(deletes),
-                        )
-                        return count
-                self._rebuild_provisioning(staging, count, digest)
-        log.info("registry %s: provisioning replaced, %d UEs (rebuilt)", self._path, count)
+                    log.info(
+                        "registry %s: provisioning replaced, %d UEs (%d added or changed, "
+                        "%d removed; %d admin changes kept over the file)",
+                        self._path,
+                        count,
+                        len(upserts),
+                        len(deletes),
+                        staging.overrides,
+                    )
+                    return count
+                count = self._rebuild_provisioning(staging, count, digest, admin_generation)
+        log.info(
+            "registry %s: provisioning replaced, %d UEs (rebuilt; %d admin changes kept over "
+            "the file)",
+            self._path,
+            count,
+            staging.overrides,
+        )
         return count
 
     def provisioned(self, ue_service_id: str) -> ProvisionedUe | None:
@@ -905,85 +1000,233 @@ class Registry:
         """Number of provisioned UEs (kept as a counter; counting rows would scan the table)."""
         return self._prov_count
 
+    def provisioning_overrides(self) -> int:
+        """Number of admin changes that win over the provisioning file (msgctl status)."""
+        return self._admin_count
+
     def upsert_provisioned(self, row: ProvisionedUe) -> None:
-        """Add or replace one provisioning row (admin `provision`); durable when it returns."""
-        validate_provisioned(row)
-        params = (row.ue_service_id, row.key, encode_gateways(row.gateways))
+        """upsert_provisioned_many([row])."""
+        self.upsert_provisioned_many([row])
 
-        def work(conn: sqlite3.Connection) -> None:
-            existed = conn.execute(
-                "SELECT 1 FROM provisioning WHERE ue_service_id = ?", (params[0],)
-            ).fetchone()
-            conn.execute(_SQL_PROVISIONING_UPSERT, params)
-            conn.execute("DELETE FROM meta WHERE key = 'provisioning_source'")
-            if existed is None:
-                self._prov_count += 1
+    def upsert_provisioned_many(self, rows: Iterable[ProvisionedUe]) -> int:
+        """Add or replace provisioning rows (admin `provision import`) in ONE transaction.
 
-        self._run_job(lambda: self._transaction(work))
+        Every row is checked first: a bad row or a duplicate UE raises ProvisioningError and
+        nothing is stored. A storage failure raises RegistryError and none of the rows is
+        stored either. Each row is also recorded as an admin change, which replace_provisioning()
+        keeps over the provisioning file until forget_provisioning_overrides(). Durable when it
+        returns; returns how many of the UEs were not provisioned before.
+        """
+        params: list[tuple[str, bytes, str]] = []
+        seen: set[str] = set()
+        encoded: dict[frozenset[str], str] = {}
+        for row in rows:
+            validate_provisioned(row)
+            if row.ue_service_id in seen:
+                raise ProvisioningError(
+                    f"provisioning rows: duplicate ue_service_id {row.ue_service_id!r}"
+                )
+            seen.add(row.ue_service_id)
+            text = encoded.get(row.gateways)
+            if text is None:
+                text = encoded[row.gateways] = encode_gateways(row.gateways)
+            params.append((row.ue_service_id, row.key, text))
+        if not params:
+            return 0
+
+        def work(conn: sqlite3.Connection) -> tuple[int, int]:
+            added = 0
+            for param in params:
+                if conn.execute(
+                    "SELECT 1 FROM provisioning WHERE ue_service_id = ?", (param[0],)
+                ).fetchone() is None:
+                    added += 1
+                conn.execute(_SQL_PROVISIONING_UPSERT, param)
+            conn.executemany(_SQL_ADMIN_PUT, params)
+            return added, self._count_admin(conn)
+
+        def job() -> int:
+            added, overrides = self._transaction(work)
+            # Counters change on the writer thread, after the commit, like every other write.
+            self._prov_count += added
+            self._admin_count = overrides
+            self._admin_generation += 1
+            return added
+
+        return int(self._run_job(job))
 
     def remove_provisioned(self, ue_service_id: str) -> bool:
-        """Remove one provisioning row; True if it existed. Registrations are not touched."""
+        """Remove one provisioning row (admin `provision remove`); True if it existed.
 
-        def work(conn: sqlite3.Connection) -> bool:
+        The removal is recorded as an admin change, so a reload of a provisioning file that
+        still holds the UE does not bring it back until the change is forgotten. Nothing is
+        recorded for a UE that was not provisioned. Registrations are not touched.
+        """
+
+        def work(conn: sqlite3.Connection) -> int | None:
             cursor = conn.execute(
                 "DELETE FROM provisioning WHERE ue_service_id = ?", (ue_service_id,)
             )
-            conn.execute("DELETE FROM meta WHERE key = 'provisioning_source'")
-            if cursor.rowcount:
-                self._prov_count -= 1
-            return cursor.rowcount > 0
+            if not cursor.rowcount:
+                return None
+            conn.execute(_SQL_ADMIN_PUT, (ue_service_id, None, None))
+            return self._count_admin(conn)
 
-        return bool(self._run_job(lambda: self._transaction(work)))
+        def job() -> bool:
+            overrides = self._transaction(work)
+            if overrides is None:
+                return False
+            self._prov_count -= 1
+            self._admin_count = overrides
+            self._admin_generation += 1
+            return True
 
-    def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Writer: run `work` in one write transaction; storage errors become RegistryError."""
+        return bool(self._run_job(job))
+
+    def forget_provisioning_overrides(
+        self, ue_service_ids: Iterable[str] | None = None
+    ) -> list[str]:
+        """Drop admin changes (those of `ue_service_ids`, or all with None); returns the UEs
+        whose change was dropped.
+
+        The provisioned rows stay as they are until the next replace_provisioning() (reload or
+        restart), which then takes these UEs from the provisioning file again.
+        """
+        wanted = None if ue_service_ids is None else list(dict.fromkeys(ue_service_ids))
+
+        def work(conn: sqlite3.Connection) -> tuple[list[str], int]:
+            if wanted is None:
+                dropped = [uid for (uid,) in conn.execute(
+                    "SELECT ue_service_id FROM provisioning_admin")]
+                conn.execute("DELETE FROM provisioning_admin")
+            else:
+                dropped = []
+                for uid in wanted:
+                    cursor = conn.execute(
+                        "DELETE FROM provisioning_admin WHERE ue_service_id = ?", (uid,)
+                    )
+                    if cursor.rowcount:
+                        dropped.append(uid)
+            if dropped:
+                # The stored rows no longer follow from the file and the admin changes: the
+                # next replace must not take the unchanged-file shortcut.
+                conn.execute("DELETE FROM meta WHERE key = 'provisioning_source'")
+            return dropped, self._count_admin(conn)
+
+        def job() -> list[str]:
+            # The provisioning table is not touched: the index stays.
+            dropped, overrides = self._transaction(work, provisioning=False)
+            self._admin_count = overrides
+            if dropped:
+                self._admin_generation += 1
+            return dropped
+
+        return list(self._run_job(job))
+
+    @staticmethod
+    def _count_admin(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT count(*) FROM provisioning_admin").fetchone()[0])
+
+    def _read_admin(self) -> list[tuple[str, bytes | None, str | None]]:
+        conn = _readonly(self._path)
+        try:
+            return conn.execute(
+                "SELECT ue_service_id, key, gateways FROM provisioning_admin"
+            ).fetchall()
+        finally:
+            conn.close()
+
+    def _transaction(
+        self, work: Callable[[sqlite3.Connection], Any], *, provisioning: bool = True
+    ) -> Any:
+        """Writer: run `work` in one write transaction; storage errors become RegistryError.
+
+        `provisioning`: the work may change the `provisioning` table (say False only when it
+        cannot). Then, under _index_lock, the in-memory index is dropped, the write is marked
+        in progress and the generation bumped before BEGIN, and again bumped (and a rebuild
+        requested) once the transaction is over, committed or not. _index_main publishes an
+        index only if it saw no write in progress when it started reading and the generation
+        is unchanged when it publishes, under the same lock: an index read from a table that a
+        write has changed (or may have) is never published.
+        """
+        if provisioning:
+            with self._index_lock:
+                self._prov_writing += 1
+                self._prov_generation += 1
+                self._prov_index = None
         conn = self._wconn
         try:
             conn.execute("BEGIN IMMEDIATE")
             result = work(conn)
             conn.execute("COMMIT")
+            if provisioning:
+                self._provisioning_pause("committed")
         except sqlite3.Error as exc:
             self._rollback_quietly()
             raise RegistryError(f"registry {self._path}: {_one_line(exc)}") from None
         except BaseException:
             self._rollback_quietly()
             raise
-        self._prov_generation += 1
-        self._rebuild_index()
+        finally:
+            if provisioning:
+                with self._index_lock:
+                    self._prov_writing -= 1
+                    self._prov_generation += 1
+                    self._prov_index = None
+                    self._request_index()
         return result
 
+    def _provisioning_pause(self, point: str) -> None:
+        """Test seam; does nothing. Called by the index thread between reading the table and
+        publishing the index ("index-read"), by a provisioning write between its COMMIT and
+        the end of the write ("committed"), and by replace_provisioning() between its merge
+        and applying it ("replace-merged"). Tests override it to force interleavings."""
+
     def _rebuild_index(self) -> None:
-        """Drop the provisioning index and have it rebuilt in the background (coalesced)."""
-        self._prov_index = None
+        """Have the provisioning index rebuilt in the background (coalesced)."""
         with self._index_lock:
-            self._index_dirty.set()
-            if self._index_thread is None:
-                self._index_thread = threading.Thread(
-                    target=self._index_main, name="msgd-provisioning-index", daemon=True)
-                self._index_thread.start()
+            self._request_index()
+
+    def _request_index(self) -> None:
+        """_rebuild_index() for a caller that holds _index_lock."""
+        self._index_dirty.set()
+        if self._index_thread is None and not self._closed:
+            self._index_thread = threading.Thread(
+                target=self._index_main, name="msgd-provisioning-index", daemon=True)
+            self._index_thread.start()
 
     def _index_main(self) -> None:
         while True:
             with self._index_lock:  # so a write that comes as we leave starts a new thread
-                if not self._index_dirty.is_set() or self._closed:
+                # A write in progress requests a new build when it ends.
+                if not self._index_dirty.is_set() or self._closed or self._prov_writing:
                     self._index_thread = None
                     return
                 self._index_dirty.clear()
-            generation = self._prov_generation
+                generation = self._prov_generation
             try:
-                index = self._read_index()
+                index = self._read_index(generation)
             except (sqlite3.Error, ValueError) as exc:
                 log.warning("registry %s: provisioning index not built (%s); lookups use SQL",
                             self._path, _one_line(exc))
                 continue
-            # Published only if no provisioning write happened meanwhile (else: read again).
-            if index is not None and generation == self._prov_generation and \
-                    not self._index_dirty.is_set():
+            if index is None:
+                continue
+            self._provisioning_pause("index-read")
+            with self._index_lock:
+                # No write was in progress when the read began and none has begun since (each
+                # bumps the generation under this lock before its BEGIN): the table read is
+                # the table now, and no write can begin before the index is in place.
+                if generation != self._prov_generation or self._prov_writing or self._closed:
+                    continue
                 self._prov_index = index
-                log.info("registry %s: provisioning index of %d UEs in memory",
-                         self._path, len(index[0]))
+            log.info("registry %s: provisioning index of %d UEs in memory",
+                     self._path, len(index[0]))
 
-    def _read_index(self) -> tuple[dict[str, bytes], list[frozenset[str]]] | None:
+    def _read_index(
+        self, generation: int
+    ) -> tuple[dict[str, bytes], list[frozenset[str]]] | None:
+        """The index of the table as it is; None once a write began (generation moved)."""
         conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA query_only = ON")
@@ -993,7 +1236,7 @@ class Registry:
             for uid, key, text in conn.execute(
                 "SELECT ue_service_id, key, gateways FROM provisioning"
             ):
-                if self._closed or self._index_dirty.is_set():
+                if self._closed or self._prov_generation != generation:
                     return None
                 number = numbers.get(text)
                 if number is None:
@@ -1050,25 +1293,58 @@ class Registry:
         self,
         upserts: list[tuple[str, bytes, str]],
         deletes: list[tuple[str]],
-        generation: int,
+        admin_generation: int,
         count: int,
         digest: bytes | None,
-    ) -> bool:
-        """Writer: apply a merge result, unless the table changed since it was read."""
-        if generation != self._prov_generation:
-            return False
+    ) -> int:
+        """Writer: apply a merge result in one transaction; returns the count now provisioned.
 
-        def work(conn: sqlite3.Connection) -> None:
+        An admin change committed since the merge read the admin changes is applied again on
+        top (_reapply_admin), so it is never undone.
+        """
+
+        def work(conn: sqlite3.Connection) -> int:
             conn.executemany(_SQL_PROVISIONING_UPSERT, upserts)
             conn.executemany("DELETE FROM provisioning WHERE ue_service_id = ?", deletes)
+            if admin_generation != self._admin_generation:
+                return self._reapply_admin(conn)
             self._set_source_digest(conn, digest)
+            return count
 
-        self._transaction(work)
+        count = self._transaction(work)
         self._prov_count = count
-        return True
+        return count
 
-    def _rebuild_provisioning(self, staging: _Staging, count: int, digest: bytes | None) -> None:
-        """Fill provisioning_load from the sorted rows (appends only), then swap it in."""
+    def _reapply_admin(self, conn: sqlite3.Connection) -> int:
+        """Writer, in a transaction: apply every admin change to `provisioning` as it is now.
+
+        For a replace that raced an admin change: the rows it wrote came from the admin changes
+        as they were when it started. A change forgotten meanwhile may still show, so the file
+        digest is cleared and the next replace reads the file again. Returns the row count.
+        """
+        conn.execute(
+            "DELETE FROM provisioning WHERE ue_service_id IN "
+            "(SELECT ue_service_id FROM provisioning_admin WHERE key IS NULL)"
+        )
+        conn.execute(
+            "INSERT INTO provisioning(ue_service_id, key, gateways) "
+            "SELECT ue_service_id, key, gateways FROM provisioning_admin WHERE key IS NOT NULL "
+            "ORDER BY ue_service_id "
+            "ON CONFLICT(ue_service_id) DO UPDATE SET key = excluded.key, "
+            "gateways = excluded.gateways"
+        )
+        self._set_source_digest(conn, None)
+        log.info("registry %s: admin changes made during the provisioning replace applied "
+                 "again", self._path)
+        return int(conn.execute("SELECT count(*) FROM provisioning").fetchone()[0])
+
+    def _rebuild_provisioning(
+        self, staging: _Staging, count: int, digest: bytes | None, admin_generation: int
+    ) -> int:
+        """Fill provisioning_load from the sorted rows (appends only), then swap it in.
+
+        Returns the count now provisioned.
+        """
 
         def create(conn: sqlite3.Connection) -> None:
             conn.execute("DROP TABLE IF EXISTS provisioning_load")
@@ -1079,26 +1355,36 @@ class Registry:
                 "INSERT INTO provisioning_load VALUES (?, ?, ?)", chunk
             )
 
-        def swap(conn: sqlite3.Connection) -> None:
+        def swap(conn: sqlite3.Connection) -> int:
             # The one atomic step: readers see the old table or the new one.
             conn.execute("DROP TABLE provisioning")
             conn.execute("ALTER TABLE provisioning_load RENAME TO provisioning")
+            if admin_generation != self._admin_generation:
+                return self._reapply_admin(conn)
             self._set_source_digest(conn, digest)
+            return count
+
+        def swap_job() -> int:
+            done = int(self._transaction(swap))
+            self._prov_count = done
+            return done
 
         def drop(conn: sqlite3.Connection) -> None:
             conn.execute("DROP TABLE IF EXISTS provisioning_load")
 
-        self._run_job(lambda: self._transaction(create))
+        # provisioning_load is not what lookups read: only the swap touches the index.
+        self._run_job(lambda: self._transaction(create, provisioning=False))
         try:
             rows = staging.sorted_rows()
             while chunk := list(itertools.islice(rows, PROVISIONING_CHUNK)):
-                self._run_job(functools.partial(self._transaction, append(chunk)))
-            self._run_job(lambda: self._transaction(swap))
+                self._run_job(
+                    functools.partial(self._transaction, append(chunk), provisioning=False)
+                )
+            return int(self._run_job(swap_job))
         except BaseException:
             with contextlib.suppress(Exception):  # else the next open or replace drops it
-                self._run_job(lambda: self._transaction(drop))
+                self._run_job(lambda: self._transaction(drop, provisioning=False))
             raise
-        self._prov_count = count
 
     @staticmethod
     def _set_source_digest(conn: sqlite3.Connection, digest: bytes | None) -> None:

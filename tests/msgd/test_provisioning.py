@@ -262,8 +262,17 @@ def test_unchanged_file_is_not_reloaded(
     with caplog.at_level(logging.INFO, logger="msgd.registry"):
         assert registry.replace_provisioning(read_provisioning_csv(path)) == 2
     assert "UEs kept" in caplog.text
-    # An admin change since the last load invalidates the shortcut: the file wins again.
-    registry.upsert_provisioned(ProvisionedUe("ue-1", bytes(32), frozenset({"gw-z"})))
+    # An admin change is part of what the stored rows follow from: the shortcut still holds,
+    # and the admin's row stays.
+    admin = ProvisionedUe("ue-1", bytes(32), frozenset({"gw-z"}))
+    registry.upsert_provisioned(admin)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="msgd.registry"):
+        assert registry.replace_provisioning(read_provisioning_csv(path)) == 2
+    assert "UEs kept" in caplog.text
+    assert registry.provisioned("ue-1") == admin
+    # Forgetting the change invalidates the shortcut: the file decides for ue-1 again.
+    assert registry.forget_provisioning_overrides(["ue-1", "ue-2"]) == ["ue-1"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="msgd.registry"):
         assert registry.replace_provisioning(read_provisioning_csv(path)) == 2
@@ -326,3 +335,129 @@ async def test_replace_runs_alongside_registrations(tmp_path: Path) -> None:
         assert reg.registered_count() == durable_during
     finally:
         await reg.close()
+
+
+# -- admin changes: one transaction, and kept over the file until forgotten --------------------
+
+
+def table(path: Path) -> dict[str, ProvisionedUe]:
+    """The provisioning table as a reader of the file sees it (a connection of our own)."""
+    conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        return {
+            uid: ProvisionedUe(uid, bytes(key), frozenset(gateways.split(";")))
+            for uid, key, gateways in conn.execute("SELECT * FROM provisioning")
+        }
+    finally:
+        conn.close()
+
+
+def settle_index(reg: Registry) -> None:
+    thread = reg._index_thread
+    if thread is not None:
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("path_taken", ["diff", "rebuild"])
+def test_admin_changes_win_over_the_file_until_forgotten(tmp_path: Path, path_taken: str) -> None:
+    db = tmp_path / "registry.sqlite"
+    size = 100 if path_taken == "diff" else PROVISIONING_DIFF_MIN * 2 + 10
+    file_rows = rows(size)
+    changed = ProvisionedUe(file_rows[5].ue_service_id, bytes(32), frozenset({"gw-admin"}))
+    extra = ProvisionedUe("ue-admin", bytes(range(32)), frozenset({"gw-admin"}))
+    removed = file_rows[7].ue_service_id
+    reg = Registry.open(db)
+    try:
+        # The rebuild path is taken when the stored table differs much from the new rows.
+        reg.replace_provisioning(file_rows if path_taken == "diff" else rows(3, start=size))
+        assert reg.upsert_provisioned_many([changed, extra]) == (
+            1 if path_taken == "diff" else 2)
+        if path_taken == "rebuild":
+            reg.upsert_provisioned(file_rows[7])  # so that there is a row to remove
+        assert reg.remove_provisioned(removed) is True
+        assert reg.provisioning_overrides() == 3
+        expected = {row.ue_service_id: row for row in file_rows}
+        expected.update({changed.ue_service_id: changed, extra.ue_service_id: extra})
+        del expected[removed]
+
+        assert reg.replace_provisioning(file_rows) == len(expected) == size
+        assert reg.provisioned_count() == size
+        assert table(db) == expected
+        settle_index(reg)
+        assert reg._prov_index is not None
+        for uid in (changed.ue_service_id, extra.ue_service_id, removed, "ue-00000006"):
+            assert reg.provisioned(uid) == expected.get(uid)
+    finally:
+        reg.close_sync()
+
+    # Across a restart, as the daemon starts: the same replace, the same result.
+    reg = Registry.open(db)
+    try:
+        assert reg.provisioning_overrides() == 3
+        assert reg.replace_provisioning(file_rows) == size
+        assert table(db) == expected
+        # Forgotten: the next replace takes these UEs from the rows again.
+        assert sorted(reg.forget_provisioning_overrides()) == sorted(
+            [changed.ue_service_id, extra.ue_service_id, removed])
+        assert reg.provisioning_overrides() == 0
+        assert table(db) == expected  # nothing changes before the replace
+        assert reg.replace_provisioning(file_rows) == size
+        assert table(db) == {row.ue_service_id: row for row in file_rows}
+        assert reg.provisioned(removed) == file_rows[7]
+        assert reg.provisioned("ue-admin") is None
+    finally:
+        reg.close_sync()
+
+
+def test_admin_removal_of_an_unprovisioned_ue_records_nothing(registry: Registry) -> None:
+    registry.replace_provisioning(rows(3))
+    assert registry.remove_provisioned("ue-nobody") is False
+    assert registry.provisioning_overrides() == 0
+    assert registry.forget_provisioning_overrides(["ue-nobody"]) == []
+
+
+def test_import_is_checked_whole_before_anything_is_stored(registry: Registry) -> None:
+    registry.replace_provisioning(rows(3))
+    new = rows(5, start=100)
+    with pytest.raises(ProvisioningError, match="key must be 32 octets"):
+        registry.upsert_provisioned_many(
+            [*new, ProvisionedUe("ue-bad", bytes(31), frozenset({"gw-a"}))])
+    with pytest.raises(ProvisioningError, match="duplicate ue_service_id 'ue-00000100'"):
+        registry.upsert_provisioned_many([*new, new[0]])
+    assert registry.provisioned_count() == 3
+    assert all(registry.provisioned(row.ue_service_id) is None for row in new)
+    assert registry.provisioning_overrides() == 0
+
+
+def test_import_that_fills_the_disk_stores_none_of_its_rows(tmp_path: Path) -> None:
+    db = tmp_path / "registry.sqlite"
+    reg = Registry.open(db)
+    try:
+        old = rows(50)
+        reg.replace_provisioning(old)
+        settle_index(reg)
+        before = table(db)
+        new = rows(3000, gateway="gw-new", start=1000)
+        moved = ProvisionedUe(old[0].ue_service_id, bytes(32), frozenset({"gw-new"}))
+        # A little room: committed one by one, the first rows would fit.
+        pages = reg._debug_set_max_page_count(None)
+        reg._debug_set_max_page_count(pages + 2)
+        with pytest.raises(RegistryError, match="full"):
+            reg.upsert_provisioned_many([moved, *new])
+        assert table(db) == before
+        assert reg.provisioned_count() == 50
+        assert reg.provisioning_overrides() == 0
+        assert reg.provisioned(moved.ue_service_id) == old[0]
+        settle_index(reg)
+        assert reg._prov_index is not None and len(reg._prov_index[0]) == 50
+        assert all(reg.provisioned(row.ue_service_id) is None for row in new[::100])
+
+        # Space returns: the same import goes through whole.
+        reg._debug_set_max_page_count(1 << 30)
+        assert reg.upsert_provisioned_many([moved, *new]) == 3000
+        assert reg.provisioned_count() == 3050 == len(table(db))
+        assert reg.provisioning_overrides() == 3001
+    finally:
+        reg.close_sync()
+

@@ -7,6 +7,7 @@ to synchronise. See docs/registry.md for the design these tests hold to.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import json
 import random
@@ -709,3 +710,185 @@ def test_provisioning_index_agrees_with_the_table(path: Path) -> None:
         assert reg.provisioned("ue-new") == new and reg.provisioned("ue-00003") == rows[3]
     finally:
         reg.close_sync()
+
+
+# -- provisioning writes racing the index build and a replace ----------------------------------
+
+
+class Gate:
+    """Parks the first thread that reaches a point until the test releases it."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def wait_reached(self) -> None:
+        assert self.reached.wait(60), "the point was never reached"
+
+
+class PausingRegistry(Registry):
+    """A Registry whose test seam (_provisioning_pause) parks a thread at an armed point."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.gates: dict[str, Gate] = {}
+        self.gates_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def arm(self, point: str) -> Gate:
+        gate = Gate()
+        with self.gates_lock:
+            self.gates[point] = gate
+        return gate
+
+    def _provisioning_pause(self, point: str) -> None:
+        with self.gates_lock:
+            gate = self.gates.pop(point, None)
+        if gate is not None:
+            gate.thread = threading.current_thread()
+            gate.reached.set()
+            assert gate.release.wait(60), "never released"
+
+
+def _prov_rows(count: int):
+    from msgd.provisioning import ProvisionedUe
+
+    return [ProvisionedUe(f"ue-{i:05d}", bytes([i % 256]) * 32, frozenset({"gw-a"}))
+            for i in range(count)]
+
+
+def _index_value(reg: Registry, ue: str) -> bytes | None:
+    """What the published index holds for `ue` (None: no index, or no such UE in it)."""
+    index = reg._prov_index
+    return None if index is None else index[0].get(ue, b"")[:32] or None
+
+
+@pytest.mark.parametrize("writer_state", ["committed-not-ended", "ended"])
+def test_index_read_before_a_commit_is_never_published(path: Path, writer_state: str) -> None:
+    """A write commits while the index thread holds an index read from the old table: that
+    index must not become what lookups see, not even for a moment."""
+    from msgd.provisioning import ProvisionedUe
+
+    reg = PausingRegistry.open(path)
+    try:
+        rows = _prov_rows(200)
+        reg.replace_provisioning(rows)
+        _settle_index(reg)
+        target = rows[10]
+        new = ProvisionedUe(target.ue_service_id, b"\xee" * 32, frozenset({"gw-new"}))
+
+        # An unrelated write starts a rebuild; its read (the old key of `target`) is held
+        # between reading and publishing.
+        read = reg.arm("index-read")
+        reg.upsert_provisioned(ProvisionedUe("ue-other", bytes(32), frozenset({"gw-a"})))
+        read.wait_reached()
+
+        # Now `target` changes and commits, while that read is parked.
+        committed = reg.arm("committed") if writer_state == "committed-not-ended" else None
+        writer = threading.Thread(target=reg.upsert_provisioned, args=(new,))
+        writer.start()
+        if committed is not None:
+            committed.wait_reached()  # durable in the file, the write not yet over
+        else:
+            writer.join(60)
+            assert not writer.is_alive()
+        # The parked index thread goes on: it decides whether to publish, then either ends
+        # (committed-not-ended) or parks again before publishing its next read (ended).
+        again = reg.arm("index-read")
+        read.release.set()
+        if committed is not None:
+            read.thread.join(60)
+            assert not read.thread.is_alive()
+        else:
+            again.wait_reached()
+        # The change is committed: a lookup sees it, so the stale read was not published.
+        assert _index_value(reg, target.ue_service_id) != target.key
+        assert reg.provisioned(target.ue_service_id) == new
+
+        again.release.set()
+        if committed is not None:
+            committed.release.set()
+            writer.join(60)
+            assert not writer.is_alive()
+        _settle_index(reg)
+        assert reg._prov_index is not None, "the index is built again once the writes are over"
+        assert _index_value(reg, target.ue_service_id) == new.key
+        assert reg.provisioned(target.ue_service_id) == new
+    finally:
+        reg.close_sync()
+
+
+@pytest.mark.parametrize("path_taken", ["diff", "rebuild"])
+def test_admin_change_during_a_replace_is_not_undone(path: Path, path_taken: str) -> None:
+    """An admin change commits after a replace read the admin changes and merged, before it
+    applies its result: the result still holds the change."""
+    from msgd.provisioning import ProvisionedUe
+    from msgd.registry import PROVISIONING_DIFF_MIN
+
+    reg = PausingRegistry.open(path)
+    try:
+        size = 300 if path_taken == "diff" else PROVISIONING_DIFF_MIN * 2 + 10
+        rows = _prov_rows(size)
+        if path_taken == "diff":
+            # The merge must rewrite the rows the admin then changes: they differ now.
+            old = ProvisionedUe("x", b"\x01" * 32, frozenset({"gw-old"}))
+            reg.replace_provisioning(
+                [ProvisionedUe(row.ue_service_id, old.key, old.gateways) if i in (3, 4)
+                 else row for i, row in enumerate(rows)])
+        else:
+            reg.replace_provisioning(rows[:5])  # so different that the table is rebuilt
+        changed = ProvisionedUe(rows[3].ue_service_id, b"\xaa" * 32, frozenset({"gw-admin"}))
+        added = ProvisionedUe("ue-admin", b"\xbb" * 32, frozenset({"gw-admin"}))
+        removed = rows[4].ue_service_id
+
+        merged = reg.arm("replace-merged")
+        replacing = concurrent.futures.ThreadPoolExecutor(1)
+        result = replacing.submit(reg.replace_provisioning, rows)
+        merged.wait_reached()
+        reg.upsert_provisioned_many([changed, added])
+        assert reg.remove_provisioned(removed)
+        merged.release.set()
+        assert result.result(60) == size  # rows - removed + added
+        replacing.shutdown()
+
+        stored = dict(query(path, "SELECT ue_service_id, key FROM provisioning"))
+        assert len(stored) == size == reg.provisioned_count()
+        assert stored[changed.ue_service_id] == changed.key
+        assert stored[added.ue_service_id] == added.key
+        assert removed not in stored
+        assert stored[rows[5].ue_service_id] == rows[5].key
+        _settle_index(reg)
+        assert reg.provisioned(changed.ue_service_id) == changed
+        assert reg.provisioned(removed) is None
+        # The raced replace cannot vouch for the stored rows: the next one reads its input.
+        assert query(path, "SELECT value FROM meta WHERE key = 'provisioning_source'") == []
+    finally:
+        reg.close_sync()
+
+
+def test_migrates_schema_2(path: Path) -> None:
+    """Schema 3 adds provisioning_admin; a schema 2 file keeps its registrations and rows."""
+    from msgd.provisioning import ProvisionedUe
+
+    reg = Registry.open(path)
+    reg.replace_provisioning(_prov_rows(5))
+    reg.submit_register("ue-00001", "gw-a", b"\x01")
+    reg.close_sync()
+    conn = sqlite3.connect(path)  # make it what msgd with schema 2 left behind
+    conn.execute("DROP TABLE provisioning_admin")
+    conn.execute("UPDATE meta SET value = 2 WHERE key = 'schema_version'")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+
+    reg = Registry.open(path)
+    try:
+        assert reg.registration("ue-00001") == Registration("ue-00001", "gw-a", b"\x01")
+        assert reg.provisioned_count() == 5 and reg.provisioning_overrides() == 0
+        reg.upsert_provisioned(ProvisionedUe("ue-new", bytes(32), frozenset({"gw-b"})))
+        assert reg.provisioning_overrides() == 1
+    finally:
+        reg.close_sync()
+    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(3,)]
+    assert query(path, "SELECT ue_service_id, key, gateways FROM provisioning_admin") == [
+        ("ue-new", bytes(32), "gw-b")]

@@ -169,11 +169,11 @@ async def test_provision_import_and_remove(daemon, msgctl, tmp_path):
     _csv(tmp_path / "new.csv", [("new@example", new_key, ["gw1.example"])])
     code, out, err = await msgctl("provision", "import", str(tmp_path / "new.csv"))
     assert code == 0 and out == "imported 1 UEs (5 provisioned)\n"
-    assert "the provisioning file stays the reference" in err
+    assert "kept over the provisioning file across reloads and restarts" in err
     _csv(tmp_path / "more.csv", [("json@example", json_key, ["gw2.example"]),
                                  ("a1@example", secrets.token_bytes(32), ["gw2.example"])])
     code, result = await msgctl.json("provision", "import", str(tmp_path / "more.csv"))
-    assert (code, result) == (0, {"imported": 2, "provisioned": 6})
+    assert (code, result) == (0, {"imported": 2, "provisioned": 6, "admin_overrides": 3})
 
     # In force at once: the new UE registers with its key; a1 now belongs to gw2 only.
     from msgd.client import GatewayUe
@@ -211,8 +211,10 @@ async def test_drain(daemon, msgctl, as_json):
         assert code == 0 and out.startswith("draining: GOODBYE sent to 1 gateways")
     await asyncio.wait_for(gw.wait_closed(), 10)
     assert gw.goodbye.error_cause == ErrorCause.SHUTTING_DOWN
-    with pytest.raises((HandshakeError, OSError)):
-        await connect(dep, server.address)
+    # Refused: the listener is closed, so the attempt ends in a refusal, not a timeout.
+    with pytest.raises(HandshakeError) as refused:
+        await connect(dep, server.address, timeout=5)
+    assert isinstance(refused.value.__cause__, ConnectionRefusedError), refused.value
     code, status = await msgctl.json("status")
     assert status["state"] == "draining"
 
@@ -365,3 +367,62 @@ async def test_socket_found_through_the_configuration_file(daemon, sock_dir, cap
     # Without [control] socket there is nothing to reach: a usage error naming the way out.
     code = await asyncio.to_thread(cli.main, ["status", "--config", str(dep.config_path)])
     assert code == 2 and "has no [control] socket; pass --socket PATH" in capsys.readouterr().err
+
+
+async def test_provision_import_is_one_transaction(daemon, msgctl, tmp_path):
+    """Storage fails part-way through an import: none of its rows is applied, and msgctl says
+    so (before, it stopped half-way and said "stored N of M rows")."""
+    dep, server, _control = daemon
+    registry = server.registry
+    rows = [(f"bulk-{i:04d}@example", secrets.token_bytes(32), ["gw1.example"])
+            for i in range(2000)]
+    rows.append(("a1@example", secrets.token_bytes(32), ["gw2.example"]))  # an existing UE
+    _csv(tmp_path / "big.csv", rows)
+    # Room for a few more pages: committed one by one, the first rows would fit.
+    pages = await asyncio.to_thread(registry._debug_set_max_page_count, None)
+    await asyncio.to_thread(registry._debug_set_max_page_count, pages + 2)
+    try:
+        code, out, err = await msgctl("provision", "import", str(tmp_path / "big.csv"))
+        assert code == 1 and out == ""
+        assert "import failed, nothing was applied" in err and "full" in err
+        code, failed = await msgctl.json("provision", "import", str(tmp_path / "big.csv"))
+        assert code == 1 and failed["result"] == {"imported": 0}
+    finally:
+        await asyncio.to_thread(registry._debug_set_max_page_count, 1 << 30)
+    assert registry.provisioned_count() == 4
+    assert all(registry.provisioned(uid) is None for uid, _key, _gws in rows[:-1])
+    assert registry.provisioned("a1@example").gateways == {"gw1.example"}
+    code, status = await msgctl.json("status")
+    assert status["registry"]["admin_overrides"] == 0 and status["registry"]["provisioned"] == 4
+    # The old provisioning still serves: a1 registers through gw1 with the file's key.
+    async with await _registered(dep, server, "a1@example"):
+        pass
+    # With space again, the same file goes in whole.
+    code, result = await msgctl.json("provision", "import", str(tmp_path / "big.csv"))
+    assert (code, result) == (0, {"imported": 2001, "provisioned": 2004,
+                                  "admin_overrides": 2001})
+
+
+async def test_provision_forget_and_status(daemon, msgctl, tmp_path):
+    dep, server, _control = daemon
+    _csv(tmp_path / "one.csv", [("a1@example", secrets.token_bytes(32), ["gw2.example"])])
+    assert (await msgctl("provision", "import", str(tmp_path / "one.csv")))[0] == 0
+    assert (await msgctl("provision", "remove", "a2@example"))[0] == 0
+    code, out, _ = await msgctl("status")
+    assert code == 0 and "provisioning 2 admin changes kept over the provisioning file" in out
+
+    code, out, err = await msgctl("provision", "forget")
+    assert code == 2 and "give UE Service IDs or --all" in err
+    code, out, err = await msgctl("provision", "forget", "a3@example")
+    assert code == 1 and "no admin change is recorded for 'a3@example'" in err
+    code, out, err = await msgctl("provision", "forget", "a2@example", "a3@example")
+    assert code == 0 and out.startswith("forgot 1 admin changes (1 left); the provisioning file")
+    assert "no admin change was recorded for: a3@example" in err
+    code, result = await msgctl.json("provision", "forget", "--all")
+    assert (code, result) == (0, {"forgotten": 1, "unknown": [], "admin_overrides": 0})
+    # Until the next reload the rows stay as the admin left them; then the file decides.
+    assert server.registry.provisioned("a2@example") is None
+    assert (await msgctl("reload"))[0] == 0
+    assert server.registry.provisioned("a2@example").key == dep.keys["a2@example"]
+    assert server.registry.provisioned("a1@example").key == dep.keys["a1@example"]
+
