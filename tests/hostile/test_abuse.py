@@ -16,6 +16,7 @@ import pytest
 
 from tests.harness import ChildServer, Gw, RawGateway, make_deployment
 from tests.hostile.tools import (
+    CLOSED,
     KEY,
     Witness,
     assert_clean_log,
@@ -30,7 +31,7 @@ from tests.hostile.tools import (
     registration_body,
 )
 from tests.vectors import VECTORS
-from wire.constants import IEI, ErrorCause, FailureCause, MessageType
+from wire.constants import HEADER_SIZE, IEI, ErrorCause, FailureCause, MessageType
 from wire.ies import split_ies
 from wire.messages import (
     Error,
@@ -166,13 +167,26 @@ def _mutants(rng: random.Random, seeds: list[bytes]) -> Iterator[tuple[str, byte
             yield "flags", bytes(base)
 
 
+def _swallowed(stream: bytes, probe_at: int) -> bool:
+    """Whether the octets of `stream` from `probe_at` on only complete a frame begun before
+    them, exactly: framed as msgd frames it (a 12-octet header ending in the body length,
+    then the body), the probe there is then neither a frame of its own, to be answered, nor
+    part of a frame left incomplete, which frame_timeout cuts."""
+    pos = 0
+    while pos < len(stream):
+        if pos == probe_at or len(stream) - pos < HEADER_SIZE:
+            return False
+        pos += HEADER_SIZE + int.from_bytes(stream[pos + 8 : pos + HEADER_SIZE], "big")
+    return pos == len(stream)
+
+
 async def test_random_and_mutated_frames_after_hello(abuse):
     """Hundreds of mutated and random frames: every one is answered or the connection is
     closed within the frame bound; the probe after it tells which. Nothing hangs or leaks."""
     dep, child, baseline = abuse
     seed = int(os.environ.get("HOSTILE_SEED", "20260707"))
     seeds = _seed_frames()
-    outcome = {"answered": 0, "closed": 0, "connections": 0}
+    outcome = {"answered": 0, "closed": 0, "connections": 0, "probe_swallowed": 0}
     kinds: dict[str, int] = {}
 
     async def abuser(n: int, cases: int) -> None:
@@ -186,16 +200,24 @@ async def test_random_and_mutated_frames_after_hello(abuse):
             how, data = next(mutants)
             kinds[how] = kinds.get(how, 0) + 1
             probe = 0x7F00_0000 + n * 1000 + case
+            probes = encode_message(Keepalive(probe))
+            if _swallowed(data + probes, len(data)):
+                # The probe would end a frame the mutant left open: msgd answers that frame
+                # and waits for the next, so a second probe tells whether msgd still serves.
+                outcome["probe_swallowed"] += 1
+                probe += 0x0080_0000
+                probes += encode_message(Keepalive(probe))
             try:
-                await raw.send(data + encode_message(Keepalive(probe)))
-                # The probe is answered unless the mutant closed the connection or swallowed
-                # it as body octets; then the frame bound (1 s) ends the connection.
+                await raw.send(data + probes)
+                # The probe is answered unless the mutant closed the connection or left a
+                # frame incomplete (the probe then is body octets): the frame bound (1 s)
+                # ends the connection.
                 while True:
                     got = await read_message(raw, timeout=5)
                     if isinstance(got, KeepaliveAck) and got.transaction_id == probe:
                         outcome["answered"] += 1
                         break
-            except (EOFError, OSError):  # closed: EOF, reset or a TLS alert
+            except CLOSED:  # closed: EOF, reset or a TLS alert (a read timeout is neither)
                 outcome["closed"] += 1
                 raw.close()
                 raw = None

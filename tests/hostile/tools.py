@@ -17,7 +17,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,13 +137,45 @@ async def read_message(raw: RawGateway, timeout: float = 10.0) -> Any:
         return decode_body(MessageType(mtype), tid, body)
 
 
+# How a peer's refusal or close shows on our side: EOF, a reset, or a TLS alert. Not a timeout
+# (TimeoutError is an OSError too): a server that hangs has neither refused nor closed.
+CLOSED = (EOFError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLError)
+
+
 async def closed_by_server(raw: RawGateway, timeout: float = 10.0) -> list[Any]:
     """Read until the server closes; the messages it sent on the way (KEEPALIVEs skipped)."""
     seen: list[Any] = []
-    with contextlib.suppress(EOFError, ConnectionError, ssl.SSLError):
+    with contextlib.suppress(*CLOSED):
         while True:
             seen.append(await read_message(raw, timeout))
     return seen
+
+
+async def refused(attempt: Awaitable[Any], within: float = 10.0) -> BaseException:
+    """Await `attempt` and return how the server refused it: EOF, a reset or a TLS alert
+    (`CLOSED`), within `within` seconds. A timeout, an answer, our own rejection of the
+    server's certificate and a connection nobody accepted (ECONNREFUSED) each fail the test.
+
+    An attempt that yields a RawGateway is made to say HELLO: TLS 1.3 lets the client finish
+    its handshake before the server has judged the client's certificate, so a refusal may
+    only show on the first read. The connection is closed on the way out."""
+    raw = None
+    try:
+        async with asyncio.timeout(within):
+            got = await attempt
+            if isinstance(got, RawGateway):
+                raw = got
+                got = await raw.hello()
+    except TimeoutError as exc:
+        raise AssertionError(f"not refused within {within:g} s (a timeout is no refusal)") from exc
+    except CLOSED as exc:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            raise AssertionError(f"we rejected the server, it did not refuse us: {exc}") from exc
+        return exc
+    finally:
+        if raw is not None:
+            raw.close()
+    raise AssertionError(f"not refused: the server answered {got!r}")
 
 
 def proof(nonce: bytes, op: int, uid: str, key: bytes = KEY) -> bytes:
