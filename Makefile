@@ -1,4 +1,5 @@
-# Quick start: `make run` starts the demo server, `make test` runs the whole suite.
+# Quick start: `make run` starts the demo server, `make test` runs the whole suite (after
+# installing, as root on Debian, the packages whose programs the tests run: .ci/debian-deps).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -18,6 +19,7 @@ run: $(STAMP)
 	$(BIN)/msgd --config $(STATE)/msgd.toml
 
 test: $(STAMP)
+	bash .ci/debian-deps
 	$(BIN)/ruff check wire msgd tests bench
 	$(BIN)/python -m pytest -q
 
