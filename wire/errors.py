@@ -71,9 +71,14 @@ class SessionError(WireError):
 
 
 class EntryError(WireError):
-    """A malformed entry inside a bulk: FailureCause.INVALID_ENTRY for that entry only."""
+    """A malformed entry inside a bulk: FailureCause.INVALID_ENTRY for that entry only.
+
+    `ue_service_id` is the entry's UE Service ID when the entry carried that IE and its value
+    is valid by itself (wire-v1 §3), so the response entry can echo it; "" otherwise.
+    """
 
     failure_cause = FailureCause.INVALID_ENTRY
+    ue_service_id = ""
 
 
 class LocalProtocolError(Exception):

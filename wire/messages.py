@@ -457,7 +457,9 @@ def decode_entry(entry_iei: IEI, raw: bytes, *, reference: bool = False) -> Any:
                     return hit
         return decode_group(ENTRY_SPECS[entry_iei], raw, reference=reference)
     except WireError as exc:
-        raise EntryError(str(exc)) from exc
+        error = EntryError(str(exc))
+        error.ue_service_id = _entry_ue_service_id(raw)
+        raise error from exc
 
 
 # --- the hand-written fast path (held to the reference by tests/wire/test_differential.py) --
@@ -610,6 +612,23 @@ def _fast_deregistration_entry(raw: bytes) -> Any:
     return entry
 
 
+def _entry_ue_service_id(raw: bytes) -> str:
+    """The first UE Service ID IE of a malformed entry, if the IEs up to it are readable and
+    its value is valid per wire-v1 §3 (1..255 octets of UTF-8, no C0/C1 controls); else "".
+
+    An INVALID_ENTRY answer echoes it (docs/protocol.md), so the gateway sees which UE failed.
+    """
+    pos, n = 0, len(raw)
+    while n - pos >= 3:
+        end = pos + 3 + ((raw[pos + 1] << 8) | raw[pos + 2])
+        if end > n:
+            return ""
+        if raw[pos] == _UID:
+            return _fast_text(raw, pos + 3, end, UE_SERVICE_ID_MAX) or ""
+        pos = end
+    return ""
+
+
 _FAST_ENTRY = {
     IEI.REGISTRATION_ENTRY: _fast_registration_entry,
     IEI.DEREGISTRATION_ENTRY: _fast_deregistration_entry,
@@ -631,6 +650,7 @@ def _entry_decoder(entry_iei: IEI) -> Any:
         except WireError as exc:
             error = EntryError(str(exc))
             error.__cause__ = exc
+            error.ue_service_id = _entry_ue_service_id(raw)
             return error
 
     return decode

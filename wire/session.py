@@ -160,6 +160,10 @@ _GATEWAY_BEFORE_ACK = frozenset({MessageType.HELLO_ACK, MessageType.ERROR, Messa
 
 _MESSAGE_TYPES: dict[int, MessageType] = {int(t): t for t in MessageType}
 
+# Messages that never open a transaction, so never collide with one (server role).
+_NOT_NEW_TRANSACTION = frozenset({MessageType.ERROR, MessageType.KEEPALIVE,
+                                  MessageType.KEEPALIVE_ACK, MessageType.GOODBYE})
+
 # At most this many rejected or failed bulk messages have trailing fragments discarded at once.
 _MAX_DISCARDED = 64
 
@@ -417,6 +421,15 @@ class Session:
         if (state is not SessionState.ESTABLISHED and state is not SessionState.CLOSING
                 and not self._check_not_established(mtype)):
             return
+        if self._is_server and tid in self._txns and self._reuses_live_id(header, mtype):
+            # wire-v1 §7.2: answered TRANSACTION_ID_IN_USE whatever else is wrong with it, so
+            # the gateway never reads the answer as the end of its live transaction.
+            self._skip_frame(header)
+            self._reject(SessionError(ErrorCause.TRANSACTION_ID_IN_USE,
+                                      f"transaction {tid} is in progress", transaction_id=tid))
+            if header.more and mtype in BULK_MESSAGES:
+                self._discard(tid, mtype)
+            return
         if mtype is None:
             # Checked before MORE: an unknown type is UNKNOWN_MESSAGE_TYPE even with MORE set.
             self._skip_frame(header)
@@ -434,6 +447,18 @@ class Session:
                                         transaction_id=tid))
             return
         self._frame = _Frame(header, None, mtype)
+
+    def _reuses_live_id(self, header: FrameHeader, mtype: MessageType | None) -> bool:
+        """Server: whether a frame whose id is in use starts a new message with that id.
+
+        Not so for the next fragment of the bulk request in progress on that id, an ERROR (it
+        ends the transaction), KEEPALIVE / KEEPALIVE ACK (not transactions, docs/protocol.md
+        item 16) and GOODBYE (about the connection)."""
+        if mtype in _NOT_NEW_TRANSACTION:
+            return False
+        txn = self._txns[header.transaction_id]
+        reader = txn.in_reader
+        return not (reader is not None and not txn.in_done and reader.message_type is mtype)
 
     def _check_not_established(self, mtype: MessageType | None) -> bool:
         """wire-v1 §4.1: nothing but HELLO (server) / HELLO ACK (gateway) opens a session.
@@ -970,11 +995,20 @@ class Session:
     def _outgoing_type(self, txn: _Txn) -> MessageType:
         return RESPONSE_TO[txn.request_type] if self._is_server else txn.request_type
 
-    def send_bulk_entry(self, transaction_id: int, entry: Any) -> bool:
+    def transaction(self, transaction_id: int) -> object | None:
+        """An opaque handle of the transaction now using `transaction_id` (None: none is).
+
+        Given back to send_response() / send_bulk_entry(), it makes sure an answer reaches the
+        transaction it was decided for and never a later one that reuses the id after the
+        gateway ended the first with ERROR (wire-v1 §5 Count: the id is free at once)."""
+        return self._txns.get(transaction_id)
+
+    def send_bulk_entry(self, transaction_id: int, entry: Any, handle: object = None) -> bool:
         """Queue the next entry of a bulk message (request or response, by role). False when
-        the transaction has ended meanwhile (the peer's ERROR, our own, or the connection)."""
+        the transaction has ended meanwhile (the peer's ERROR, our own, or the connection), or
+        `handle` (from transaction()) is given and no longer names the live transaction."""
         txn = self._txns.get(transaction_id)
-        if txn is None or txn.error_sent:
+        if txn is None or txn.error_sent or (handle is not None and txn is not handle):
             return False
         if not txn.is_bulk:
             raise LocalProtocolError(f"transaction {transaction_id} is not a bulk")
@@ -1046,12 +1080,13 @@ class Session:
         else:
             txn.out_buf = bytearray()
 
-    def send_response(self, response: Any) -> bool:
-        """Server: answer a single request (False if its transaction has ended meanwhile)."""
+    def send_response(self, response: Any, handle: object = None) -> bool:
+        """Server: answer a single request. False if its transaction has ended meanwhile, or
+        `handle` (from transaction()) is given and no longer names the live transaction."""
         if not self._is_server:
             raise LocalProtocolError("a gateway sends no responses")
         txn = self._txns.get(response.transaction_id)
-        if txn is None:
+        if txn is None or (handle is not None and txn is not handle):
             return False
         if txn.is_bulk or RESPONSE_TO[txn.request_type] is not type(response).message_type:
             raise LocalProtocolError("response type does not answer the request")
@@ -1109,6 +1144,20 @@ class Session:
             self.goodbye_sent = True
             self._out.append(data)
             self._close(cause, diagnostic or cause.name, by_peer=False)
+
+    def terminate(self, cause: ErrorCause, diagnostic: str = "") -> None:
+        """Server: end the session at once with GOODBYE(cause) (wire-v1 §4 item 6, a gateway
+        that lost its permission). Nothing more is decided or answered: events not yet taken
+        are dropped with the transactions in progress, which end without further response
+        entries. Frames already queued (answers given before this call) still go out."""
+        if not self._is_server:
+            raise LocalProtocolError("a gateway cannot terminate a session")
+        if self.state is SessionState.CLOSED:
+            return
+        self._events.clear()
+        self._out.append(encode_message(Goodbye(0, int(cause), None, _clip(diagnostic) or None)))
+        self.goodbye_sent = True
+        self._close(cause, diagnostic or cause.name, by_peer=False)
 
     # --- timers -----------------------------------------------------------------------------
 
