@@ -37,12 +37,12 @@ from .errors import (
     TLSSetupError,
 )
 from .log import get_logger, setup_logging
-from .metrics import HealthProbe, Metrics, certificate_inventory
+from .metrics import HealthProbe, Metrics
 from .provisioning import read_provisioning_csv
 from .registry import Registry
 from .service import Registrar
 from .systemd import Notifier
-from .tls import server_context
+from .tls import ServerTls, is_revoked, load_server_tls
 from .transport import GatewayConnection
 
 log = get_logger("msgd.server")
@@ -55,13 +55,13 @@ class Server:
         self,
         config: Config,
         registry: Registry,
-        ssl_context: ssl.SSLContext,
+        tls: ServerTls,
         loop: asyncio.AbstractEventLoop,
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
-        self.ssl_context = ssl_context
+        self.tls = tls
         self.loop = loop
         self.notifier = notifier or Notifier(None)
         self.metrics = Metrics()
@@ -99,7 +99,7 @@ class Server:
             registry.provisioned_count,
             registry.pending,
         )
-        self._set_certificate_metrics(config)
+        self._set_certificate_metrics(tls)
 
     # --- registry completions ---------------------------------------------------------------
 
@@ -183,11 +183,12 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def _handshake(self, sock: socket.socket) -> None:
-        conn = GatewayConnection(self, accepted_at=self.loop.time())
+        tls = self.tls
+        conn = GatewayConnection(self, accepted_at=self.loop.time(), tls=tls)
         peer = _peer_of(sock)  # now: the socket may be gone once the handshake failed
         try:
             await self.loop.connect_accepted_socket(
-                lambda: conn, sock, ssl=self.ssl_context,
+                lambda: conn, sock, ssl=tls.context,
                 ssl_handshake_timeout=self.config.limits.hello_timeout)
         except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as exc:
             self.metrics.connection_refused("tls")
@@ -212,6 +213,11 @@ class Server:
             return max(1, math.ceil((began[0] + limits.reconnect_window - now) * 1000))
         began.append(now)
         return None
+
+    def revoked_since_handshake(self, conn: GatewayConnection, peer_der: bytes | None) -> bool:
+        """Whether a reload that happened during this connection's TLS handshake revoked its
+        certificate (the handshake was checked against the CRL of its start)."""
+        return conn.tls is not self.tls and is_revoked(self.tls.crl, peer_der)
 
     def connection_started(self, conn: GatewayConnection) -> None:
         self.connections.add(conn)
@@ -280,6 +286,9 @@ class Server:
             return result
 
     async def _reload(self) -> dict[str, Any]:
+        """Read and check every input first (configuration, TLS files and CRL read once,
+        provisioning committed last: after it nothing can fail), then switch in one step on
+        the loop thread with no await in between (`_switch`)."""
         def failed(part: str, reason: str) -> dict[str, Any]:
             log.error("reload.failed", part=part, reason=reason, effect="nothing changed")
             return {"ok": False, "part": part, "error": reason}
@@ -291,16 +300,10 @@ class Server:
             new = load_config(old.path)
         except ConfigError as exc:
             return failed("config", str(exc))
-        # Everything that can fail is done before anything is switched, provisioning last:
-        # its replacement is one atomic commit, after which nothing can fail.
         try:
-            ssl_context = server_context(new.tls)
-            inventory = certificate_inventory(new.tls.certificate, new.tls.gateway_ca)
-            crl = _load_crl(new.tls.crl)
+            tls = load_server_tls(new.tls)
         except TLSSetupError as exc:
             return failed("tls", str(exc))
-        except (OSError, ValueError) as exc:  # a file replaced between the reads
-            return failed("tls", f"{type(exc).__name__}: {exc}")
         try:
             count = await asyncio.to_thread(
                 self.registry.replace_provisioning, read_provisioning_csv(new.provisioning.file)
@@ -308,13 +311,19 @@ class Server:
         except (ProvisioningError, RegistryError, OSError) as exc:
             return failed("provisioning", str(exc))
         log.info("reload.provisioning", provisioned=count, file=str(new.provisioning.file))
+        return self._switch(new, tls, count)
 
-        self.ssl_context = ssl_context
-        self.metrics.set_certificates(inventory)
-        self.metrics.set_crl_next_update(crl.next_update_utc if crl is not None else None)
+    def _switch(self, new: Config, tls: ServerTls, count: int) -> dict[str, Any]:
+        """The second half of a reload: assignments, then what each live session must learn
+        (wire-v1 §4 item 6). Each connection is handled in isolation: one that fails is closed
+        and the switch goes on."""
+        old = self.config
+        self.tls = tls
+        self.metrics.set_certificates(tls.inventory)
+        self.metrics.set_crl_next_update(tls.crl.next_update_utc if tls.crl is not None else None)
         log.info("reload.tls", certificate=str(new.tls.certificate),
-                 serial=_serial_of(new.tls.certificate), crl=str(new.tls.crl or ""),
-                 revoked=len(crl) if crl is not None else 0)
+                 serial=tls.certificate_serial, crl=str(new.tls.crl or ""),
+                 revoked=len(tls.crl) if tls.crl is not None else 0)
         # Keys read once at start keep their old values until a restart; say which changed.
         fixed = {"server.listen": (old.server.listen, new.server.listen),
                  "registry": (old.registry, new.registry),
@@ -336,30 +345,46 @@ class Server:
         self.bulk_window = limits.bulk_window
         self.registrar.max_pending_writes = limits.max_pending_writes
         if new.log.level != old.log.level:
-            setup_logging(new.log.level)
+            setup_logging(new.log.level)  # the level was checked by load_config
         added = sorted(set(new.gateways) - set(self.gateways))
         removed = sorted(set(self.gateways) - set(new.gateways))
         self.gateways = dict(new.gateways)
-        told = 0
+        ended = {"sessions_revoked": 0, "sessions_removed": 0, "sessions_settings_changed": 0}
         for conn in list(self.connections):
-            if conn.identity is None or conn.session is None:
+            try:
+                outcome = self._recheck(conn, tls)
+            except Exception as exc:  # one connection's bug must not stop the switch
+                conn.fail(exc)
                 continue
-            if conn.identity not in self.gateways:
-                conn.log.info("gateway.removed", effect="GOODBYE")
-                conn.goodbye(ErrorCause.GATEWAY_NOT_ALLOWED, "gateway removed from configuration")
-                told += 1
-            elif crl is not None and _is_revoked(conn, crl):
-                conn.log.warning("gateway.revoked", serial=_peer_serial_hex(conn),
-                                 effect="GOODBYE")
-                conn.goodbye(ErrorCause.GATEWAY_NOT_ALLOWED, "certificate revoked")
-                told += 1
-            else:
-                conn.policy = self.gateways[conn.identity]
+            if outcome is not None:
+                ended[outcome] += 1
         log.info("reload.done", gateways=len(self.gateways), added=",".join(added),
-                 removed=",".join(removed), provisioned=count, goodbye=told)
+                 removed=",".join(removed), provisioned=count, **ended)
         return {"ok": True, "changes": {
             "gateways_added": added, "gateways_removed": removed, "provisioned": count,
-            "sessions_ended": told, "restart_needed": restart}}
+            "sessions_ended": sum(ended.values()), **ended, "restart_needed": restart}}
+
+    def _recheck(self, conn: GatewayConnection, tls: ServerTls) -> str | None:
+        """Apply a reload to one live connection; what happened to it, or None."""
+        if conn.session is None:
+            return None
+        if tls.crl is not None and is_revoked(tls.crl, conn.peer_der()):
+            conn.log.warning("gateway.revoked", effect="GOODBYE(GATEWAY_NOT_ALLOWED)")
+            conn.revoke("certificate revoked")
+            return "sessions_revoked"
+        if conn.identity is None or conn.policy is None:
+            return None  # no HELLO yet: the identity is checked against the new table then
+        policy = self.gateways.get(conn.identity)
+        if policy is None:
+            conn.log.warning("gateway.removed", effect="GOODBYE(GATEWAY_NOT_ALLOWED)")
+            conn.revoke("gateway removed from configuration")
+            return "sessions_removed"
+        if policy != conn.policy and not conn.session.goodbye_sent:
+            # HELLO ACK announced the old settings: they hold until the session ends.
+            conn.log.info("gateway.settings_changed", effect="GOODBYE(NORMAL)")
+            conn.goodbye(ErrorCause.NORMAL, "gateway settings changed: reconnect to learn them")
+            return "sessions_settings_changed"
+        return None
 
     def mark_ready(self) -> None:
         """READY=1 (serve() calls this once listening and loaded); runs a SIGHUP held till now."""
@@ -370,15 +395,9 @@ class Server:
             self._reload_queued = False
             self.reload()
 
-    def _set_certificate_metrics(self, config: Config) -> None:
-        try:
-            self.metrics.set_certificates(
-                certificate_inventory(config.tls.certificate, config.tls.gateway_ca))
-            crl = _load_crl(config.tls.crl)
-        except (OSError, ValueError) as exc:
-            log.warning("metrics.certificates_unreadable", reason=str(exc))
-            return
-        self.metrics.set_crl_next_update(crl.next_update_utc if crl is not None else None)
+    def _set_certificate_metrics(self, tls: ServerTls) -> None:
+        self.metrics.set_certificates(tls.inventory)
+        self.metrics.set_crl_next_update(tls.crl.next_update_utc if tls.crl is not None else None)
 
     def _status_text(self) -> str:
         state = "stopping, " if self.stopping else "draining, " if self.draining else ""
@@ -458,51 +477,6 @@ def _session_limits(limits: LimitsConfig) -> Limits:
     )
 
 
-def _load_crl(path: Path | None) -> Any:
-    """The CRL at `path` (cryptography object), None without one; ValueError if unparsable."""
-    if path is None:
-        return None
-    from cryptography import x509
-
-    return x509.load_pem_x509_crl(Path(path).read_bytes())
-
-
-def _peer_certificate(conn: GatewayConnection) -> Any:
-    transport = conn.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
-        return None
-    from cryptography import x509
-
-    return x509.load_der_x509_certificate(der)
-
-
-def _is_revoked(conn: GatewayConnection, crl: Any) -> bool:
-    """Whether the CRL revokes the certificate this gateway connected with.
-
-    Serial numbers are unique per issuer only, so the issuer must be the CRL's too.
-    """
-    cert = _peer_certificate(conn)
-    if cert is None or cert.issuer != crl.issuer:
-        return False
-    return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
-
-
-def _peer_serial_hex(conn: GatewayConnection) -> str:
-    cert = _peer_certificate(conn)
-    return f"{cert.serial_number:x}" if cert is not None else "?"
-
-
-def _serial_of(path: Path) -> str:
-    from cryptography import x509
-
-    try:
-        return f"{x509.load_pem_x509_certificate(Path(path).read_bytes()).serial_number:x}"
-    except (OSError, ValueError):
-        return "?"
-
-
 def _peer_not_after(conn: GatewayConnection) -> dt.datetime | None:
     transport = conn.transport
     cert = transport.get_extra_info("peercert") if transport is not None else None
@@ -571,11 +545,11 @@ async def _watchdog(server: Server, period: float | None) -> None:
 
 
 async def serve(
-    config: Config, registry: Registry, ssl_context: ssl.SSLContext, notifier: Notifier
+    config: Config, registry: Registry, tls: ServerTls, notifier: Notifier
 ) -> int:
     loop = asyncio.get_running_loop()
     registry.start(loop)
-    server = Server(config, registry, ssl_context, loop, notifier)
+    server = Server(config, registry, tls, loop, notifier)
     stop = asyncio.Event()
     # Handlers first: a SIGTERM that arrives as soon as we listen must still stop us cleanly
     # (a SIGHUP before READY=1 is held until then: see Server.reload).
@@ -633,7 +607,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _check_config(path: Path, config: Config) -> int:
     """--check-config (also systemd's ExecReload= pre-check): what a reload would read."""
     try:
-        server_context(config.tls)
+        load_server_tls(config.tls)
         count = sum(1 for _row in read_provisioning_csv(config.provisioning.file))
     except TLSSetupError as exc:
         print(f"msgd: {exc}", file=sys.stderr)
@@ -675,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         return _check_config(args.config, config)
     try:
-        ssl_context = server_context(config.tls)
+        tls = load_server_tls(config.tls)
     except TLSSetupError as exc:
         print(f"msgd: {exc}", file=sys.stderr)
         return 2
@@ -698,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import uvloop
 
-        return uvloop.run(serve(config, registry, ssl_context, notifier))
+        return uvloop.run(serve(config, registry, tls, notifier))
     finally:
         notifier.close()
 

@@ -15,7 +15,11 @@ from wire.credential import verify_proof
 from wire.messages import PROFILE_SPEC, Profile, encode_group
 
 from .config import GatewayPolicy
+from .errors import RegistryError
+from .log import get_logger
 from .registry import Registry
+
+log = get_logger("msgd.service")
 
 
 class Outcome(NamedTuple):
@@ -35,6 +39,9 @@ class Outcome(NamedTuple):
 
 
 BUSY_RETRY_MS = 500
+# The registry refused the change (its writer is gone, the file was refused): the entry fails,
+# the connection and the daemon stay (wire-v1 §5, STORAGE_FAILURE).
+STORAGE_FAILED = Outcome(FailureCause.STORAGE_FAILURE)
 
 
 class Registrar:
@@ -43,6 +50,15 @@ class Registrar:
     def __init__(self, registry: Registry, *, max_pending_writes: int) -> None:
         self.registry = registry
         self.max_pending_writes = max_pending_writes
+        self._refusals = 0
+
+    def _refused(self, op: str, exc: RegistryError) -> Outcome:
+        # One line for the first refusal and one per 10,000 after it: a bulk against a dead
+        # writer must not become a line per entry.
+        if self._refusals % 10_000 == 0:
+            log.error("registry.refused", op=op, reason=str(exc), refusals=self._refusals + 1)
+        self._refusals += 1
+        return STORAGE_FAILED
 
     def _busy(self) -> Outcome | None:
         # wire-v1 §5 Overload: shed load before the writer's queue grows without bound.
@@ -61,21 +77,24 @@ class Registrar:
         busy = self._busy()
         if busy is not None:
             return busy
-        provisioned = self.registry.provisioned(ue_service_id)
-        if provisioned is None:
-            return Outcome(FailureCause.UE_NOT_PROVISIONED)
-        if gateway.identity not in provisioned.gateways:
-            return Outcome(FailureCause.GATEWAY_NOT_AUTHORIZED)
-        # wire-v1 §6: a credential that is present is always verified.
-        if (credential is not None or gateway.ue_authentication) and (
-            credential is None
-            or not verify_proof(
-                provisioned.key, nonce, Operation.REGISTRATION, ue_service_id, credential
-            )
-        ):
-            return Outcome(FailureCause.AUTHENTICATION_FAILED)
-        stored = encode_group(PROFILE_SPEC, profile) if profile is not None else None
-        seq = self.registry.submit_register(ue_service_id, gateway.identity, stored)
+        try:
+            provisioned = self.registry.provisioned(ue_service_id)
+            if provisioned is None:
+                return Outcome(FailureCause.UE_NOT_PROVISIONED)
+            if gateway.identity not in provisioned.gateways:
+                return Outcome(FailureCause.GATEWAY_NOT_AUTHORIZED)
+            # wire-v1 §6: a credential that is present is always verified.
+            if (credential is not None or gateway.ue_authentication) and (
+                credential is None
+                or not verify_proof(
+                    provisioned.key, nonce, Operation.REGISTRATION, ue_service_id, credential
+                )
+            ):
+                return Outcome(FailureCause.AUTHENTICATION_FAILED)
+            stored = encode_group(PROFILE_SPEC, profile) if profile is not None else None
+            seq = self.registry.submit_register(ue_service_id, gateway.identity, stored)
+        except RegistryError as exc:
+            return self._refused("register", exc)
         return Outcome(None, seq)
 
     def deregister(
@@ -89,16 +108,20 @@ class Registrar:
             return Outcome(FailureCause.NOT_REGISTERED)
         if registration.gateway != gateway.identity:
             return Outcome(FailureCause.REGISTERED_VIA_OTHER_GATEWAY)
-        if credential is not None or gateway.ue_authentication:
-            provisioned = self.registry.provisioned(ue_service_id)
-            # A UE removed from provisioning has no key left to check a proof against.
-            if (
-                credential is None
-                or provisioned is None
-                or not verify_proof(
-                    provisioned.key, nonce, Operation.DEREGISTRATION, ue_service_id, credential
-                )
-            ):
-                return Outcome(FailureCause.AUTHENTICATION_FAILED)
-        seq = self.registry.submit_deregister(ue_service_id)
+        try:
+            if credential is not None or gateway.ue_authentication:
+                provisioned = self.registry.provisioned(ue_service_id)
+                # A UE removed from provisioning has no key left to check a proof against.
+                if (
+                    credential is None
+                    or provisioned is None
+                    or not verify_proof(
+                        provisioned.key, nonce, Operation.DEREGISTRATION, ue_service_id,
+                        credential,
+                    )
+                ):
+                    return Outcome(FailureCause.AUTHENTICATION_FAILED)
+            seq = self.registry.submit_deregister(ue_service_id)
+        except RegistryError as exc:
+            return self._refused("deregister", exc)
         return Outcome(None, seq)

@@ -11,9 +11,12 @@ configuration key and never quotes key material.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
+import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,13 @@ from msgd.tls_groups import restrict_groups
 from wire.constants import ALPN_PROTOCOL
 
 __all__ = [
+    "ServerTls",
     "certificate_not_after",
     "client_context",
     "crl_next_update",
     "days_until_expiry",
+    "is_revoked",
+    "load_server_tls",
     "negotiated_alpn_ok",
     "peer_identity",
     "server_context",
@@ -43,24 +49,56 @@ _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerTls:
+    """Everything the listener uses from [tls], built from one read of each file.
+
+    A reload checks this whole object before switching anything, and what it checked is what
+    it uses: the context, the CRL that revoked sessions are checked against, and the
+    certificate dates for metrics all come from the same octets.
+    """
+
+    context: ssl.SSLContext
+    crl: x509.CertificateRevocationList | None
+    # (role, subject, not_after) of the server chain and every gateway CA (metrics).
+    inventory: list[tuple[str, str, dt.datetime]]
+    certificate_serial: str
+
+
 def server_context(tls: TlsConfig, *, now: dt.datetime | None = None) -> ssl.SSLContext:
     """Build the listener's SSLContext from the [tls] configuration; TLSSetupError if unusable.
 
     `now` (for tests) is the instant against which certificate and CRL dates are checked.
     """
+    return load_server_tls(tls, now=now).context
+
+
+def load_server_tls(tls: TlsConfig, *, now: dt.datetime | None = None) -> ServerTls:
+    """Read every [tls] file once, check it, and build the listener's TLS state from those
+    octets (OpenSSL is given the same octets through private in-memory files, never the
+    path again: a file replaced meanwhile cannot slip in unchecked). TLSSetupError if unusable.
+    """
     now = now or dt.datetime.now(dt.UTC)
-    certs = _read_certificates(tls.certificate, "tls.certificate")
+    cert_pem = _read(tls.certificate, "tls.certificate")
+    certs = _parse_certificates(cert_pem, tls.certificate, "tls.certificate")
     leaf = certs[0]
     if leaf.not_valid_after_utc < now:
         raise TLSSetupError(
             f"tls.certificate {tls.certificate}: expired on {leaf.not_valid_after_utc:%Y-%m-%d}"
         )
-    key = _read_private_key(tls.private_key)
+    key_pem = _read(tls.private_key, "tls.private_key")
+    key = _parse_private_key(key_pem, tls.private_key)
     if _public_der(key.public_key()) != _public_der(leaf.public_key()):
         raise TLSSetupError(
             f"tls.private_key {tls.private_key}: does not match tls.certificate {tls.certificate}"
         )
-    ca_certs = _read_certificates(tls.gateway_ca, "tls.gateway_ca")
+    ca_pem = _read(tls.gateway_ca, "tls.gateway_ca")
+    ca_certs = _parse_certificates(ca_pem, tls.gateway_ca, "tls.gateway_ca")
+    crl_pem = crl = None
+    if tls.crl is not None:
+        crl_pem = _read(tls.crl, "tls.crl")
+        crl = _parse_crl(crl_pem, tls.crl)
+        _check_crl(crl, tls.crl, ca_certs, now)
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     version = _VERSIONS.get(tls.min_version)
@@ -77,23 +115,47 @@ def server_context(tls: TlsConfig, *, now: dt.datetime | None = None) -> ssl.SSL
     # wire-v1 §1: mutual authentication; the client certificate must chain to the gateway CA.
     ctx.verify_mode = ssl.CERT_REQUIRED
     try:
-        ctx.load_cert_chain(tls.certificate, tls.private_key)
+        with _memory_file(cert_pem) as cert_path, _memory_file(key_pem) as key_path:
+            ctx.load_cert_chain(cert_path, key_path)
     except (ssl.SSLError, OSError) as exc:
         # The library message for a key can mention the PEM data; give our own words instead.
         raise TLSSetupError(
             f"tls.certificate / tls.private_key: OpenSSL refused the pair ({_reason(exc)})"
         ) from None
     try:
-        ctx.load_verify_locations(cafile=tls.gateway_ca)
-    except (ssl.SSLError, OSError) as exc:
+        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
+    except (ssl.SSLError, OSError, UnicodeDecodeError) as exc:
         raise TLSSetupError(
             f"tls.gateway_ca {tls.gateway_ca}: not usable ({_reason(exc)})"
         ) from None
-    if tls.crl is not None:
-        _load_crl(ctx, tls.crl, ca_certs, now)
+    if crl_pem is not None:
+        try:
+            # load_verify_locations reads CRLs as well as certificates from a PEM file (cadata
+            # takes certificates only).
+            with _memory_file(crl_pem) as crl_path:
+                ctx.load_verify_locations(cafile=crl_path)
+        except (ssl.SSLError, OSError) as exc:
+            raise TLSSetupError(f"tls.crl {tls.crl}: not usable ({_reason(exc)})") from None
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     ctx.set_alpn_protocols([ALPN_PROTOCOL])
     restrict_groups(ctx)
-    return ctx
+    inventory = [
+        ("server" if index == 0 else "server_chain", cert.subject.rfc4514_string(),
+         cert.not_valid_after_utc)
+        for index, cert in enumerate(certs)
+    ] + [("gateway_ca", ca.subject.rfc4514_string(), ca.not_valid_after_utc) for ca in ca_certs]
+    return ServerTls(ctx, crl, inventory, f"{leaf.serial_number:x}")
+
+
+def is_revoked(crl: x509.CertificateRevocationList | None, peer_der: bytes | None) -> bool:
+    """Whether `crl` revokes the certificate (DER) a peer connected with. Serial numbers are
+    unique per issuer only, so the issuer must be the CRL's too."""
+    if crl is None or not peer_der:
+        return False
+    cert = x509.load_der_x509_certificate(peer_der)
+    if cert.issuer != crl.issuer:
+        return False
+    return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
 
 
 def client_context(
@@ -179,10 +241,10 @@ def crl_next_update(path: Path | str) -> dt.datetime | None:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _load_crl(
-    ctx: ssl.SSLContext, path: Path, ca_certs: list[x509.Certificate], now: dt.datetime
+def _check_crl(
+    crl: x509.CertificateRevocationList, path: Path, ca_certs: list[x509.Certificate],
+    now: dt.datetime,
 ) -> None:
-    crl = _read_crl(path)
     # A CRL from another issuer would make OpenSSL refuse every gateway with "unable to get
     # certificate CRL"; an expired one likewise. Say so now rather than at each handshake.
     issuers = [ca for ca in ca_certs if ca.subject == crl.issuer]
@@ -193,12 +255,18 @@ def _load_crl(
             f"tls.crl {path}: expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC; "
             "every gateway would be refused"
         )
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can open that holds `data` and nothing else can replace: an anonymous
+    in-memory file (memfd), removed when the block ends. Key octets never touch a disk."""
+    fd = os.memfd_create("msgd-tls", os.MFD_CLOEXEC)
     try:
-        # load_verify_locations reads CRLs as well as certificates from a PEM file.
-        ctx.load_verify_locations(cafile=path)
-    except (ssl.SSLError, OSError) as exc:
-        raise TLSSetupError(f"tls.crl {path}: not usable ({_reason(exc)})") from None
-    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def _crl_signed_by(crl: x509.CertificateRevocationList, key: Any) -> bool:
@@ -209,7 +277,10 @@ def _crl_signed_by(crl: x509.CertificateRevocationList, key: Any) -> bool:
 
 
 def _read_crl(path: Path) -> x509.CertificateRevocationList:
-    data = _read(path, "tls.crl")
+    return _parse_crl(_read(path, "tls.crl"), path)
+
+
+def _parse_crl(data: bytes, path: Path) -> x509.CertificateRevocationList:
     try:
         return x509.load_pem_x509_crl(data)
     except ValueError:
@@ -217,7 +288,10 @@ def _read_crl(path: Path) -> x509.CertificateRevocationList:
 
 
 def _read_certificates(path: Path, key_name: str) -> list[x509.Certificate]:
-    data = _read(path, key_name)
+    return _parse_certificates(_read(path, key_name), path, key_name)
+
+
+def _parse_certificates(data: bytes, path: Path, key_name: str) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -225,8 +299,7 @@ def _read_certificates(path: Path, key_name: str) -> list[x509.Certificate]:
     return certs
 
 
-def _read_private_key(path: Path) -> PrivateKeyTypes:
-    data = _read(path, "tls.private_key")
+def _parse_private_key(data: bytes, path: Path) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:

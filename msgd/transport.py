@@ -47,6 +47,7 @@ from .tls import negotiated_alpn_ok, peer_identity
 if TYPE_CHECKING:
     from .config import GatewayPolicy
     from .server import Server
+    from .tls import ServerTls
 
 _log = get_logger("msgd.connection")
 # Errors logged per connection before the rest are only counted (a flood of bad frames
@@ -55,6 +56,11 @@ LOGGED_ERRORS = 20
 # Events one connection handles per turn of the event loop; a peer that sends faster than we
 # decode waits for the others (fairness), with reading paused so its backlog cannot grow.
 EVENTS_PER_TURN = 256
+# Octets of one connection handed to its session per turn. Frames that make no event
+# (KEEPALIVE and KEEPALIVE ACK are answered inside the session) escape EVENTS_PER_TURN:
+# without this bound one read (uvloop: up to 256 KiB, some 22,000 KEEPALIVEs) is handled in
+# one callback, and libuv's read loop hands over the next one before any other peer is read.
+OCTETS_PER_TURN = 16 * 1024
 
 # What an answer is, in `_pending` (tuples: this queue can hold a window of 4096 per connection).
 SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = range(4)
@@ -72,8 +78,12 @@ _KIND_OF = {
 class GatewayConnection(asyncio.Protocol):
     """One gateway: TLS set up by the server, then a wire Session in the SERVER role."""
 
-    def __init__(self, server: Server, accepted_at: float | None = None) -> None:
+    def __init__(
+        self, server: Server, accepted_at: float | None = None, tls: ServerTls | None = None
+    ) -> None:
         self.server = server
+        # The TLS state this connection's handshake used (a reload may replace the server's).
+        self.tls = tls
         self.loop = server.loop
         # The HELLO deadline counts from TCP accept, not from the end of the TLS handshake:
         # TLS and HELLO together get hello_timeout (docs/protocol.md, Decisions).
@@ -87,8 +97,11 @@ class GatewayConnection(asyncio.Protocol):
         self.connected_at = 0.0
         self.entries_processed = 0
         self.log = _log
+        # (wait_seq, seq, tid, handle, kind, uid, cause, retry_after) per answer, in order.
+        # `handle` is the session's transaction handle: an answer whose transaction has ended
+        # (the gateway's ERROR) is dropped, never sent to a new request reusing its id.
         self._pending: deque[tuple[Any, ...]] = deque()
-        self._bulk_kinds: dict[int, int] = {}
+        self._bulk_kinds: dict[int, tuple[int, object]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._reading_paused = False
@@ -104,6 +117,9 @@ class GatewayConnection(asyncio.Protocol):
         # Events left in the session's buffer after a turn's budget; reading stops meanwhile.
         self._backlog = False
         self._continuing = False
+        # Octets read but not yet handed to the session (OCTETS_PER_TURN), and an EOF behind them.
+        self._unfed = bytearray()
+        self._unfed_eof = False
         self._abort_timer: asyncio.TimerHandle | None = None
         self._window_full = False
 
@@ -124,6 +140,12 @@ class GatewayConnection(asyncio.Protocol):
             return
         self.identity = peer_identity(ssl_object)
         self.log = self.log.bind(gateway=self.identity)
+        if self.server.revoked_since_handshake(self, self.peer_der()):
+            # The CRL changed while this handshake ran: revocation takes effect at once.
+            self.log.warning("connection.refused", reason="certificate revoked by a reload")
+            self.server.metrics.connection_refused("tls")
+            transport.abort()
+            return
         limits = self.server.session_limits
         now = self.loop.time()
         self.connected_at = now
@@ -133,6 +155,12 @@ class GatewayConnection(asyncio.Protocol):
         self.server.connection_started(self)
         self.log.info("connection.open")
         self._arm_timer()
+
+    def peer_der(self) -> bytes | None:
+        """The certificate the gateway connected with (DER), None without one."""
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called once the TLS handshake has completed (connect_accepted_socket with ssl=).
@@ -148,14 +176,20 @@ class GatewayConnection(asyncio.Protocol):
         server = self.server
         server.metrics.received(len(data))
         self._follow_frames(data, now)
-        session.receive_data(data, now)
+        if self._unfed or len(data) > OCTETS_PER_TURN:
+            self._unfed += data
+        else:
+            session.receive_data(data, now)
         self._process()
         # Changes this chunk submitted date from its arrival (group-commit latency metric).
         server.metrics.submitted(server.registry_last_seq(), now)
 
     def eof_received(self) -> bool:
         if self.session is not None and not self._closed:
-            self.session.receive_data(b"", self.loop.time())
+            if self._unfed:
+                self._unfed_eof = True
+            else:
+                self.session.receive_data(b"", self.loop.time())
             self._process()
         return False
 
@@ -171,6 +205,7 @@ class GatewayConnection(asyncio.Protocol):
         was_open = not self._closed
         self._closed = True
         self._pending.clear()
+        self._unfed.clear()
         self.server.connection_ended(self)
         if was_open and self.session is not None:
             self.log.info("connection.closed", reason=str(exc) if exc else "peer closed",
@@ -187,10 +222,17 @@ class GatewayConnection(asyncio.Protocol):
     # --- events -----------------------------------------------------------------------------
 
     def _process(self) -> None:
+        try:
+            self._process_events()
+        except Exception as exc:  # a bug must cost this connection only, never the loop
+            self.fail(exc)
+
+    def _process_events(self) -> None:
         session = self.session
         assert session is not None
         server = self.server
         budget = EVENTS_PER_TURN
+        octets = OCTETS_PER_TURN
         while True:
             if not budget:
                 # Fairness: one peer's buffered flood must not hold the loop; the rest of it
@@ -199,6 +241,12 @@ class GatewayConnection(asyncio.Protocol):
                 break
             budget -= 1
             event = session.next_event()
+            if event is NEED_DATA and self._unfed:
+                if octets <= 0:
+                    self._backlog = True  # the rest of this read on a later turn
+                    break
+                octets -= self._feed()
+                continue
             if event is NEED_DATA or event is PAUSED:
                 self._backlog = False
                 break
@@ -214,7 +262,8 @@ class GatewayConnection(asyncio.Protocol):
                     if event.message_type is MessageType.BULK_REGISTRATION_REQUEST
                     else BULK_DEREG
                 )
-                self._bulk_kinds[event.transaction_id] = bulk_kind
+                tid = event.transaction_id
+                self._bulk_kinds[tid] = (bulk_kind, session.transaction(tid))
                 server.metrics.bulk_started(bulk_kind)
                 server.metrics.message(event.message_type.name)
             elif kind is BulkEnded:
@@ -262,7 +311,7 @@ class GatewayConnection(asyncio.Protocol):
         # gateway's own close would otherwise wait on our TLS close_notify.
         if session.is_closed or (
             (session.goodbye_sent or session.goodbye_received) and session.can_close
-            and not self._pending
+            and not self._pending and not self._unfed
         ):
             self._close()
         else:
@@ -270,6 +319,19 @@ class GatewayConnection(asyncio.Protocol):
             if self._backlog and not self._continuing:
                 self._continuing = True
                 self.loop.call_soon(self._continue)
+
+    def _feed(self) -> int:
+        """Hand the session the next OCTETS_PER_TURN octets read; returns how many."""
+        session = self.session
+        assert session is not None
+        unfed = self._unfed
+        chunk = bytes(unfed[:OCTETS_PER_TURN])
+        del unfed[:OCTETS_PER_TURN]
+        now = self.loop.time()
+        session.receive_data(chunk, now)
+        if not unfed and self._unfed_eof:
+            session.receive_data(b"", now)
+        return len(chunk)
 
     def _continue(self) -> None:
         self._continuing = False
@@ -316,40 +378,48 @@ class GatewayConnection(asyncio.Protocol):
         )
 
     def _on_request(self, request: Any) -> None:
-        kind = _KIND_OF[type(request).message_type]
+        session = self.session
+        assert session is not None
+        tid = request.transaction_id
+        handle = session.transaction(tid)
+        if handle is None:  # pragma: no cover - the session delivers live requests only
+            return
         self._decide(
-            kind,
-            request.transaction_id,
+            _KIND_OF[type(request).message_type],
+            tid,
+            handle,
             request.ue_service_id,
             request.credential,
             getattr(request, "profile", None),
         )
 
     def _on_bulk_entry(self, event: BulkEntryReceived) -> None:
-        session = self.session
-        assert session is not None
         tid = event.transaction_id
         entry = event.entry
-        kind = self._bulk_kinds.get(tid, BULK_REG)
+        kind, handle = self._bulk_kinds[tid]
         if entry is None:
+            error = event.error
             self._pending.append(
                 (
                     self.server.registry_last_seq(),
                     None,
                     tid,
+                    handle,
                     kind,
-                    "",
+                    error.ue_service_id if error is not None else "",
                     FailureCause.INVALID_ENTRY,
                     None,
                 )
             )
             return
         self._decide(
-            kind, tid, entry.ue_service_id, entry.credential, getattr(entry, "profile", None)
+            kind, tid, handle, entry.ue_service_id, entry.credential,
+            getattr(entry, "profile", None),
         )
 
     def _decide(
-        self, kind: int, tid: int, uid: str, credential: bytes | None, profile: Any
+        self, kind: int, tid: int, handle: object, uid: str, credential: bytes | None,
+        profile: Any,
     ) -> None:
         registrar = self.server.registrar
         policy = self.policy
@@ -365,6 +435,7 @@ class GatewayConnection(asyncio.Protocol):
                 self.server.registry_last_seq(),
                 outcome.seq,
                 tid,
+                handle,
                 kind,
                 uid,
                 outcome.cause,
@@ -375,7 +446,16 @@ class GatewayConnection(asyncio.Protocol):
     # --- answers ----------------------------------------------------------------------------
 
     def on_registry(self, durable: int, failed_first: int, failed_last: int) -> None:
-        """The registry made changes up to `durable` durable; [failed_first, failed_last] failed."""
+        """The registry made changes up to `durable` durable; [failed_first, failed_last] failed.
+
+        Never raises: the server calls this for every waiting connection in one loop, and one
+        connection's failure must not delay the answers of the others (it closes that one)."""
+        try:
+            self._on_registry(durable, failed_first, failed_last)
+        except Exception as exc:
+            self.fail(exc)
+
+    def _on_registry(self, durable: int, failed_first: int, failed_last: int) -> None:
         if self._closed or not self._pending:
             return
         self._flush_pending(durable, failed_first, failed_last)
@@ -405,22 +485,25 @@ class GatewayConnection(asyncio.Protocol):
         send_entry = session.send_bulk_entry
         # Counted as answered, with the cause actually sent (STORAGE_FAILURE included).
         count = server.metrics.entry
+        send_response = session.send_response
         while pending:
-            wait_seq, seq, tid, kind, uid, cause, retry = pending[0]
+            wait_seq, seq, tid, handle, kind, uid, cause, retry = pending[0]
             if wait_seq > resolved:
                 break
             pending.popleft()
             if seq is not None and failed_first <= seq <= failed_last:
                 cause, retry = FailureCause.STORAGE_FAILURE, None
-            count(kind, cause)
             if cause is None:
                 result, cause_value = Result.SUCCESS, None
             else:
                 result, cause_value = Result.FAILURE, int(cause)
             if kind >= BULK_REG:
-                send_entry(tid, _ENTRY[kind](uid, result, cause_value, retry))
+                sent = send_entry(tid, _ENTRY[kind](uid, result, cause_value, retry), handle)
             else:
-                session.send_response(_RESPONSE[kind](tid, uid, result, cause_value, retry))
+                sent = send_response(_RESPONSE[kind](tid, uid, result, cause_value, retry),
+                                     handle)
+            if sent:
+                count(kind, cause)
         if not pending:
             server.connection_idle(self)
         else:
@@ -557,6 +640,35 @@ class GatewayConnection(asyncio.Protocol):
         self._write()
         if session.can_close:
             self._close()
+
+    def revoke(self, diagnostic: str) -> None:
+        """The gateway lost its permission (removed from [[gateways]], or its certificate
+        revoked): decide nothing more, drop the answers not yet sent, GOODBYE
+        (GATEWAY_NOT_ALLOWED) and close (wire-v1 §4 item 6)."""
+        session = self.session
+        self._pending.clear()
+        self._bulk_kinds.clear()
+        self.server.connection_idle(self)
+        if session is None or self._closed:
+            self.abort()
+            return
+        session.terminate(ErrorCause.GATEWAY_NOT_ALLOWED, diagnostic)
+        self.server.metrics.goodbye(ErrorCause.GATEWAY_NOT_ALLOWED)
+        self._write()
+        self._close()
+
+    def fail(self, exc: Exception) -> None:
+        """An internal error while serving this connection: log it, close this one only."""
+        self.log.error("connection.internal_error", reason=type(exc).__name__,
+                       detail=str(exc)[:200], exc_info=exc)
+        self._pending.clear()
+        self.server.connection_idle(self)
+        self._closed = True
+        for timer in (self._timer, self._frame_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._frame_timer = None
+        self.abort()
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -23,7 +23,7 @@ from msgd.config import Config, load_config
 from msgd.provisioning import read_provisioning_csv
 from msgd.registry import Registry
 from msgd.server import Server
-from msgd.tls import server_context
+from msgd.tls import load_server_tls
 from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +58,11 @@ class Deployment:
     def client_ctx(self, identity: str = "gw1.example"):
         return client_context(str(self.pki.gateway_cert(identity)),
                               str(self.pki.gateway_key(identity)), str(self.pki.ca))
+
+    def set_crl(self, crl: Path) -> None:
+        """Point [tls] crl at `crl` in msgd.toml (for a reload to pick up)."""
+        text = self.config_path.read_text()
+        self.config_path.write_text(text.replace("[registry]", f'crl = "{crl}"\n[registry]', 1))
 
     def write_provisioning(self, rows: Iterable[tuple[str, bytes, Sequence[str]]]) -> None:
         lines = ["ue_service_id,key,gateways"]
@@ -129,7 +134,7 @@ async def running_server(dep: Deployment) -> AsyncIterator[Server]:
     registry.replace_provisioning(read_provisioning_csv(config.provisioning.file))
     loop = asyncio.get_running_loop()
     registry.start(loop)
-    server = Server(config, registry, server_context(config.tls), loop)
+    server = Server(config, registry, load_server_tls(config.tls), loop)
     await server.start()
     server.mark_ready()  # as serve() does: READY (a no-op here), and SIGHUP-style reload() runs
     try:
