@@ -60,7 +60,7 @@ from .log import get_logger
 from .provisioning import ProvisionedUe, identity_problem, validate_provisioned
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .ports import AdminHost
 
 __all__ = [
     "MAX_IMPORT_ROWS",
@@ -98,9 +98,9 @@ def peer_allowed(uid: int, own_uid: int | None = None) -> bool:
 
 
 class ControlServer:
-    """The control socket of one Server."""
+    """The control socket of one daemon, seen through its admin port (`ports.AdminHost`)."""
 
-    def __init__(self, server: Server, path: Path) -> None:
+    def __init__(self, server: AdminHost, path: Path) -> None:
         self.server = server
         self.path = Path(path)
         self._server: asyncio.AbstractServer | None = None
@@ -332,7 +332,7 @@ class ControlServer:
                 "peer": conn.peer,
                 "since": _iso(dt.datetime.fromtimestamp(wall + conn.connected_at, dt.UTC)),
                 "entries_processed": conn.entries_processed,
-                "closing": bool(conn.session is not None and conn.session.goodbye_sent),
+                "closing": conn.closing,
             })
         rows = []
         for identity in sorted(set(server.gateways) | set(by_identity)):

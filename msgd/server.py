@@ -28,6 +28,7 @@ from wire.constants import ErrorCause
 from wire.session import Limits
 
 from .config import Config, GatewayPolicy, LimitsConfig, load_config
+from .control import ControlServer
 from .errors import (
     ConfigError,
     MsgdError,
@@ -571,8 +572,6 @@ async def serve(
             log.error("metrics.bind_failed", address=config.metrics.listen, reason=str(exc))
     control = None
     if config.control.socket is not None:
-        from .control import ControlServer
-
         control = ControlServer(server, config.control.socket)
         await control.start()
     watchdog = loop.create_task(_watchdog(server, notifier.watchdog_interval()))

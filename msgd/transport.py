@@ -46,7 +46,7 @@ from .tls import negotiated_alpn_ok, peer_identity
 
 if TYPE_CHECKING:
     from .config import GatewayPolicy
-    from .server import Server
+    from .ports import ConnectionHost
     from .tls import ServerTls
 
 _log = get_logger("msgd.connection")
@@ -79,7 +79,8 @@ class GatewayConnection(asyncio.Protocol):
     """One gateway: TLS set up by the server, then a wire Session in the SERVER role."""
 
     def __init__(
-        self, server: Server, accepted_at: float | None = None, tls: ServerTls | None = None
+        self, server: ConnectionHost, accepted_at: float | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         self.server = server
         # The TLS state this connection's handshake used (a reload may replace the server's).
@@ -155,6 +156,11 @@ class GatewayConnection(asyncio.Protocol):
         self.server.connection_started(self)
         self.log.info("connection.open")
         self._arm_timer()
+
+    @property
+    def closing(self) -> bool:
+        """We said GOODBYE: the connection ends once its transactions are done."""
+        return self.session is not None and self.session.goodbye_sent
 
     def peer_der(self) -> bytes | None:
         """The certificate the gateway connected with (DER), None without one."""

@@ -1,0 +1,83 @@
+"""What the daemon's adapters may use of the process around them, as typing Protocols.
+
+A gateway connection (`transport.GatewayConnection`) sees the server only through
+`ConnectionHost`; the control socket (`control.ControlServer`) only through `AdminHost`, and
+the connections through `ConnectionView`. `server.Server` satisfies all three; neither adapter
+imports it, so the modules form no import cycle (`../shared/tools/import_cycles.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping
+from typing import Any, Protocol
+
+from wire.session import Limits
+
+from .config import Config, GatewayPolicy
+from .metrics import Metrics
+from .registry import Registry
+from .service import Registrar
+from .systemd import Notifier
+from .tls import ServerTls
+
+__all__ = ["AdminHost", "ConnectionHost", "ConnectionView"]
+
+
+class ConnectionHost(Protocol):
+    """The server as one gateway connection sees it."""
+
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    metrics: Metrics
+    registrar: Registrar
+    session_limits: Limits
+    bulk_window: int
+    node_name: str | None
+    gateways: Mapping[str, GatewayPolicy]
+
+    def hello_allowed(self, identity: str) -> int | None: ...
+    def revoked_since_handshake(self, conn: Any, peer_der: bytes | None) -> bool: ...
+    def registry_last_seq(self) -> int: ...
+    def registry_state(self) -> tuple[int, int, int]: ...
+    def connection_started(self, conn: Any) -> None: ...
+    def connection_ended(self, conn: Any) -> None: ...
+    def connection_waiting(self, conn: Any) -> None: ...
+    def connection_idle(self, conn: Any) -> None: ...
+
+
+class ConnectionView(Protocol):
+    """One live gateway connection as the admin commands show it."""
+
+    identity: str | None
+    peer: str
+    connected_at: float
+    entries_processed: int
+
+    @property
+    def closing(self) -> bool: ...
+
+
+class AdminHost(Protocol):
+    """The server as the control socket sees it: state to show, and the admin actions."""
+
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    registry: Registry
+    metrics: Metrics
+    notifier: Notifier
+    tls: ServerTls
+    node_name: str | None
+    started_at: float
+    stopping: bool
+    draining: bool
+    address: tuple[str, int] | None
+    last_reload: dict[str, Any] | None
+    gateways: Mapping[str, GatewayPolicy]
+
+    @property
+    def connections(self) -> Collection[ConnectionView]: ...
+
+    def drain(self) -> int: ...
+    def undrain(self) -> str | None: ...
+    async def reload_now(self, *, queued: bool = False) -> dict[str, Any]: ...
