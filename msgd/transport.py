@@ -33,6 +33,7 @@ from wire.events import (
     RequestReceived,
     TransactionFailed,
 )
+from wire.frames import body_length_of
 from wire.messages import (
     DeregistrationResponseEntry,
     RegistrationResponseEntry,
@@ -572,7 +573,7 @@ class GatewayConnection(asyncio.Protocol):
                 head += data[pos : pos + take]
                 pos += take
                 if len(head) == HEADER_SIZE:
-                    left = int.from_bytes(head[8:12], "big")
+                    left = body_length_of(head)
                     head.clear()
                     frames += 1
         self._frame_left = left

@@ -21,7 +21,7 @@ from .constants import (
 )
 from .errors import FrameTooLarge, InvalidFrame, UnsupportedVersion
 
-# The declaration; `_HEADER` below is the same layout for the hot path (tests hold them equal).
+# The declaration; `FRAME_HEADER` below is the same layout for the hot path (tests hold them equal).
 FrameHeaderStruct = cs.Struct(
     "version" / cs.Int8ub,
     "message_type" / cs.Int8ub,
@@ -29,8 +29,8 @@ FrameHeaderStruct = cs.Struct(
     "transaction_id" / cs.Int32ub,
     "body_length" / cs.Int32ub,
 )
-_HEADER = struct.Struct(">BBHII")
-assert _HEADER.size == FrameHeaderStruct.sizeof() == HEADER_SIZE
+FRAME_HEADER = struct.Struct(">BBHII")
+assert FRAME_HEADER.size == FrameHeaderStruct.sizeof() == HEADER_SIZE
 
 # Compact the buffer once this many consumed octets sit at its front.
 _COMPACT_AT = 1 << 16
@@ -49,9 +49,14 @@ class FrameHeader:
         return bool(self.flags & FrameFlag.MORE)
 
 
+def body_length_of(header: bytes | bytearray) -> int:
+    """The body length a complete 12-octet header announces (no checks)."""
+    return FRAME_HEADER.unpack(header)[4]
+
+
 def decode_header(data: bytes) -> FrameHeader:
     """Decode 12 octets (no checks; see FrameBuffer for them)."""
-    return FrameHeader(*_HEADER.unpack(data))
+    return FrameHeader(*FRAME_HEADER.unpack(data))
 
 
 def check_header(header: FrameHeader, max_frame_size: int) -> None:
@@ -95,7 +100,7 @@ class FrameBuffer:
         """The next frame header, checked, or None until 12 octets are there."""
         if len(self._buf) - self._pos < HEADER_SIZE:
             return None
-        header = FrameHeader(*_HEADER.unpack_from(self._buf, self._pos))
+        header = FrameHeader(*FRAME_HEADER.unpack_from(self._buf, self._pos))
         check_header(header, self.max_frame_size)
         self._advance(HEADER_SIZE)
         return header

@@ -344,6 +344,7 @@ def check_sent(data: bytes) -> None:
     """Every frame we send is well-formed: a peer decodes it without error."""
     from .constants import BULK_MESSAGES, RESERVED_FLAGS, MessageType
     from .errors import WireError
+    from .frames import FRAME_HEADER
     from .ies import split_ies
     from .messages import decode_body
 
@@ -351,10 +352,7 @@ def check_sent(data: bytes) -> None:
     while pos < len(data):
         if len(data) - pos < 12:
             raise FuzzFailure("we sent a truncated frame header")
-        version, mtype, flags = data[pos], data[pos + 1], int.from_bytes(data[pos + 2:pos + 4],
-                                                                          "big")
-        tid = int.from_bytes(data[pos + 4 : pos + 8], "big")
-        length = int.from_bytes(data[pos + 8 : pos + 12], "big")
+        version, mtype, flags, tid, length = FRAME_HEADER.unpack_from(data, pos)
         body = data[pos + 12 : pos + 12 + length]
         if version != 1 or flags & RESERVED_FLAGS or len(body) != length:
             raise FuzzFailure(f"we sent a bad frame header {data[pos:pos + 12].hex()}")

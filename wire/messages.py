@@ -33,6 +33,7 @@ from .constants import (
     Result,
 )
 from .errors import EntryError, InvalidMessage, LocalProtocolError, UnknownMandatoryIE, WireError
+from .frames import FRAME_HEADER
 from .ies import (
     _CONTROL,
     FAST,
@@ -44,8 +45,6 @@ from .ies import (
     reference_value,
     split_ies,
 )
-
-FRAME_HEADER = struct.Struct(">BBHII")
 
 
 class Presence(Enum):
