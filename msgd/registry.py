@@ -1540,6 +1540,14 @@ class Registry:
         """Highest seq settled: every change up to it is durable unless reported failed."""
         return self._durable_seq
 
+    def settled(self) -> tuple[int, int, int]:
+        """(durable_seq, first, last) where first..last is the latest range of changes that
+        failed ((0, -1) when none did): the one owner of the state answers wait on."""
+        if not self._failed:
+            return self._durable_seq, 0, -1
+        first, last, _reason = self._failed[-1]
+        return self._durable_seq, first, last
+
     @property
     def last_seq(self) -> int:
         """The seq of the last change submitted (0 before the first)."""

@@ -75,8 +75,6 @@ class Server:
         self.connections: set[GatewayConnection] = set()
         self._handshaking = 0
         self._waiting: set[GatewayConnection] = set()
-        self._durable = registry.durable_seq
-        self._failed = (0, -1)
         self._lsock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
@@ -108,16 +106,13 @@ class Server:
         return self.registry.last_seq
 
     def registry_state(self) -> tuple[int, int, int]:
-        return self._durable, self._failed[0], self._failed[1]
+        return self.registry.settled()
 
     def _on_batch(self, first: int, last: int, ok: bool) -> None:
         self.metrics.settled(first, last, ok, self.loop.time())
-        if ok:
-            self._durable = max(self._durable, last)
-        else:
-            self._failed = (first, last)
+        if not ok:
             log.error("registry.commit_failed", first=first, last=last)
-        durable, (ff, fl) = self._durable, self._failed
+        durable, ff, fl = self.registry.settled()
         for conn in list(self._waiting):
             conn.on_registry(durable, ff, fl)
 
