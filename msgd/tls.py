@@ -123,8 +123,11 @@ def load_server_tls(tls: TlsConfig, *, now: dt.datetime | None = None) -> Server
             f"tls.certificate / tls.private_key: OpenSSL refused the pair ({_reason(exc)})"
         ) from None
     try:
-        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
-    except (ssl.SSLError, OSError, UnicodeDecodeError) as exc:
+        # The certificates parsed and checked above, as DER: what was checked is what loads
+        # (and a bundle with non-ASCII comment lines loads as it did from a file).
+        ctx.load_verify_locations(cadata=b"".join(
+            ca.public_bytes(serialization.Encoding.DER) for ca in ca_certs))
+    except (ssl.SSLError, OSError) as exc:
         raise TLSSetupError(
             f"tls.gateway_ca {tls.gateway_ca}: not usable ({_reason(exc)})"
         ) from None
@@ -149,10 +152,14 @@ def load_server_tls(tls: TlsConfig, *, now: dt.datetime | None = None) -> Server
 
 def is_revoked(crl: x509.CertificateRevocationList | None, peer_der: bytes | None) -> bool:
     """Whether `crl` revokes the certificate (DER) a peer connected with. Serial numbers are
-    unique per issuer only, so the issuer must be the CRL's too."""
+    unique per issuer only, so the issuer must be the CRL's too. A certificate OpenSSL took
+    but that cannot be parsed here counts as revoked: unproven is not allowed (fail closed)."""
     if crl is None or not peer_der:
         return False
-    cert = x509.load_der_x509_certificate(peer_der)
+    try:
+        cert = x509.load_der_x509_certificate(peer_der)
+    except ValueError:
+        return True
     if cert.issuer != crl.issuer:
         return False
     return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
@@ -261,9 +268,14 @@ def _check_crl(
 def _memory_file(data: bytes) -> Iterator[str]:
     """A path OpenSSL can open that holds `data` and nothing else can replace: an anonymous
     in-memory file (memfd), removed when the block ends. Key octets never touch a disk."""
-    fd = os.memfd_create("msgd-tls", os.MFD_CLOEXEC)
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is None:
+        raise TLSSetupError("msgd needs Linux (memfd_create) to load TLS files")
+    fd = memfd_create("msgd-tls", os.MFD_CLOEXEC)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         yield f"/proc/self/fd/{fd}"
     finally:
         os.close(fd)

@@ -422,9 +422,14 @@ class Session:
                 and not self._check_not_established(mtype)):
             return
         if self._is_server and tid in self._txns and self._reuses_live_id(header, mtype):
+            self._skip_frame(header)
+            if mtype is not None and self._discarding.get(tid) is mtype:
+                # A later fragment of a bulk already rejected: dropped silently (item 25).
+                if not header.more:
+                    del self._discarding[tid]
+                return
             # wire-v1 §7.2: answered TRANSACTION_ID_IN_USE whatever else is wrong with it, so
             # the gateway never reads the answer as the end of its live transaction.
-            self._skip_frame(header)
             self._reject(SessionError(ErrorCause.TRANSACTION_ID_IN_USE,
                                       f"transaction {tid} is in progress", transaction_id=tid))
             if header.more and mtype in BULK_MESSAGES:

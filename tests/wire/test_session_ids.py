@@ -128,3 +128,49 @@ def test_terminate_ends_at_once_with_goodbye() -> None:
     # Nothing more is taken from the wire.
     sv.receive_data(bulk_frame(reg, 3, [reg_entry("c")], first=False), 0)
     assert drain(sv) == [] and sv.data_to_send() == b""
+
+
+def test_fragments_of_a_rejected_reusing_bulk_are_dropped_and_the_id_works_again() -> None:
+    """A 3-fragment bulk reusing a live single request's id: one TRANSACTION_ID_IN_USE, the
+    later fragments dropped silently (item 25); once the id is free, a new bulk on it is
+    served (nothing left over from the rejected one swallows it)."""
+    pair = _established()
+    sv = pair.server
+    reg = MessageType.BULK_REGISTRATION_REQUEST
+    sv.receive_data(encode_message(UeRegistrationRequest(7, "a")), 0)
+    drain(sv)
+    sv.receive_data(bulk_frame(reg, 7, [reg_entry("x")], count=3, more=True)
+                    + bulk_frame(reg, 7, [reg_entry("y")], first=False, more=True)
+                    + bulk_frame(reg, 7, [reg_entry("z")], first=False), 0)
+    drain(sv)
+    errors = errors_in(sv.data_to_send())
+    assert [(e.transaction_id, e.error_cause) for e in errors] == [
+        (7, ErrorCause.TRANSACTION_ID_IN_USE)]
+    assert sv.send_response(UeRegistrationResponse(7, "a", 0), sv.transaction(7))
+    sv.data_to_send()
+    sv.receive_data(bulk_frame(reg, 7, [reg_entry("b")]), 0)
+    events = drain(sv)
+    assert [e.entry.ue_service_id for e in events if isinstance(e, BulkEntryReceived)] == ["b"]
+    assert sv.in_progress() == [7]
+
+
+def test_a_rejected_bulk_of_another_type_on_a_live_bulk_id_leaves_nothing_behind() -> None:
+    pair = _established()
+    sv = pair.server
+    reg, dereg = MessageType.BULK_REGISTRATION_REQUEST, MessageType.BULK_DEREGISTRATION_REQUEST
+    dereg_entry = encode_ie(0x0E, encode_ie(0x01, b"d"))
+    sv.receive_data(bulk_frame(reg, 4, [reg_entry("a")], count=1, more=True), 0)
+    sv.receive_data(bulk_frame(dereg, 4, [dereg_entry], count=2, more=True)
+                    + bulk_frame(dereg, 4, [dereg_entry], first=False), 0)
+    drain(sv)
+    errors = errors_in(sv.data_to_send())
+    assert [e.error_cause for e in errors] == [ErrorCause.TRANSACTION_ID_IN_USE]
+    sv.receive_data(bulk_frame(reg, 4, [], first=False), 0)  # the registration bulk ends
+    drain(sv)
+    handle = sv.transaction(4)
+    assert sv.send_bulk_entry(4, RegistrationResponseEntry("a", 0), handle)
+    sv.data_to_send()
+    assert sv.in_progress() == []
+    sv.receive_data(bulk_frame(dereg, 4, [dereg_entry]), 0)
+    events = drain(sv)
+    assert [e.entry.ue_service_id for e in events if isinstance(e, BulkEntryReceived)] == ["d"]
