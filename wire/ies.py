@@ -286,21 +286,38 @@ def _fast_fixed_bytes(name: str, length: int) -> FastCodec:
     return FastCodec(decode, encode)
 
 
+def text_or_none(raw: bytes, start: int, end: int, min_len: int, max_len: int,
+                 no_controls: bool = True) -> str | None:
+    """raw[start:end] as text when it is min_len..max_len octets of UTF-8 (and, with
+    no_controls, holds no C0/C1 control: wire-v1 §3); else None. The one text check of the
+    codec: the IE decoders below and the hand-written entry shortcuts (messages) use it."""
+    if end - start < min_len or end - start > max_len:
+        return None
+    try:
+        text = raw[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    # isprintable() is False for every C0/C1 control, so True settles it cheaply.
+    if no_controls and not text.isprintable() and _CONTROL.search(text):
+        return None
+    return text
+
+
 def _fast_text(name: str, min_len: int, max_len: int, no_controls: bool) -> FastCodec:
     search = _CONTROL.search
 
     def decode(raw: bytes) -> str:
-        n = len(raw)
+        text = text_or_none(raw, 0, len(raw), min_len, max_len, no_controls)
+        if text is not None:
+            return text
+        n = len(raw)  # say what is wrong (the rare path)
         if n < min_len or n > max_len:
             raise InvalidMessage(f"IE {name}: length {n} outside {min_len}..{max_len} octets")
         try:
-            text = raw.decode("utf-8")
+            raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidMessage(f"IE {name}: not UTF-8") from exc
-        # isprintable() is False for every C0/C1 control, so True settles it cheaply.
-        if no_controls and not text.isprintable() and search(text):
-            raise InvalidMessage(f"IE {name}: control character")
-        return text
+        raise InvalidMessage(f"IE {name}: control character")
 
     def encode(value: str) -> bytes:
         data = value.encode("utf-8")

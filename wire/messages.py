@@ -44,6 +44,7 @@ from .ies import (
     reference_split,
     reference_value,
     split_ies,
+    text_or_none,
 )
 
 
@@ -485,20 +486,6 @@ _DEREGISTRATION_ENTRY = frozen_twin(DeregistrationEntry)
 _PROFILE = frozen_twin(Profile)
 
 
-def _fast_text(raw: bytes, start: int, end: int, max_len: int) -> str | None:
-    """UTF-8 of 1..max_len octets without C0/C1 controls, or None."""
-    if end <= start or end - start > max_len:
-        return None
-    try:
-        text = raw[start:end].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    # isprintable() is False for every C0/C1 control, so True settles it cheaply.
-    if not text.isprintable() and _search_control(text):
-        return None
-    return text
-
-
 def _fast_profile(raw: bytes) -> Profile | None:
     """A profile made of known sub-IEs in order, every value valid; else None."""
     n = len(raw)
@@ -520,7 +507,7 @@ def _fast_profile(raw: bytes) -> Profile | None:
                 return None
             ue_type = raw[start]
         elif k == 1:
-            identifier = _fast_text(raw, start, pos, TRIGGERING_UE_IDENTIFIER_MAX)
+            identifier = text_or_none(raw, start, pos, 1, TRIGGERING_UE_IDENTIFIER_MAX)
             if identifier is None:
                 return None
         elif k == 2:
@@ -623,7 +610,7 @@ def _entry_ue_service_id(raw: bytes) -> str:
         if end > n:
             return ""
         if raw[pos] == _UID:
-            return _fast_text(raw, pos + 3, end, UE_SERVICE_ID_MAX) or ""
+            return text_or_none(raw, pos + 3, end, 1, UE_SERVICE_ID_MAX) or ""
         pos = end
     return ""
 
