@@ -32,9 +32,11 @@ from prometheus_client.registry import Collector
 
 from wire.constants import ErrorCause, FailureCause
 
+from .service import Procedure
+
 __all__ = ["PROCEDURES", "HealthProbe", "LoopLagProbe", "Metrics", "certificate_inventory"]
 
-PROCEDURES = ("registration", "deregistration", "bulk_registration", "bulk_deregistration")
+PROCEDURES = tuple(procedure.label for procedure in Procedure)
 _SECONDS_PER_DAY = 86400.0
 # Commit marks kept at most: one per chunk of gateway data with new changes. Far more than
 # a group commit ever spans; a bound so a stuck writer cannot grow them without limit.
@@ -165,8 +167,9 @@ class Metrics:
         ProcessCollector(registry=r)
 
         self._children: dict[tuple[int, Any], Any] = {}
-        self._bulk_children = {kind: self.bulk_entries.labels(PROCEDURES[kind]) for kind in (2, 3)}
-        for kind, name in enumerate(PROCEDURES):
+        self._bulk_children = {kind: self.bulk_entries.labels(kind.label)
+                               for kind in Procedure if kind.is_bulk}
+        for kind, name in zip(Procedure, PROCEDURES, strict=True):
             self._children[(kind, None)] = self.procedures.labels(name, "success", "")
             for cause in FailureCause:
                 self._children[(kind, cause)] = self.procedures.labels(name, "failure", cause.name)
@@ -177,8 +180,8 @@ class Metrics:
 
     # --- hooks: procedures and traffic ------------------------------------------------------
 
-    def entry(self, kind: int, cause: FailureCause | int | None) -> None:
-        """One per-UE answer sent: kind is the transport's SINGLE_REG .. BULK_DEREG."""
+    def entry(self, kind: Procedure, cause: FailureCause | int | None) -> None:
+        """One per-UE answer sent, of procedure `kind`."""
         child = self._children.get((kind, cause))
         if child is None:  # a cause value outside FailureCause (cannot happen; count it)
             child = self.procedures.labels(PROCEDURES[kind], "failure", str(cause))
@@ -191,7 +194,7 @@ class Metrics:
         """An entry decided as a success failed to commit; counted by entry() with the cause
         actually sent, so nothing more to do here."""
 
-    def bulk_started(self, kind: int) -> None:
+    def bulk_started(self, kind: Procedure) -> None:
         self.bulk_transactions.labels(PROCEDURES[kind]).inc()
 
     def message(self, type_name: str) -> None:

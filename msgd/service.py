@@ -8,6 +8,7 @@ commit that makes it durable).
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import NamedTuple
 
 from wire.constants import FailureCause, Operation
@@ -20,6 +21,26 @@ from .log import get_logger
 from .registry import Registry
 
 log = get_logger("msgd.service")
+
+
+class Procedure(IntEnum):
+    """The four per-UE procedures an answer belongs to (metrics label them by `label`).
+
+    An IntEnum: the connection keeps one per pending answer and compares them on its hot path.
+    """
+
+    REGISTRATION = 0
+    DEREGISTRATION = 1
+    BULK_REGISTRATION = 2
+    BULK_DEREGISTRATION = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @property
+    def is_bulk(self) -> bool:
+        return self >= Procedure.BULK_REGISTRATION
 
 
 class Outcome(NamedTuple):

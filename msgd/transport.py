@@ -43,6 +43,7 @@ from wire.messages import (
 from wire.session import Role, Session
 
 from .log import get_logger
+from .service import Procedure
 from .tls import negotiated_alpn_ok, peer_identity
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ EVENTS_PER_TURN = 256
 OCTETS_PER_TURN = 16 * 1024
 
 # What an answer is, in `_pending` (tuples: this queue can hold a window of 4096 per connection).
-SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = range(4)
+SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = Procedure
 _RESPONSE = {
     SINGLE_REG: UeRegistrationResponse,
     SINGLE_DEREG: UeDeregistrationResponse,
