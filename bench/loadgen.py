@@ -189,7 +189,7 @@ class Gw(asyncio.Protocol):
 
 
 def client_context(pki: dict[str, str], identity: str) -> ssl.SSLContext:
-    from msgd.tls import client_context as make
+    from msgd.tls.contexts import client_context as make
 
     return make(f"{pki['dir']}/{identity}.pem", f"{pki['dir']}/{identity}.key", pki["ca"])
 

@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from msgd.provisioning import ProvisionedUe
-from msgd.registry import Registry
+from msgd.registry.provisioning import ProvisionedUe
+from msgd.registry.store import Registry
 
 ALPHABET = (string.ascii_letters + string.digits).encode()
 

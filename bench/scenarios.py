@@ -120,7 +120,7 @@ def machine() -> dict[str, Any]:
 
 def setup(run: Run) -> dict[str, float]:
     """PKI, provisioning CSV (every bench UE with its key) and msgd.toml; returns timings."""
-    from msgd.certs import init_dir
+    from msgd.tls.devpki import init_dir
 
     started = time.perf_counter()
     pki_dir = run.dir / "pki"

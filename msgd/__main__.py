@@ -1,3 +1,3 @@
-from .server import main
+from msgd.server.daemon import main
 
 raise SystemExit(main())

@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from msgd.client import GatewayClient, GatewayUe, client_context
 from msgd.config import Config, load_config
-from msgd.provisioning import read_provisioning_csv
-from msgd.registry import Registry
-from msgd.server import Server
-from msgd.tls import load_server_tls
+from msgd.gateway.client import GatewayClient, GatewayUe, client_context
+from msgd.registry.provisioning import read_provisioning_csv
+from msgd.registry.store import Registry
+from msgd.server.daemon import Server
+from msgd.tls.contexts import load_server_tls
 from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,7 +241,7 @@ class RawGateway:
     async def open(cls, dep: Deployment, address: tuple[str, int],
                    identity: str | None = "gw1.example", *, alpn: bool = True,
                    cert: tuple[Path, Path] | None = None) -> RawGateway:
-        from msgd.tls import client_context as ctx_factory
+        from msgd.tls.contexts import client_context as ctx_factory
 
         if cert is None and identity is not None:
             cert = (dep.pki.gateway_cert(identity), dep.pki.gateway_key(identity))

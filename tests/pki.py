@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from msgd.certs import CertPaths, init_dir, make_ca, make_crl, make_gateway_cert
 from msgd.config import TlsConfig
+from msgd.tls.devpki import CertPaths, init_dir, make_ca, make_crl, make_gateway_cert
 
 __all__ = ["Pki", "make_pki"]
 

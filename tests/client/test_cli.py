@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from msgd.cli import parse_args
-from msgd.cli_gateway import _run, parse_server, run
+from msgd.cli.gateway import _run, parse_server, run
+from msgd.cli.main import parse_args
 from tests.harness import ChildServer, demo_deployment
 
 COMMON = ["--server", "127.0.0.1:7554", "--cert", "c.pem", "--key", "c.key", "--ca", "ca.pem",

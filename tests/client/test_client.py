@@ -12,7 +12,7 @@ import secrets
 
 import pytest
 
-from msgd.client import (
+from msgd.gateway.client import (
     Backoff,
     GatewaySession,
     GatewayUe,

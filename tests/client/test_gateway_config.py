@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from msgd.client import GatewayUe
-from msgd.gateway_config import GatewayConfigError, read_ues, scan_ues, write_ues
+from msgd.gateway.client import GatewayUe
+from msgd.gateway.ue_file import GatewayConfigError, read_ues, scan_ues, write_ues
 from wire.constants import TriggeringProtocol, UeType
 from wire.messages import Profile
 

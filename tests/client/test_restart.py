@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from msgd.client import Backoff, ConnectionLost, GatewaySession, GatewayUe
-from msgd.registry import Registry
+from msgd.gateway.client import Backoff, ConnectionLost, GatewaySession, GatewayUe
+from msgd.registry.store import Registry
 from tests.harness import ChildServer, connect, make_deployment
 
 KEY = bytes(range(32))

@@ -6,8 +6,8 @@ import secrets
 
 import pytest
 
-from msgd.client import GatewayUe, HandshakeError
-from msgd.registry import Registry
+from msgd.gateway.client import GatewayUe, HandshakeError
+from msgd.registry.store import Registry
 from tests.harness import Gw, connect, make_deployment, running_server
 from wire.constants import FailureCause
 

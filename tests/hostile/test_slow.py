@@ -104,7 +104,7 @@ async def test_connection_that_never_sends_hello(slow):
 async def test_hello_deadline_counts_from_accept(slow):
     """TLS started late and HELLO dribbled: the deadline is absolute from TCP accept."""
     dep, child, baseline = slow
-    from msgd.tls import client_context
+    from msgd.tls.contexts import client_context
 
     ctx = client_context(dep.pki.gateway_cert("gw1.example"), dep.pki.gateway_key("gw1.example"),
                          dep.pki.ca, alpn_protocols=("msgin5g-gw/1",))

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from msgd.certs import (
+from msgd.tls.devpki import (
     CertPaths,
     init_dir,
     main,

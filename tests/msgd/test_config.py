@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from msgd.cli.demo import init_demo
 from msgd.config import Config, load_config, parse_config, parse_listen
-from msgd.demo import init_demo
 from msgd.errors import ConfigError
-from msgd.provisioning import read_provisioning_csv
+from msgd.registry.provisioning import read_provisioning_csv
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from msgd.errors import ProvisioningError, RegistryError
-from msgd.provisioning import ProvisionedUe, read_provisioning_csv
-from msgd.registry import PROVISIONING_DIFF_MIN, Registry
+from msgd.registry.provisioning import ProvisionedUe, read_provisioning_csv
+from msgd.registry.store import PROVISIONING_DIFF_MIN, Registry
 
 HEADER = "ue_service_id,key,gateways\n"
 KEY_A = "0123456789abcdef" * 4

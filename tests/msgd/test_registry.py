@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from msgd.errors import RegistryCorruptError, RegistryError
-from msgd.registry import (
+from msgd.registry.store import (
     APPLICATION_ID,
     COMPACT_MIN_OPS,
     SCHEMA_VERSION,
@@ -260,7 +260,7 @@ def test_second_open_of_same_file_refused(path: Path) -> None:
 CRASH_CHILD = r"""
 import asyncio, sys
 from pathlib import Path
-from msgd.registry import Registry
+from msgd.registry.store import Registry
 
 async def main(path, prefix):
     reg = Registry.open(Path(path), commit_interval=0.0002)
@@ -395,7 +395,7 @@ FSIZE_CHILD = r"""
 import asyncio, json, os, resource, signal, sys
 from pathlib import Path
 from msgd.errors import RegistryError
-from msgd.registry import Registry
+from msgd.registry.store import Registry
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, like a full disk
 
@@ -675,7 +675,7 @@ def _settle_index(reg: Registry) -> None:
 
 
 def test_provisioning_index_agrees_with_the_table(path: Path) -> None:
-    from msgd.provisioning import ProvisionedUe
+    from msgd.registry.provisioning import ProvisionedUe
 
     reg = Registry.open(path)
     try:
@@ -751,7 +751,7 @@ class PausingRegistry(Registry):
 
 
 def _prov_rows(count: int):
-    from msgd.provisioning import ProvisionedUe
+    from msgd.registry.provisioning import ProvisionedUe
 
     return [ProvisionedUe(f"ue-{i:05d}", bytes([i % 256]) * 32, frozenset({"gw-a"}))
             for i in range(count)]
@@ -767,7 +767,7 @@ def _index_value(reg: Registry, ue: str) -> bytes | None:
 def test_index_read_before_a_commit_is_never_published(path: Path, writer_state: str) -> None:
     """A write commits while the index thread holds an index read from the old table: that
     index must not become what lookups see, not even for a moment."""
-    from msgd.provisioning import ProvisionedUe
+    from msgd.registry.provisioning import ProvisionedUe
 
     reg = PausingRegistry.open(path)
     try:
@@ -822,8 +822,8 @@ def test_index_read_before_a_commit_is_never_published(path: Path, writer_state:
 def test_admin_change_during_a_replace_is_not_undone(path: Path, path_taken: str) -> None:
     """An admin change commits after a replace read the admin changes and merged, before it
     applies its result: the result still holds the change."""
-    from msgd.provisioning import ProvisionedUe
-    from msgd.registry import PROVISIONING_DIFF_MIN
+    from msgd.registry.provisioning import ProvisionedUe
+    from msgd.registry.store import PROVISIONING_DIFF_MIN
 
     reg = PausingRegistry.open(path)
     try:
@@ -868,7 +868,7 @@ def test_admin_change_during_a_replace_is_not_undone(path: Path, path_taken: str
 
 def test_migrates_schema_2(path: Path) -> None:
     """Schema 3 adds provisioning_admin; a schema 2 file keeps its registrations and rows."""
-    from msgd.provisioning import ProvisionedUe
+    from msgd.registry.provisioning import ProvisionedUe
 
     reg = Registry.open(path)
     reg.replace_provisioning(_prov_rows(5))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from msgd.systemd import Notifier, watchdog_interval
+from msgd.ops.systemd import Notifier, watchdog_interval
 
 TIMEOUT = 10.0
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from msgd.errors import TLSSetupError
-from msgd.tls import (
+from msgd.tls.contexts import (
     certificate_not_after,
     client_context,
     crl_next_update,
@@ -285,7 +285,7 @@ def test_ca_file_without_certificate(pki: Pki, tmp_path: Path) -> None:
 
 
 def test_crl_from_another_ca_is_refused(pki: Pki) -> None:
-    from msgd.certs import CertPaths, make_crl
+    from msgd.tls.devpki import CertPaths, make_crl
 
     other = CertPaths(pki.other_ca, pki.other_ca_key)
     crl = make_crl(other, [pki.other_gateway.cert], pki.dir / "other-crl.pem")

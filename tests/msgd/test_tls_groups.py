@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from msgd import tls_groups
 from msgd.errors import TLSSetupError
-from msgd.tls import client_context, server_context
-from msgd.tls_groups import ALLOWED_GROUPS, restrict_groups, set_groups
+from msgd.tls import groups as tls_groups
+from msgd.tls.contexts import client_context, server_context
+from msgd.tls.groups import ALLOWED_GROUPS, restrict_groups, set_groups
 from wire.constants import ALPN_PROTOCOL
 
 try:

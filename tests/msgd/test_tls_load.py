@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from msgd.tls import is_revoked, load_server_tls
+from msgd.tls.contexts import is_revoked, load_server_tls
 from tests.pki import Pki, make_pki
 
 

@@ -184,7 +184,7 @@ MDWE_CHECK = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     from tests.pki import make_pki
-    from msgd.tls import client_context, peer_identity, server_context
+    from msgd.tls.contexts import client_context, peer_identity, server_context
 
     pki = make_pki(Path(tempfile.mkdtemp()))
     sctx = server_context(pki.tls_config())

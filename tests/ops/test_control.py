@@ -17,9 +17,9 @@ import sys
 
 import pytest
 
-from msgd import cli
-from msgd.client import HandshakeError
-from msgd.control import ControlServer, peer_allowed, peer_credentials
+from msgd.cli import main as cli
+from msgd.gateway.client import HandshakeError
+from msgd.ops.control import ControlServer, peer_allowed, peer_credentials
 from tests.harness import Gw, connect, make_deployment, running_server
 from tests.ops import secret_scan
 from wire.constants import ErrorCause
@@ -176,7 +176,7 @@ async def test_provision_import_and_remove(daemon, msgctl, tmp_path):
     assert (code, result) == (0, {"imported": 2, "provisioned": 6, "admin_overrides": 3})
 
     # In force at once: the new UE registers with its key; a1 now belongs to gw2 only.
-    from msgd.client import GatewayUe
+    from msgd.gateway.client import GatewayUe
 
     async with await connect(dep, server.address) as gw:
         assert (await gw.register(GatewayUe("new@example", new_key))).ok

@@ -16,7 +16,7 @@ import ssl
 import time
 import urllib.request
 
-from msgd import cli
+from msgd.cli import main as cli
 from tests.harness import ChildServer, Gw, connect, make_deployment
 from wire.constants import ErrorCause
 

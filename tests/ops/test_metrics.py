@@ -10,8 +10,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from msgd.client import GatewayUe
-from msgd.metrics import Metrics
+from msgd.gateway.client import GatewayUe
+from msgd.ops.metrics import Metrics
 from tests.harness import ChildServer, Gw, connect, make_deployment
 from wire.constants import FailureCause
 

@@ -13,8 +13,8 @@ import json
 import secrets
 import time
 
-from msgd import cli
-from msgd.client import GatewayUe
+from msgd.cli import main as cli
+from msgd.gateway.client import GatewayUe
 from tests.harness import ChildServer, Gw, connect, make_deployment
 from tests.ops import secret_scan
 

@@ -15,8 +15,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from msgd.certs import CertPaths, make_gateway_cert, make_server_cert
-from msgd.client import ConnectionLost, HandshakeError
+from msgd.gateway.client import ConnectionLost, HandshakeError
+from msgd.tls.devpki import CertPaths, make_gateway_cert, make_server_cert
 from tests.harness import Gw, RawGateway, connect, make_deployment, running_server
 from tests.hostile.tools import refused
 from wire.constants import ErrorCause, FailureCause

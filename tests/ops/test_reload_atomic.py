@@ -10,7 +10,7 @@ import os
 import threading
 from pathlib import Path
 
-from msgd.tls import load_server_tls
+from msgd.tls.contexts import load_server_tls
 from tests.harness import Gw, RawGateway, connect, make_deployment, running_server
 from wire.constants import ErrorCause, MessageType
 from wire.messages import decode_body

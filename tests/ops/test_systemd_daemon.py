@@ -12,7 +12,7 @@ import signal
 import sqlite3
 import time
 
-from msgd.cli_admin import ControlClient
+from msgd.cli.admin import ControlClient
 from tests.harness import ChildServer, Gw, connect, make_deployment
 
 UES = {f"ue-{i}@gw1.example": ["gw1.example"] for i in range(3)}

@@ -33,9 +33,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from msgd.gateway.client import (
+    ClientError,
+    ConnectionLost,
+    GatewayClient,
+    GatewaySession,
+    GatewayUe,
+    UeResult,
+)
 from wire.constants import Operation
-
-from .client import ClientError, ConnectionLost, GatewayClient, GatewaySession, GatewayUe, UeResult
 
 __all__ = ["Action", "Batcher", "BulkingPolicy", "Plan"]
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from msgd.errors import ProvisioningError, RegistryCorruptError, RegistryError
-from msgd.provisioning import (
+from msgd.registry.provisioning import (
     ProvisionedUe,
     ProvisioningCsv,
     decode_gateways,

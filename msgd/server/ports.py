@@ -12,14 +12,13 @@ import asyncio
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
+from msgd.config import Config, GatewayPolicy
+from msgd.ops.metrics import Metrics
+from msgd.ops.systemd import Notifier
+from msgd.registry.store import Registry
+from msgd.server.rules import Registrar
+from msgd.tls.contexts import ServerTls
 from wire.session import Limits
-
-from .config import Config, GatewayPolicy
-from .metrics import Metrics
-from .registry import Registry
-from .service import Registrar
-from .systemd import Notifier
-from .tls import ServerTls
 
 __all__ = ["AdminHost", "ConnectionHost", "ConnectionView"]
 

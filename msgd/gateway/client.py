@@ -45,6 +45,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from dataclasses import dataclass
 from typing import Any
 
+from msgd.errors import MsgdError
+from msgd.log import get_logger
+from msgd.registry.provisioning import identity_problem
 from wire.constants import (
     ALPN_PROTOCOL,
     DEFAULT_MAX_FRAME_SIZE,
@@ -80,10 +83,6 @@ from wire.messages import (
     encode_group,
 )
 from wire.session import Limits, Role, Session
-
-from .errors import MsgdError
-from .log import get_logger
-from .provisioning import identity_problem
 
 __all__ = [
     "Backoff",
@@ -292,7 +291,7 @@ def client_context(
     certificate: str, private_key: str, ca: str, *, min_version: str = "1.3"
 ) -> ssl.SSLContext:
     """A mutual-TLS client context with ALPN msgin5g-gw/1; TLSSetupError names a bad file."""
-    from .tls import client_context as _ctx
+    from msgd.tls.contexts import client_context as _ctx
 
     return _ctx(certificate, private_key, ca, min_version=min_version)
 

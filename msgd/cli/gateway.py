@@ -3,12 +3,12 @@
     msgctl gateway register --server 127.0.0.1:7554 --cert state/certs/gw1.example.pem \\
         --key state/certs/gw1.example.key --ca state/certs/ca.pem --ues state/gw1-ues.csv
 
-Reads the UE file (msgd.gateway_config; "-" is standard input) lazily, registers or
+Reads the UE file (msgd.gateway.ue_file; "-" is standard input) lazily, registers or
 de-registers its UEs over one GatewaySession (bulk when the server allows it, TS 23.554
 8.2.X; one by one with --single or when it does not, 8.2.3 / 8.2.4), shows a progress bar
 with rate and ETA on a terminal, and ends with a summary per failure cause. --json prints
 one JSON object per UE on standard output instead of the failure list. Exit codes: see
-EXIT_CODES. parse_args (msgd.cli) is testable without starting anything; run() is the work.
+EXIT_CODES. parse_args (msgd.cli.main) is testable without starting anything; run() is the work.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from msgd.errors import MsgdError, TLSSetupError
 from wire.constants import DEFAULT_PORT, GatewayType
 
-from .errors import MsgdError, TLSSetupError
-
 if TYPE_CHECKING:  # the client is imported when a command runs: `msgctl --help` stays quick
-    from .client import GatewayUe, UeResult
+    from msgd.gateway.client import GatewayUe, UeResult
 
 EXIT_OK = 0  # every UE succeeded
 EXIT_FAILURES = 1  # the run completed and at least one UE failed (see the summary)
@@ -156,7 +155,7 @@ def _count(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The `msgctl gateway register|deregister` command; returns the exit code."""
-    from .log import setup_logging
+    from msgd.log import setup_logging
 
     # Library warnings (protocol errors) as logfmt on stderr; info stays quiet for a CLI.
     setup_logging("warning", sys.stderr)
@@ -168,7 +167,7 @@ def _fail(err: TextIO, message: str) -> None:
 
 
 async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .client import (
+    from msgd.gateway.client import (
         Backoff,
         ClientError,
         ConnectionLost,
@@ -177,7 +176,7 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         UeSourceError,
         client_context,
     )
-    from .gateway_config import GatewayConfigError, read_ues, scan_ues
+    from msgd.gateway.ue_file import GatewayConfigError, read_ues, scan_ues
 
     host, port = args.server
     only = frozenset(args.only) if args.only else None

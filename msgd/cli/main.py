@@ -1,10 +1,10 @@
 """`msgctl`: the operator's and the gateway vendor's command line.
 
     msgctl demo init DIR                      a ready-to-run demo (make run uses it)
-    msgctl certs init|gateway|crl ...         dev PKI (msgd.certs)
-    msgctl gateway register|deregister ...    act as a Message Gateway (msgd.cli_gateway)
+    msgctl certs init|gateway|crl ...         dev PKI (msgd.tls.devpki)
+    msgctl gateway register|deregister ...    act as a Message Gateway (msgd.cli.gateway)
     msgctl status|gateways|registry|provision|drain|undrain|reload ...
-                                              admin over the control socket (msgd.cli_admin)
+                                              admin over the control socket (msgd.cli.admin)
 
 parse_args(argv) is testable without starting anything; main(argv) returns the exit code.
 """
@@ -16,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cli_admin, cli_gateway
+from msgd.cli import admin as cli_admin
+from msgd.cli import gateway as cli_gateway
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,14 +48,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _demo_init(args: argparse.Namespace) -> int:
-    from .demo import init_demo
+    from msgd.cli.demo import init_demo
 
     init_demo(args.dir, ues=args.ues, quiet=args.quiet)
     return 0
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from .certs import main as certs_main
+    from msgd.tls.devpki import main as certs_main
 
     return certs_main(args.args)
 

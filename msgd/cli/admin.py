@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import MsgdError
+from msgd.errors import MsgdError
 
 __all__ = ["DEFAULT_CONFIG", "AdminError", "ControlClient", "add_parsers", "resolve_socket"]
 
@@ -150,7 +150,7 @@ def resolve_socket(socket_path: Path | None, config_path: Path) -> Path:
     """--socket, else [control] socket from the configuration file."""
     if socket_path is not None:
         return socket_path
-    from .config import parse_config
+    from msgd.config import parse_config
 
     try:
         text = config_path.read_text(encoding="utf-8")
@@ -371,8 +371,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .control import MAX_IMPORT_ROWS
-    from .provisioning import read_provisioning_csv
+    from msgd.ops.control import MAX_IMPORT_ROWS
+    from msgd.registry.provisioning import read_provisioning_csv
 
     # Read and check the file here, with line numbers in any error, before asking the daemon.
     rows = []

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from msgd.certs import PRIVATE_MODE, PUBLIC_MODE, init_dir, write_file
+from msgd.tls.devpki import PRIVATE_MODE, PUBLIC_MODE, init_dir, write_file
 from wire.constants import ALPN_PROTOCOL
 
 __all__ = ["DEMO_GATEWAYS", "DEMO_LISTEN", "DEMO_METRICS", "demo_summary", "init_demo"]
@@ -37,7 +37,7 @@ node_name = "msgd-demo"
 certificate = "certs/server.pem"
 private_key = "certs/server.key"
 gateway_ca = "certs/ca.pem"
-# crl = "certs/crl.pem"        # python -m msgd.certs crl certs --revoke gw2.example.pem
+# crl = "certs/crl.pem"        # python -m msgd.tls.devpki crl certs --revoke gw2.example.pem
 
 [registry]
 path = "registry.sqlite"

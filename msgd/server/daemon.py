@@ -24,12 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from wire.constants import ErrorCause
-from wire.session import Limits
-
-from .config import Config, GatewayPolicy, LimitsConfig, load_config
-from .control import ControlServer
-from .errors import (
+from msgd.config import Config, GatewayPolicy, LimitsConfig, load_config
+from msgd.errors import (
     ConfigError,
     MsgdError,
     ProvisioningError,
@@ -37,14 +33,17 @@ from .errors import (
     RegistryError,
     TLSSetupError,
 )
-from .log import get_logger, setup_logging
-from .metrics import HealthProbe, Metrics
-from .provisioning import read_provisioning_csv
-from .registry import Registry
-from .service import Registrar
-from .systemd import Notifier
-from .tls import ServerTls, is_revoked, load_server_tls
-from .transport import GatewayConnection
+from msgd.log import get_logger, setup_logging
+from msgd.ops.control import ControlServer
+from msgd.ops.metrics import HealthProbe, Metrics
+from msgd.ops.systemd import Notifier
+from msgd.registry.provisioning import read_provisioning_csv
+from msgd.registry.store import Registry
+from msgd.server.connection import GatewayConnection
+from msgd.server.rules import Registrar
+from msgd.tls.contexts import ServerTls, is_revoked, load_server_tls
+from wire.constants import ErrorCause
+from wire.session import Limits
 
 log = get_logger("msgd.server")
 

@@ -1,7 +1,7 @@
 """asyncio glue for one gateway connection: bytes ↔ wire Session ↔ Registrar.
 
 Kept thin on purpose (aioquic's asyncio/protocol.py): protocol rules live in wire.session,
-per-UE rules in msgd.service. What lives here is flow control:
+per-UE rules in msgd.server.rules. What lives here is flow control:
 
 * answers wait in `_pending`, in request order, until the registry change they depend on is
   durable (wire-v1 §5: "A success result is sent only after the change is durable");
@@ -18,6 +18,9 @@ import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from msgd.log import get_logger
+from msgd.server.rules import Procedure
+from msgd.tls.contexts import negotiated_alpn_ok, peer_identity
 from wire.constants import HEADER_SIZE, ErrorCause, FailureCause, MessageType, Result
 from wire.events import (
     NEED_DATA,
@@ -42,14 +45,10 @@ from wire.messages import (
 )
 from wire.session import Role, Session
 
-from .log import get_logger
-from .service import Procedure
-from .tls import negotiated_alpn_ok, peer_identity
-
 if TYPE_CHECKING:
-    from .config import GatewayPolicy
-    from .ports import ConnectionHost
-    from .tls import ServerTls
+    from msgd.config import GatewayPolicy
+    from msgd.server.ports import ConnectionHost
+    from msgd.tls.contexts import ServerTls
 
 _log = get_logger("msgd.connection")
 # Errors logged per connection before the rest are only counted (a flood of bad frames

@@ -55,12 +55,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MsgdError, ProvisioningError, RegistryError
-from .log import get_logger
-from .provisioning import ProvisionedUe, identity_problem, validate_provisioned
+from msgd.errors import MsgdError, ProvisioningError, RegistryError
+from msgd.log import get_logger
+from msgd.registry.provisioning import ProvisionedUe, identity_problem, validate_provisioned
 
 if TYPE_CHECKING:
-    from .ports import AdminHost
+    from msgd.server.ports import AdminHost
 
 __all__ = [
     "MAX_IMPORT_ROWS",

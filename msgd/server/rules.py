@@ -11,14 +11,13 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import NamedTuple
 
+from msgd.config import GatewayPolicy
+from msgd.errors import RegistryError
+from msgd.log import get_logger
+from msgd.registry.store import Registry
 from wire.constants import FailureCause, Operation
 from wire.credential import verify_proof
 from wire.messages import PROFILE_SPEC, Profile, encode_group
-
-from .config import GatewayPolicy
-from .errors import RegistryError
-from .log import get_logger
-from .registry import Registry
 
 log = get_logger("msgd.service")
 

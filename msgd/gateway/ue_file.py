@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from msgd.errors import MsgdError
+from msgd.gateway.client import GatewayUe
 from wire.constants import (
     APPLICATION_DATA_MAX,
     TRIGGERING_UE_IDENTIFIER_MAX,
@@ -46,9 +48,6 @@ from wire.constants import (
     UeType,
 )
 from wire.messages import Profile
-
-from .client import GatewayUe
-from .errors import MsgdError
 
 __all__ = [
     "COLUMNS",

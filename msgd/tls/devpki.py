@@ -6,9 +6,9 @@ CRL. This module makes such a set for development, tests and the demo; productio
 bring their own PKI. Keys are EC P-256 (fast handshakes) and are written 0600 from the first
 instant; an existing key is never overwritten unless asked (force=True / --force).
 
-    python -m msgd.certs init DIR [--gateway NAME ...] [--server-name NAME ...] [--force]
-    python -m msgd.certs gateway DIR NAME [NAME ...] [--force]
-    python -m msgd.certs crl DIR --revoke gw2.example.pem [--revoke ...] [--days N]
+    python -m msgd.tls.devpki init DIR [--gateway NAME ...] [--server-name NAME ...] [--force]
+    python -m msgd.tls.devpki gateway DIR NAME [NAME ...] [--force]
+    python -m msgd.tls.devpki crl DIR --revoke gw2.example.pem [--revoke ...] [--days N]
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def init_dir(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m msgd.certs",
+        prog="python -m msgd.tls.devpki",
         description="Make a development PKI for msgd (CA, server, gateway certificates, CRL).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -355,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {crl} ({len(revoke)} certificate(s) added)")
             return 0
     except (OSError, ValueError) as exc:
-        print(f"msgd.certs: {_describe(exc)}", file=sys.stderr)
+        print(f"msgd: certs: {_describe(exc)}", file=sys.stderr)
         return 1
     for paths in written:
         print(f"wrote {paths.cert} and {paths.key} (key mode 0600)")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 __all__ = ["Notifier", "watchdog_interval"]
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("msgd.systemd")  # a stable name for log filters
 
 
 def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:

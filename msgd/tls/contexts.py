@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from msgd.config import TlsConfig
 from msgd.errors import TLSSetupError
-from msgd.tls_groups import restrict_groups
+from msgd.tls.groups import restrict_groups
 from wire.constants import ALPN_PROTOCOL
 
 __all__ = [
