@@ -167,6 +167,8 @@ def _fail(err: TextIO, message: str) -> None:
 
 
 async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Long on purpose: one linear flow (UE file, connect, run, progress, report, exit code) that
+    reads in the order the user sees it."""
     from msgd.gateway.client import (
         Backoff,
         ClientError,

@@ -1029,6 +1029,8 @@ class GatewayClient(asyncio.Protocol):
         self._can_write.set()
 
     def _process(self) -> None:
+        """Long on purpose: the gateway role's event dispatch, one branch per session event;
+        splitting it would add a call per event on the hot path."""
         session = self.session
         owners = self._owners
         while (event := session.next_event()) is not NEED_DATA:

@@ -709,7 +709,10 @@ class Registry:
         commit_interval: float,
         max_batch: int,
     ) -> None:
-        """Internal: use Registry.open()."""
+        """Internal: use Registry.open().
+
+        Long because Registry holds the store, the writer and provisioning state together (splitting
+        it is issue 11's registry port)."""
         regs, names, journal_seq, _ops = state
         self._path = path
         self._wconn = conn
@@ -803,6 +806,9 @@ class Registry:
         commit and so survives power loss; "normal" survives a process crash only.
         Raises RegistryCorruptError for a file that fails its check (it is never modified) and
         RegistryError when the file cannot be opened or is in use by another process.
+
+        Long on purpose: the ordered steps of an open (lock, check, migrate, load) with the cleanup
+        each failure needs, in one place.
         """
         path = Path(path)
         mode = synchronous.lower()
@@ -916,6 +922,8 @@ class Registry:
            transactions and swapped in with one transaction. Registration commits go on between
            these transactions; none of them holds the writer for long. An admin change committed
            meanwhile is applied again in that last transaction.
+
+        Long on purpose: the three steps below share the staging file and the lock.
         """
         if self._refusal is not None:
             raise RegistryError(f"registry {self._refusal}")

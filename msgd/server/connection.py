@@ -235,6 +235,8 @@ class GatewayConnection(asyncio.Protocol):
             self.fail(exc)
 
     def _process_events(self) -> None:
+        """Long on purpose: the event dispatch of the hot path, one branch per event type; a call
+        per branch would cost per bulk entry."""
         session = self.session
         assert session is not None
         server = self.server

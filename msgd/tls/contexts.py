@@ -77,6 +77,9 @@ def load_server_tls(tls: TlsConfig, *, now: dt.datetime | None = None) -> Server
     """Read every [tls] file once, check it, and build the listener's TLS state from those
     octets (OpenSSL is given the same octets through private in-memory files, never the
     path again: a file replaced meanwhile cannot slip in unchecked). TLSSetupError if unusable.
+
+    Long on purpose: read, check and build in one function, so every octet checked is the one
+    OpenSSL loads.
     """
     now = now or dt.datetime.now(dt.UTC)
     cert_pem = _read(tls.certificate, "tls.certificate")
