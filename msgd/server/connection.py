@@ -148,7 +148,7 @@ class GatewayConnection(asyncio.Protocol):
             self.server.metrics.connection_refused("tls")
             transport.abort()
             return
-        limits = self.server.session_limits
+        limits = self.server.settings.limits
         now = self.loop.time()
         self.connected_at = now
         started = now if self.accepted_at is None else min(self.accepted_at, now)
@@ -380,7 +380,7 @@ class GatewayConnection(asyncio.Protocol):
             server_nonce=self.nonce,
             bulk_allowed=policy.bulk_allowed,
             ue_authentication_required=policy.ue_authentication,
-            node_name=self.server.node_name,
+            node_name=self.server.settings.node_name,
         )
         self.log.info(
             "gateway.hello", gateway_type=event.hello.gateway_type, node=event.hello.node_name
@@ -534,7 +534,7 @@ class GatewayConnection(asyncio.Protocol):
             return
         # A full window pauses until half of it is answered (hysteresis); a backlog or a
         # peer that does not read pauses only while it lasts.
-        pending, window = len(self._pending), self.server.bulk_window
+        pending, window = len(self._pending), self.server.settings.bulk_window
         if pending >= window:
             self._window_full = True
         elif pending <= window // 2:
@@ -590,7 +590,7 @@ class GatewayConnection(asyncio.Protocol):
 
     def _arm_frame_timer(self) -> None:
         if self._frame_timer is None and self._frame_since is not None and not self._closed:
-            when = self._frame_since + self.server.config.limits.frame_timeout
+            when = self._frame_since + self.server.settings.frame_timeout
             self._frame_timer = self.loop.call_at(when, self._on_frame_timer)
 
     def _on_frame_timer(self) -> None:
@@ -599,7 +599,7 @@ class GatewayConnection(asyncio.Protocol):
         session = self.session
         if since is None or session is None or self._closed or self._reading_paused:
             return  # complete, closed, or paused by us (resuming restarts the clock)
-        timeout = self.server.config.limits.frame_timeout
+        timeout = self.server.settings.frame_timeout
         if self.loop.time() < since + timeout:
             self._arm_frame_timer()  # a later frame began meanwhile
             return
@@ -687,7 +687,7 @@ class GatewayConnection(asyncio.Protocol):
         self._abort_timer = None
         if self.transport is not None:
             self.log.warning("connection.aborted", reason="peer did not read our last octets",
-                             after=self.server.config.limits.frame_timeout)
+                             after=self.server.settings.frame_timeout)
             self.transport.abort()
 
     def _close(self) -> None:
@@ -707,4 +707,4 @@ class GatewayConnection(asyncio.Protocol):
             # A peer that never reads would hold that flush, and the connection, for ever: it
             # gets frame_timeout to take our last octets (docs/protocol.md, Decisions).
             self._abort_timer = self.loop.call_later(
-                self.server.config.limits.frame_timeout, self._abort_unflushed)
+                self.server.settings.frame_timeout, self._abort_unflushed)

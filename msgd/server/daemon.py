@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from msgd.config import Config, GatewayPolicy, LimitsConfig, load_config
+from msgd.config import Config, GatewayPolicy, load_config
 from msgd.errors import (
     ConfigError,
     MsgdError,
@@ -40,6 +40,7 @@ from msgd.ops.systemd import Notifier
 from msgd.registry.provisioning import read_provisioning_csv
 from msgd.registry.store import Registry
 from msgd.server.connection import GatewayConnection
+from msgd.server.ports import ConnectionSettings
 from msgd.server.rules import Registrar
 from msgd.tls.contexts import ServerTls, is_revoked, load_server_tls
 from wire.constants import ErrorCause
@@ -67,10 +68,8 @@ class Server:
         self.metrics = Metrics()
         self.gateways: dict[str, GatewayPolicy] = dict(config.gateways)
         self.node_name = config.server.node_name
-        limits = config.limits
-        self.session_limits = _session_limits(limits)
-        self.bulk_window = limits.bulk_window
-        self.registrar = Registrar(registry, max_pending_writes=limits.max_pending_writes)
+        self.settings = _connection_settings(config)
+        self.registrar = Registrar(registry, max_pending_writes=config.limits.max_pending_writes)
         self.connections: set[GatewayConnection] = set()
         self._handshaking = 0
         self._waiting: set[GatewayConnection] = set()
@@ -335,10 +334,8 @@ class Server:
             control=old.control,
         )
         self.node_name = new.server.node_name
-        limits = new.limits
-        self.session_limits = _session_limits(limits)  # for sessions from now on
-        self.bulk_window = limits.bulk_window
-        self.registrar.max_pending_writes = limits.max_pending_writes
+        self.settings = _connection_settings(new)
+        self.registrar.max_pending_writes = new.limits.max_pending_writes
         if new.log.level != old.log.level:
             setup_logging(new.log.level)  # the level was checked by load_config
         added = sorted(set(new.gateways) - set(self.gateways))
@@ -461,14 +458,20 @@ class Server:
         self.registry.remove_listener(self._on_batch)
 
 
-def _session_limits(limits: LimitsConfig) -> Limits:
-    """What HELLO ACK announces, from [limits] (at start, and for new sessions after reload)."""
-    return Limits(
-        max_frame_size=limits.max_frame_size,
-        max_bulk_entries=limits.max_bulk_entries,
-        max_outstanding=limits.max_outstanding,
-        keepalive_interval=limits.keepalive_interval,
-        hello_timeout=limits.hello_timeout,
+def _connection_settings(config: Config) -> ConnectionSettings:
+    """What connections read of `config` (at start, and whole after a reload)."""
+    limits = config.limits
+    return ConnectionSettings(
+        limits=Limits(
+            max_frame_size=limits.max_frame_size,
+            max_bulk_entries=limits.max_bulk_entries,
+            max_outstanding=limits.max_outstanding,
+            keepalive_interval=limits.keepalive_interval,
+            hello_timeout=limits.hello_timeout,
+        ),
+        bulk_window=limits.bulk_window,
+        frame_timeout=limits.frame_timeout,
+        node_name=config.server.node_name,
     )
 
 

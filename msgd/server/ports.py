@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from msgd.config import Config, GatewayPolicy
@@ -20,19 +21,27 @@ from msgd.server.rules import Registrar
 from msgd.tls.contexts import ServerTls
 from wire.session import Limits
 
-__all__ = ["AdminHost", "ConnectionHost", "ConnectionView"]
+__all__ = ["AdminHost", "ConnectionHost", "ConnectionSettings", "ConnectionView"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """What connections read of the configuration: one frozen object, replaced whole on
+    reload (a connection that began before keeps the session limits it announced)."""
+
+    limits: Limits  # announced in HELLO ACK to sessions from now on
+    bulk_window: int  # unanswered entries before reading pauses
+    frame_timeout: float  # seconds a frame may take to arrive whole
+    node_name: str | None
 
 
 class ConnectionHost(Protocol):
     """The server as one gateway connection sees it."""
 
     loop: asyncio.AbstractEventLoop
-    config: Config
     metrics: Metrics
     registrar: Registrar
-    session_limits: Limits
-    bulk_window: int
-    node_name: str | None
+    settings: ConnectionSettings
     gateways: Mapping[str, GatewayPolicy]
 
     def hello_allowed(self, identity: str) -> int | None: ...
