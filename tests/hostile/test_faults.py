@@ -110,7 +110,10 @@ class _Killer:
 
 
 KILLS = 20  # kills that must land while changes are in flight
-MAX_ROUNDS = 32
+# A budget of rounds, not a behaviour check: a kill drawn late (up to 70 % of the answers)
+# often finds the server already done. Measured: 24-26 rounds for 20 kills in flight; once in
+# about ten runs more than 32 (a fresh-clone CI run on 2 busy cores).
+MAX_ROUNDS = 48
 POPULATION = 8_000
 PER_ROUND = 1_500
 
