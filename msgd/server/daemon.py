@@ -67,7 +67,6 @@ class Server:
         self.notifier = notifier or Notifier(None)
         self.metrics = Metrics()
         self.gateways: dict[str, GatewayPolicy] = dict(config.gateways)
-        self.node_name = config.server.node_name
         self.settings = _connection_settings(config)
         self.registrar = Registrar(registry, max_pending_writes=config.limits.max_pending_writes)
         self.connections: set[GatewayConnection] = set()
@@ -97,6 +96,10 @@ class Server:
             registry.pending,
         )
         self._set_certificate_metrics(tls)
+
+    @property
+    def node_name(self) -> str | None:
+        return self.settings.node_name
 
     # --- registry completions ---------------------------------------------------------------
 
@@ -333,7 +336,6 @@ class Server:
             metrics=old.metrics,
             control=old.control,
         )
-        self.node_name = new.server.node_name
         self.settings = _connection_settings(new)
         self.registrar.max_pending_writes = new.limits.max_pending_writes
         if new.log.level != old.log.level:

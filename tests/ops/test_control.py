@@ -22,6 +22,7 @@ from msgd.gateway.client import HandshakeError
 from msgd.ops.control import ControlServer, peer_allowed, peer_credentials
 from tests.harness import Gw, connect, make_deployment, running_server
 from tests.ops import secret_scan
+from tests.ops.msgctl import Msgctl
 from wire.constants import ErrorCause
 
 UES = {"a1@example": ["gw1.example"], "a2@example": ["gw1.example"],
@@ -42,20 +43,6 @@ async def daemon(tmp_path, pki, sock_dir):
             await control.close()
 
 
-class Msgctl:
-    def __init__(self, path, capsys) -> None:
-        self.path = path
-        self.capsys = capsys
-
-    async def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = await asyncio.to_thread(cli.main, [*argv, "--socket", str(self.path)])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    async def json(self, *argv: str) -> tuple[int, object]:
-        code, out, _err = await self(*argv, "--json")
-        return code, json.loads(out)
 
 
 @pytest.fixture

@@ -9,44 +9,21 @@ a bound: a timeout is a hang and fails the test.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import socket
 import ssl
-import time
 import urllib.request
 
-from msgd.cli import main as cli
 from tests.harness import ChildServer, Gw, connect, make_deployment
+from tests.ops.msgctl import Msgctl, control_ready
 from wire.constants import ErrorCause
 
 UES = {f"ue-{i}@gw1.example": ["gw1.example"] for i in range(4)}
 REFUSAL_BOUND = 5.0  # seconds
 
 
-async def _control_ready(child: ChildServer, starts: int = 1) -> None:
-    """Wait until the child's control socket listens: it is bound after the gateway listener
-    (which ChildServer.start waits for), and the log says when (`starts`: which start)."""
-    deadline = time.monotonic() + 15
-    while child.log_text().count("event=control.listening") < starts:
-        assert time.monotonic() < deadline, f"control socket not ready: {child.log_text()[-1500:]}"
-        await asyncio.sleep(0.02)  # polling the log for a condition, bounded
 
 
-class Msgctl:
-    def __init__(self, path, capsys) -> None:
-        self.path = path
-        self.capsys = capsys
-
-    async def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = await asyncio.to_thread(cli.main, [*argv, "--socket", str(self.path)])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    async def json(self, *argv: str) -> tuple[int, dict]:
-        code, out, _err = await self(*argv, "--json")
-        return code, json.loads(out)
 
 
 async def _refused(dep, address) -> str:
@@ -95,7 +72,7 @@ async def test_drain_then_undrain_accepts_gateways_again(tmp_path, pki, sock_dir
     msgctl = Msgctl(sock_dir / "ctl", capsys)
     child = ChildServer(dep)
     await asyncio.to_thread(child.start)
-    await _control_ready(child)
+    await control_ready(child)
     try:
         metrics = _metrics_address(child)
         gw = await connect(dep, child.address)
@@ -141,7 +118,7 @@ async def test_undrain_stays_draining_when_the_address_is_taken(tmp_path, pki, s
     msgctl = Msgctl(sock_dir / "ctl", capsys)
     child = ChildServer(dep)
     await asyncio.to_thread(child.start)
-    await _control_ready(child)
+    await control_ready(child)
     try:
         assert (await msgctl("drain"))[0] == 0
         # Someone else listens on the port meanwhile.

@@ -9,49 +9,19 @@ over TLS shows what is in force. Under systemd the daemon cannot write its provi
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
-import time
 
-from msgd.cli import main as cli
 from msgd.gateway.client import GatewayUe
 from tests.harness import ChildServer, Gw, connect, make_deployment
 from tests.ops import secret_scan
+from tests.ops.msgctl import Msgctl, control_ready
 
 UES = {"a1@example": ["gw1.example"], "a2@example": ["gw1.example"],
        "a3@example": ["gw1.example"]}
 
 
-async def _control_ready(child: ChildServer, starts: int = 1) -> None:
-    """Wait until the child's control socket listens: it is bound after the gateway listener
-    (which ChildServer.start waits for), and the log says when (`starts`: which start)."""
-    deadline = time.monotonic() + 15
-    while child.log_text().count("event=control.listening") < starts:
-        assert time.monotonic() < deadline, f"control socket not ready: {child.log_text()[-1500:]}"
-        await asyncio.sleep(0.02)  # polling the log for a condition, bounded
 
 
-class Msgctl:
-    """msgctl's real main() in a thread, against the child's control socket."""
-
-    def __init__(self, path, capsys) -> None:
-        self.path = path
-        self.capsys = capsys
-
-    async def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = await asyncio.to_thread(cli.main, [*argv, "--socket", str(self.path)])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    async def json(self, *argv: str) -> tuple[int, object]:
-        code, out, _err = await self(*argv, "--json")
-        return code, json.loads(out)
-
-    async def ok(self, *argv: str) -> str:
-        code, out, err = await self(*argv)
-        assert code == 0, err
-        return out
 
 
 def _csv(path, rows) -> None:
@@ -89,7 +59,7 @@ async def test_admin_changes_survive_reload_and_restart_until_forgotten(
     msgctl = Msgctl(sock_dir / "ctl", capsys)
     child = ChildServer(dep)
     await asyncio.to_thread(child.start)
-    await _control_ready(child)
+    await control_ready(child)
     try:
         _csv(tmp_path / "admin.csv", [("new@example", new_key, ["gw1.example"]),
                                       ("a1@example", a1_key, ["gw1.example"])])
@@ -123,7 +93,7 @@ async def test_admin_changes_survive_reload_and_restart_until_forgotten(
         # A restart loads the same file: the changes are still there.
         assert child.terminate() == 0
         await asyncio.to_thread(child.start)
-        await _control_ready(child, starts=2)
+        await control_ready(child, starts=2)
         status = (await msgctl.json("status"))[1]
         assert status["registry"]["admin_overrides"] == 3
         assert status["registry"]["provisioned"] == 4  # a1 a3 file new; a2 removed
