@@ -201,14 +201,7 @@ class GatewayConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._frame_timer is not None:
-            self._frame_timer.cancel()
-            self._frame_timer = None
-        if self._abort_timer is not None:
-            self._abort_timer.cancel()
-            self._abort_timer = None
+        self._cancel_timers(abort_timer=True)
         was_open = not self._closed
         self._closed = True
         self._pending.clear()
@@ -673,11 +666,18 @@ class GatewayConnection(asyncio.Protocol):
         self._pending.clear()
         self.server.connection_idle(self)
         self._closed = True
-        for timer in (self._timer, self._frame_timer):
+        self._cancel_timers()
+        self.abort()
+
+    def _cancel_timers(self, *, abort_timer: bool = False) -> None:
+        """Cancel the keepalive and frame timers (and the close's abort timer, once gone)."""
+        for timer in (self._timer, self._frame_timer,
+                      self._abort_timer if abort_timer else None):
             if timer is not None:
                 timer.cancel()
         self._timer = self._frame_timer = None
-        self.abort()
+        if abort_timer:
+            self._abort_timer = None
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -694,12 +694,7 @@ class GatewayConnection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._frame_timer is not None:
-            self._frame_timer.cancel()
-            self._frame_timer = None
+        self._cancel_timers()
         transport = self.transport
         if transport is not None:
             # Give TLS a chance to flush the last frames (ERROR / responses) before FIN.
