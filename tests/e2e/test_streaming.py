@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 
 import pytest
@@ -113,7 +114,7 @@ async def test_gateway_that_never_reads_cannot_grow_server_memory(big_dep):
     child.start()
     try:
         baseline = child.rss_bytes()
-        hog = await RawGateway.open(big_dep, child.address)
+        hog = await _small_buffer_gateway(big_dep, child.address)
         await hog.hello()
         # Never read again: not even into the client's own buffers.
         hog.writer.transport.pause_reading()
@@ -144,6 +145,21 @@ async def test_gateway_that_never_reads_cannot_grow_server_memory(big_dep):
         hog.writer.transport.abort()
     finally:
         assert child.terminate() == 0
+
+
+async def _small_buffer_gateway(dep, address) -> RawGateway:
+    """A raw gw1 whose socket receive buffer is fixed at 64 KiB. With autotuning, loopback
+    buffers on both sides can grow to hold the whole response stream of the bulk (~9 MB), and
+    then the server never has a reason to stop reading: the test would measure the kernel's
+    buffers, not the server's back-pressure."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect: no tuning
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, address)
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=dep.client_ctx("gw1.example"), server_hostname="localhost",
+        limit=1 << 24)
+    return RawGateway(reader, writer)
 
 
 def _write_ues_extra(dep, n: int) -> list[str]:
