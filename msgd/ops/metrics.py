@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from msgd.server.rules import Procedure
+from msgd.procedures import Procedure
 from wire.constants import ErrorCause, FailureCause
 
 __all__ = ["PROCEDURES", "HealthProbe", "LoopLagProbe", "Metrics", "certificate_inventory"]

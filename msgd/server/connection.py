@@ -1,10 +1,12 @@
-"""asyncio glue for one gateway connection: bytes ↔ wire Session ↔ Registrar.
+"""asyncio glue for one gateway connection: bytes ↔ wire Session ↔ rules and registry port.
 
 Kept thin on purpose (aioquic's asyncio/protocol.py): protocol rules live in wire.session,
-per-UE rules in msgd.server.rules. What lives here is flow control:
+per-UE rules in msgd.server.rules and behind the registry port (msgd.registry.port). What
+lives here is batching and flow control:
 
-* answers wait in `_pending`, in request order, until the registry change they depend on is
-  durable (wire-v1 §5: "A success result is sent only after the change is durable");
+* the entries and requests decoded in one turn go to the registry port as one batch; their
+  answers wait in `_pending`, in request order, until the port says they are final (wire-v1
+  §5: "A success result is sent only after the change is durable");
 * more than `bulk_window` unanswered entries, or a peer that does not read what we write
   (asyncio's pause_writing), stop reading from the socket, so TCP holds the gateway back and
   neither a huge bulk nor a gateway that never reads can grow our memory.
@@ -16,10 +18,12 @@ import asyncio
 import os
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from msgd.log import get_logger
-from msgd.server.rules import Procedure
+from msgd.procedures import Procedure
+from msgd.registry.port import Change, Outcome
 from msgd.tls.contexts import negotiated_alpn_ok, peer_identity
 from wire.constants import HEADER_SIZE, ErrorCause, FailureCause, MessageType, Result
 from wire.events import (
@@ -38,10 +42,12 @@ from wire.events import (
 )
 from wire.frames import body_length_of
 from wire.messages import (
+    PROFILE_SPEC,
     DeregistrationResponseEntry,
     RegistrationResponseEntry,
     UeDeregistrationResponse,
     UeRegistrationResponse,
+    encode_group,
 )
 from wire.session import Role, Session
 
@@ -63,7 +69,6 @@ EVENTS_PER_TURN = 256
 # one callback, and libuv's read loop hands over the next one before any other peer is read.
 OCTETS_PER_TURN = 16 * 1024
 
-# What an answer is, in `_pending` (tuples: this queue can hold a window of 4096 per connection).
 SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = Procedure
 _RESPONSE = {
     SINGLE_REG: UeRegistrationResponse,
@@ -74,6 +79,25 @@ _KIND_OF = {
     MessageType.UE_REGISTRATION_REQUEST: SINGLE_REG,
     MessageType.UE_DEREGISTRATION_REQUEST: SINGLE_DEREG,
 }
+# In an answer's cause slot: the registry port decides this one (its batch's next outcome).
+_DECIDED: Any = object()
+
+
+class _Batch:
+    """The answers of one turn, in request order, and once the port has decided them, the
+    port's outcomes (one per answer whose cause is _DECIDED, in order).
+
+    An answer is (tid, handle, kind, ue_service_id, cause): `handle` is the session's
+    transaction handle, so an answer whose transaction has ended (the gateway's ERROR) is
+    dropped, never sent to a new request reusing its id. Tuples: a window of 4096 answers per
+    connection is held.
+    """
+
+    __slots__ = ("answers", "outcomes")
+
+    def __init__(self, answers: list[tuple[Any, ...]]) -> None:
+        self.answers = answers
+        self.outcomes: Sequence[Outcome] | None = None
 
 
 class GatewayConnection(asyncio.Protocol):
@@ -99,10 +123,15 @@ class GatewayConnection(asyncio.Protocol):
         self.connected_at = 0.0
         self.entries_processed = 0
         self.log = _log
-        # (wait_seq, seq, tid, handle, kind, uid, cause, retry_after) per answer, in order.
-        # `handle` is the session's transaction handle: an answer whose transaction has ended
-        # (the gateway's ERROR) is dropped, never sent to a new request reusing its id.
-        self._pending: deque[tuple[Any, ...]] = deque()
+        # Batches of answers not yet sent, in request order (_Batch); this turn's answers and
+        # the changes among them for the registry port; answers held in all batches.
+        self._pending: deque[_Batch] = deque()
+        self._answers: list[tuple[Any, ...]] = []
+        self._changes: list[Change] = []
+        self._unanswered = 0
+        # Bumped when answers are dropped: the port's late verdicts on them are ignored.
+        self._epoch = 0
+        self._submitting = False
         self._bulk_kinds: dict[int, tuple[int, object]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -188,8 +217,6 @@ class GatewayConnection(asyncio.Protocol):
         else:
             session.receive_data(data, now)
         self._process()
-        # Changes this chunk submitted date from its arrival (group-commit latency metric).
-        server.metrics.submitted(server.registry_last_seq(), now)
 
     def eof_received(self) -> bool:
         if self.session is not None and not self._closed:
@@ -204,7 +231,7 @@ class GatewayConnection(asyncio.Protocol):
         self._cancel_timers(abort_timer=True)
         was_open = not self._closed
         self._closed = True
-        self._pending.clear()
+        self._drop_answers()
         self._unfed.clear()
         self.server.connection_ended(self)
         if was_open and self.session is not None:
@@ -306,6 +333,7 @@ class GatewayConnection(asyncio.Protocol):
                     )
             elif kind is ConnectionClosed:
                 self.log.info("session.closed", reason=event.reason, by_peer=event.by_peer)
+        self._submit()
         self._flush_pending()
         self._write()
         self._update_reading()
@@ -401,18 +429,8 @@ class GatewayConnection(asyncio.Protocol):
         kind, handle = self._bulk_kinds[tid]
         if entry is None:
             error = event.error
-            self._pending.append(
-                (
-                    self.server.registry_last_seq(),
-                    None,
-                    tid,
-                    handle,
-                    kind,
-                    error.ue_service_id if error is not None else "",
-                    FailureCause.INVALID_ENTRY,
-                    None,
-                )
-            )
+            uid = error.ue_service_id if error is not None else ""
+            self._answers.append((tid, handle, kind, uid, FailureCause.INVALID_ENTRY))
             return
         self._decide(
             kind, tid, handle, entry.ue_service_id, entry.credential,
@@ -420,96 +438,124 @@ class GatewayConnection(asyncio.Protocol):
         )
 
     def _decide(
-        self, kind: int, tid: int, handle: object, uid: str, credential: bytes | None,
+        self, kind: Procedure, tid: int, handle: object, uid: str, credential: bytes | None,
         profile: Any,
     ) -> None:
-        registrar = self.server.registrar
+        """The rules that need only provisioning decide now; the rest joins this turn's batch
+        for the registry port (`_submit`)."""
+        rules = self.server.rules
         policy = self.policy
         assert policy is not None
-        if kind in (SINGLE_REG, BULK_REG):
-            outcome = registrar.register(policy, self.nonce, uid, credential, profile)
-        else:
-            outcome = registrar.deregister(policy, self.nonce, uid, credential)
         self.entries_processed += 1
-        # Even a failure waits for the state it was decided on to be durable.
-        self._pending.append(
-            (
-                self.server.registry_last_seq(),
-                outcome.seq,
-                tid,
-                handle,
-                kind,
-                uid,
-                outcome.cause,
-                outcome.retry_after,
-            )
-        )
+        if kind is SINGLE_REG or kind is BULK_REG:
+            cause = rules.registration(policy, self.nonce, uid, credential)
+            if cause is not None:
+                self._answers.append((tid, handle, kind, uid, cause))
+                return
+            stored = encode_group(PROFILE_SPEC, profile) if profile is not None else None
+            self._changes.append(Change(uid, True, stored))
+        else:
+            verdict = rules.deregistration(policy, self.nonce, uid, credential)
+            self._changes.append(Change(uid, False, None, verdict))
+        self._answers.append((tid, handle, kind, uid, _DECIDED))
+
+    def _submit(self) -> None:
+        """Hand this turn's decisions to the registry port as one batch. Their answers wait
+        in `_pending`, in request order, until the port says they are final."""
+        answers = self._answers
+        if not answers:
+            return
+        changes = self._changes
+        self._answers = []
+        self._changes = []
+        batch = _Batch(answers)
+        self._pending.append(batch)
+        self._unanswered += len(answers)
+        if not changes:
+            batch.outcomes = ()
+            return
+        policy = self.policy
+        assert policy is not None
+        epoch = self._epoch
+
+        def decided(outcomes: Sequence[Outcome]) -> None:
+            if epoch != self._epoch:
+                return  # the answers were dropped (revoked, failed, closed)
+            batch.outcomes = outcomes
+            if not self._submitting:
+                self._on_decided()
+
+        self._submitting = True
+        try:
+            self.server.registrar.submit(policy.identity, changes, decided)
+        finally:
+            self._submitting = False
 
     # --- answers ----------------------------------------------------------------------------
 
-    def on_registry(self, durable: int, failed_first: int, failed_last: int) -> None:
-        """The registry made changes up to `durable` durable; [failed_first, failed_last] failed.
+    def _on_decided(self) -> None:
+        """The port finished a batch after this turn: send what is now in order to send.
 
-        Never raises: the server calls this for every waiting connection in one loop, and one
+        Never raises: the port calls this for every waiting connection in one loop, and one
         connection's failure must not delay the answers of the others (it closes that one)."""
         try:
-            self._on_registry(durable, failed_first, failed_last)
+            if self._closed:
+                return
+            self._flush_pending()
+            self._write()
+            self._update_reading()
+            session = self.session
+            if (
+                session is not None
+                and (session.goodbye_sent or session.goodbye_received)
+                and session.can_close
+                and not self._pending
+            ):
+                self._close()
         except Exception as exc:
             self.fail(exc)
 
-    def _on_registry(self, durable: int, failed_first: int, failed_last: int) -> None:
-        if self._closed or not self._pending:
-            return
-        self._flush_pending(durable, failed_first, failed_last)
-        self._write()
-        self._update_reading()
-        session = self.session
-        if (
-            session is not None
-            and (session.goodbye_sent or session.goodbye_received)
-            and session.can_close
-            and not self._pending
-        ):
-            self._close()
-
-    def _flush_pending(
-        self, durable: int | None = None, failed_first: int = 0, failed_last: int = -1
-    ) -> None:
+    def _flush_pending(self) -> None:
+        """Send the answers of the decided batches at the head of `_pending`, in order."""
         pending = self._pending
-        if not pending:
-            return
-        server = self.server
-        if durable is None:
-            durable, failed_first, failed_last = server.registry_state()
-        resolved = max(durable, failed_last)
         session = self.session
         assert session is not None
         send_entry = session.send_bulk_entry
-        # Counted as answered, with the cause actually sent (STORAGE_FAILURE included).
-        count = server.metrics.entry
         send_response = session.send_response
+        # Counted as answered, with the cause actually sent (STORAGE_FAILURE included).
+        count = self.server.metrics.entry
         while pending:
-            wait_seq, seq, tid, handle, kind, uid, cause, retry = pending[0]
-            if wait_seq > resolved:
+            batch = pending[0]
+            outcomes = batch.outcomes
+            if outcomes is None:
                 break
             pending.popleft()
-            if seq is not None and failed_first <= seq <= failed_last:
-                cause, retry = FailureCause.STORAGE_FAILURE, None
-            if cause is None:
-                result, cause_value = Result.SUCCESS, None
-            else:
-                result, cause_value = Result.FAILURE, int(cause)
-            if kind >= BULK_REG:
-                sent = send_entry(tid, _ENTRY[kind](uid, result, cause_value, retry), handle)
-            else:
-                sent = send_response(_RESPONSE[kind](tid, uid, result, cause_value, retry),
-                                     handle)
-            if sent:
-                count(kind, cause)
-        if not pending:
-            server.connection_idle(self)
-        else:
-            server.connection_waiting(self)
+            self._unanswered -= len(batch.answers)
+            decided = iter(outcomes)
+            for tid, handle, kind, uid, cause in batch.answers:
+                retry = None
+                if cause is _DECIDED:
+                    cause, retry = next(decided)
+                if cause is None:
+                    result, cause_value = Result.SUCCESS, None
+                else:
+                    result, cause_value = Result.FAILURE, int(cause)
+                if kind >= BULK_REG:
+                    sent = send_entry(tid, _ENTRY[kind](uid, result, cause_value, retry), handle)
+                else:
+                    sent = send_response(
+                        _RESPONSE[kind](tid, uid, result, cause_value, retry), handle
+                    )
+                if sent:
+                    count(kind, cause)
+
+    def _drop_answers(self) -> None:
+        """Forget every answer not yet sent; batches still in the port are ignored when done."""
+        self._epoch += 1
+        self._pending.clear()
+        self._answers = []
+        self._changes = []
+        self._unanswered = 0
 
     def _write(self) -> None:
         session = self.session
@@ -527,7 +573,7 @@ class GatewayConnection(asyncio.Protocol):
             return
         # A full window pauses until half of it is answered (hysteresis); a backlog or a
         # peer that does not read pauses only while it lasts.
-        pending, window = len(self._pending), self.server.settings.bulk_window
+        pending, window = self._unanswered, self.server.settings.bulk_window
         if pending >= window:
             self._window_full = True
         elif pending <= window // 2:
@@ -648,9 +694,8 @@ class GatewayConnection(asyncio.Protocol):
         revoked): decide nothing more, drop the answers not yet sent, GOODBYE
         (GATEWAY_NOT_ALLOWED) and close (wire-v1 §4 item 6)."""
         session = self.session
-        self._pending.clear()
+        self._drop_answers()
         self._bulk_kinds.clear()
-        self.server.connection_idle(self)
         if session is None or self._closed:
             self.abort()
             return
@@ -663,8 +708,7 @@ class GatewayConnection(asyncio.Protocol):
         """An internal error while serving this connection: log it, close this one only."""
         self.log.error("connection.internal_error", reason=type(exc).__name__,
                        detail=str(exc)[:200], exc_info=exc)
-        self._pending.clear()
-        self.server.connection_idle(self)
+        self._drop_answers()
         self._closed = True
         self._cancel_timers()
         self.abort()

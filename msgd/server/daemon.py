@@ -37,11 +37,12 @@ from msgd.log import get_logger, setup_logging
 from msgd.ops.control import ControlServer
 from msgd.ops.metrics import HealthProbe, Metrics
 from msgd.ops.systemd import Notifier
+from msgd.registry.local import LocalRegistrar
 from msgd.registry.provisioning import read_provisioning_csv
 from msgd.registry.store import Registry
 from msgd.server.connection import GatewayConnection
 from msgd.server.ports import ConnectionSettings
-from msgd.server.rules import Registrar
+from msgd.server.rules import UeRules
 from msgd.tls.contexts import ServerTls, is_revoked, load_server_tls
 from wire.constants import ErrorCause
 from wire.session import Limits
@@ -68,10 +69,15 @@ class Server:
         self.metrics = Metrics()
         self.gateways: dict[str, GatewayPolicy] = dict(config.gateways)
         self.settings = _connection_settings(config)
-        self.registrar = Registrar(registry, max_pending_writes=config.limits.max_pending_writes)
+        self.rules = UeRules(registry.provisioned)
+        self.registrar = LocalRegistrar(
+            registry,
+            max_pending_writes=config.limits.max_pending_writes,
+            # Commit latency counts from the turn a change was submitted in.
+            on_submit=lambda seq: self.metrics.submitted(seq, loop.time()),
+        )
         self.connections: set[GatewayConnection] = set()
         self._handshaking = 0
-        self._waiting: set[GatewayConnection] = set()
         self._lsock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
@@ -103,25 +109,10 @@ class Server:
 
     # --- registry completions ---------------------------------------------------------------
 
-    def registry_last_seq(self) -> int:
-        return self.registry.last_seq
-
-    def registry_state(self) -> tuple[int, int, int]:
-        return self.registry.settled()
-
     def _on_batch(self, first: int, last: int, ok: bool) -> None:
         self.metrics.settled(first, last, ok, self.loop.time())
         if not ok:
             log.error("registry.commit_failed", first=first, last=last)
-        durable, ff, fl = self.registry.settled()
-        for conn in list(self._waiting):
-            conn.on_registry(durable, ff, fl)
-
-    def connection_waiting(self, conn: GatewayConnection) -> None:
-        self._waiting.add(conn)
-
-    def connection_idle(self, conn: GatewayConnection) -> None:
-        self._waiting.discard(conn)
 
     # --- connections ------------------------------------------------------------------------
 
@@ -225,7 +216,6 @@ class Server:
 
     def connection_ended(self, conn: GatewayConnection) -> None:
         self.connections.discard(conn)
-        self._waiting.discard(conn)
         self.metrics.gateway_certificate(id(conn), "", None)
         if not self.connections:
             self._all_closed.set()

@@ -16,8 +16,9 @@ from typing import Any, Protocol
 from msgd.config import Config, GatewayPolicy
 from msgd.ops.metrics import Metrics
 from msgd.ops.systemd import Notifier
+from msgd.registry.port import Registrar
 from msgd.registry.store import Registry
-from msgd.server.rules import Registrar
+from msgd.server.rules import UeRules
 from msgd.tls.contexts import ServerTls
 from wire.session import Limits
 
@@ -40,18 +41,15 @@ class ConnectionHost(Protocol):
 
     loop: asyncio.AbstractEventLoop
     metrics: Metrics
+    rules: UeRules
     registrar: Registrar
     settings: ConnectionSettings
     gateways: Mapping[str, GatewayPolicy]
 
     def hello_allowed(self, identity: str) -> int | None: ...
     def revoked_since_handshake(self, conn: Any, peer_der: bytes | None) -> bool: ...
-    def registry_last_seq(self) -> int: ...
-    def registry_state(self) -> tuple[int, int, int]: ...
     def connection_started(self, conn: Any) -> None: ...
     def connection_ended(self, conn: Any) -> None: ...
-    def connection_waiting(self, conn: Any) -> None: ...
-    def connection_idle(self, conn: Any) -> None: ...
 
 
 class ConnectionView(Protocol):
