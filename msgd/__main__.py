@@ -1,3 +1,3 @@
-from msgd.server.daemon import main
+from msgd.server.main import main
 
 raise SystemExit(main())

@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from msgd.procedures import Procedure
 from wire.constants import ErrorCause, FailureCause
 
-__all__ = ["PROCEDURES", "HealthProbe", "LoopLagProbe", "Metrics", "certificate_inventory"]
+__all__ = ["PROCEDURES", "Metrics", "certificate_inventory"]
 
 PROCEDURES = tuple(procedure.label for procedure in Procedure)
 _SECONDS_PER_DAY = 86400.0
@@ -393,65 +393,3 @@ def _cause_name(cause: ErrorCause | int) -> str:
         return ErrorCause(cause).name
     except ValueError:
         return str(int(cause))
-
-
-class LoopLagProbe:
-    """Measures how late a periodic callback runs: the event loop's health."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.expected = time.monotonic() + interval
-
-    def tick(self) -> float:
-        now = time.monotonic()
-        lag = max(0.0, now - self.expected)
-        self.expected = now + self.interval
-        return lag
-
-
-class HealthProbe:
-    """Whether msgd is healthy enough to send WATCHDOG=1: its loop runs and its writes land.
-
-    check() is called every `tick` seconds from a task on the event loop. Unhealthy is:
-
-    * the loop ran that tick more than `max_lag` seconds late (a loop blocked for longer than
-      the watchdog period sends nothing at all: the check never runs);
-    * registry changes have been pending for `max_stall` seconds while no batch settled
-      (a commit hung in fsync, a database lock held by someone else, a dead writer thread).
-
-    `pending` and `durable` are the registry's public pending() and durable_seq.
-    """
-
-    def __init__(
-        self,
-        tick: float,
-        *,
-        max_lag: float,
-        max_stall: float,
-        pending: Callable[[], int],
-        durable: Callable[[], int],
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.tick = tick
-        self.max_lag = max_lag
-        self.max_stall = max_stall
-        self._pending = pending
-        self._durable = durable
-        self._clock = clock
-        self._lag = LoopLagProbe(tick)
-        self._last_durable = durable()
-        self._stalled_since: float | None = None
-
-    def check(self) -> tuple[bool, float, float]:
-        """(healthy, loop lag of this tick, seconds the writer has made no progress)."""
-        lag = self._lag.tick()
-        now = self._clock()
-        durable = self._durable()
-        if self._pending() == 0 or durable != self._last_durable:
-            self._stalled_since = None
-        elif self._stalled_since is None:
-            # Counted from the first tick that saw no progress: errs on the side of pinging.
-            self._stalled_since = now
-        self._last_durable = durable
-        stall = 0.0 if self._stalled_since is None else now - self._stalled_since
-        return lag <= self.max_lag and stall < self.max_stall, lag, stall

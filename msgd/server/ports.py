@@ -35,6 +35,23 @@ class ConnectionSettings:
     frame_timeout: float  # seconds a frame may take to arrive whole
     node_name: str | None
 
+    @classmethod
+    def from_config(cls, config: Config) -> ConnectionSettings:
+        """What connections read of `config` (at start, and whole after a reload)."""
+        limits = config.limits
+        return cls(
+            limits=Limits(
+                max_frame_size=limits.max_frame_size,
+                max_bulk_entries=limits.max_bulk_entries,
+                max_outstanding=limits.max_outstanding,
+                keepalive_interval=limits.keepalive_interval,
+                hello_timeout=limits.hello_timeout,
+            ),
+            bulk_window=limits.bulk_window,
+            frame_timeout=limits.frame_timeout,
+            node_name=config.server.node_name,
+        )
+
 
 class ConnectionHost(Protocol):
     """The server as one gateway connection sees it."""
