@@ -5,8 +5,8 @@ per-UE rules in msgd.server.rules and behind the registry port (msgd.registry.po
 lives here is batching and flow control:
 
 * the entries and requests decoded in one turn go to the registry port as one batch; their
-  answers wait in `_pending`, in request order, until the port says they are final (wire-v1
-  §5: "A success result is sent only after the change is durable");
+  answers wait in an AnswerQueue (server.answers), in request order, until the port says
+  they are final (wire-v1 §5: "A success result is sent only after the change is durable");
 * more than `bulk_window` unanswered entries, or a peer that does not read what we write
   (asyncio's pause_writing), stop reading from the socket, so TCP holds the gateway back and
   neither a huge bulk nor a gateway that never reads can grow our memory.
@@ -17,15 +17,15 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections import deque
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from msgd.log import get_logger
 from msgd.procedures import Procedure
-from msgd.registry.port import Change, Outcome
+from msgd.registry.port import Change
+from msgd.server.answers import DECIDED, AnswerQueue
+from msgd.server.frame_clock import FrameClock
 from msgd.tls.contexts import negotiated_alpn_ok, peer_identity
-from wire.constants import HEADER_SIZE, ErrorCause, FailureCause, MessageType, Result
+from wire.constants import ErrorCause, FailureCause, MessageType
 from wire.events import (
     NEED_DATA,
     PAUSED,
@@ -40,13 +40,8 @@ from wire.events import (
     RequestReceived,
     TransactionFailed,
 )
-from wire.frames import body_length_of
 from wire.messages import (
     PROFILE_SPEC,
-    DeregistrationResponseEntry,
-    RegistrationResponseEntry,
-    UeDeregistrationResponse,
-    UeRegistrationResponse,
     encode_group,
 )
 from wire.session import Role, Session
@@ -70,38 +65,19 @@ EVENTS_PER_TURN = 256
 OCTETS_PER_TURN = 16 * 1024
 
 SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = Procedure
-_RESPONSE = {
-    SINGLE_REG: UeRegistrationResponse,
-    SINGLE_DEREG: UeDeregistrationResponse,
-}
-_ENTRY = {BULK_REG: RegistrationResponseEntry, BULK_DEREG: DeregistrationResponseEntry}
 _KIND_OF = {
     MessageType.UE_REGISTRATION_REQUEST: SINGLE_REG,
     MessageType.UE_DEREGISTRATION_REQUEST: SINGLE_DEREG,
 }
-# In an answer's cause slot: the registry port decides this one (its batch's next outcome).
-_DECIDED: Any = object()
-
-
-class _Batch:
-    """The answers of one turn, in request order, and once the port has decided them, the
-    port's outcomes (one per answer whose cause is _DECIDED, in order).
-
-    An answer is (tid, handle, kind, ue_service_id, cause): `handle` is the session's
-    transaction handle, so an answer whose transaction has ended (the gateway's ERROR) is
-    dropped, never sent to a new request reusing its id. Tuples: a window of 4096 answers per
-    connection is held.
-    """
-
-    __slots__ = ("answers", "outcomes")
-
-    def __init__(self, answers: list[tuple[Any, ...]]) -> None:
-        self.answers = answers
-        self.outcomes: Sequence[Outcome] | None = None
-
-
 class GatewayConnection(asyncio.Protocol):
-    """One gateway: TLS set up by the server, then a wire Session in the SERVER role."""
+    """One gateway: TLS set up by the server, then a wire Session in the SERVER role.
+
+    Over 400 lines on purpose: an asyncio.Protocol's callbacks (bytes in, EOF, lost,
+    pause/resume writing), its three timers (keepalive, frame, abort after close) and the close
+    sequence all read and change the same transport state; split further, each part would need
+    the others. What stands apart already does: the answers (server.answers), the frame clock
+    (server.frame_clock), the rules (server.rules) and the session (wire.session).
+    """
 
     def __init__(
         self, server: ConnectionHost, accepted_at: float | None = None,
@@ -123,26 +99,14 @@ class GatewayConnection(asyncio.Protocol):
         self.connected_at = 0.0
         self.entries_processed = 0
         self.log = _log
-        # Batches of answers not yet sent, in request order (_Batch); this turn's answers and
-        # the changes among them for the registry port; answers held in all batches.
-        self._pending: deque[_Batch] = deque()
-        self._answers: list[tuple[Any, ...]] = []
-        self._changes: list[Change] = []
-        self._unanswered = 0
-        # Bumped when answers are dropped: the port's late verdicts on them are ignored.
-        self._epoch = 0
-        self._submitting = False
+        self._answers = AnswerQueue()
         self._bulk_kinds: dict[int, tuple[int, object]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._reading_paused = False
         self._writing_paused = False
         self._closed = False
-        # Frame clock: octets still due in the frame being received, the partial header,
-        # and since when a frame has been incomplete (None: at a frame boundary).
-        self._frame_left = 0
-        self._frame_head = bytearray()
-        self._frame_since: float | None = None
+        self._frame_clock = FrameClock()
         self._frame_timer: asyncio.TimerHandle | None = None
         self._errors = 0  # protocol errors, failed transactions and peer ERRORs seen
         # Events left in the session's buffer after a turn's budget; reading stops meanwhile.
@@ -211,7 +175,11 @@ class GatewayConnection(asyncio.Protocol):
         now = self.loop.time()
         server = self.server
         server.metrics.received(len(data))
-        self._follow_frames(data, now)
+        frames, restarted = self._frame_clock.follow(data, now)
+        if frames:
+            server.metrics.frames(frames)
+        if restarted:
+            self._arm_frame_timer()
         if self._unfed or len(data) > OCTETS_PER_TURN:
             self._unfed += data
         else:
@@ -231,7 +199,7 @@ class GatewayConnection(asyncio.Protocol):
         self._cancel_timers(abort_timer=True)
         was_open = not self._closed
         self._closed = True
-        self._drop_answers()
+        self._answers.drop()
         self._unfed.clear()
         self.server.connection_ended(self)
         if was_open and self.session is not None:
@@ -334,14 +302,14 @@ class GatewayConnection(asyncio.Protocol):
             elif kind is ConnectionClosed:
                 self.log.info("session.closed", reason=event.reason, by_peer=event.by_peer)
         self._submit()
-        self._flush_pending()
+        self._answers.send_ready(session, server.metrics.entry)
         self._write()
         self._update_reading()
         # After a GOODBYE either way, the connection ends once nothing is in progress: the
         # gateway's own close would otherwise wait on our TLS close_notify.
         if session.is_closed or (
             (session.goodbye_sent or session.goodbye_received) and session.can_close
-            and not self._pending and not self._unfed
+            and not self._answers and not self._unfed
         ):
             self._close()
         else:
@@ -430,7 +398,7 @@ class GatewayConnection(asyncio.Protocol):
         if entry is None:
             error = event.error
             uid = error.ue_service_id if error is not None else ""
-            self._answers.append((tid, handle, kind, uid, FailureCause.INVALID_ENTRY))
+            self._answers.answers.append((tid, handle, kind, uid, FailureCause.INVALID_ENTRY))
             return
         self._decide(
             kind, tid, handle, entry.ue_service_id, entry.credential,
@@ -444,52 +412,27 @@ class GatewayConnection(asyncio.Protocol):
         """The rules that need only provisioning decide now; the rest joins this turn's batch
         for the registry port (`_submit`)."""
         rules = self.server.rules
+        answers = self._answers
         policy = self.policy
         assert policy is not None
         self.entries_processed += 1
         if kind is SINGLE_REG or kind is BULK_REG:
             cause = rules.registration(policy, self.nonce, uid, credential)
             if cause is not None:
-                self._answers.append((tid, handle, kind, uid, cause))
+                answers.answers.append((tid, handle, kind, uid, cause))
                 return
             stored = encode_group(PROFILE_SPEC, profile) if profile is not None else None
-            self._changes.append(Change(uid, True, stored))
+            answers.changes.append(Change(uid, True, stored))
         else:
             verdict = rules.deregistration(policy, self.nonce, uid, credential)
-            self._changes.append(Change(uid, False, None, verdict))
-        self._answers.append((tid, handle, kind, uid, _DECIDED))
+            answers.changes.append(Change(uid, False, None, verdict))
+        answers.answers.append((tid, handle, kind, uid, DECIDED))
 
     def _submit(self) -> None:
-        """Hand this turn's decisions to the registry port as one batch. Their answers wait
-        in `_pending`, in request order, until the port says they are final."""
-        answers = self._answers
-        if not answers:
-            return
-        changes = self._changes
-        self._answers = []
-        self._changes = []
-        batch = _Batch(answers)
-        self._pending.append(batch)
-        self._unanswered += len(answers)
-        if not changes:
-            batch.outcomes = ()
-            return
+        """Hand this turn's decisions to the registry port as one batch."""
         policy = self.policy
-        assert policy is not None
-        epoch = self._epoch
-
-        def decided(outcomes: Sequence[Outcome]) -> None:
-            if epoch != self._epoch:
-                return  # the answers were dropped (revoked, failed, closed)
-            batch.outcomes = outcomes
-            if not self._submitting:
-                self._on_decided()
-
-        self._submitting = True
-        try:
-            self.server.registrar.submit(policy.identity, changes, decided)
-        finally:
-            self._submitting = False
+        if policy is not None:
+            self._answers.submit(self.server.registrar, policy.identity, self._on_decided)
 
     # --- answers ----------------------------------------------------------------------------
 
@@ -499,63 +442,20 @@ class GatewayConnection(asyncio.Protocol):
         Never raises: the port calls this for every waiting connection in one loop, and one
         connection's failure must not delay the answers of the others (it closes that one)."""
         try:
-            if self._closed:
+            session = self.session
+            if self._closed or session is None:
                 return
-            self._flush_pending()
+            self._answers.send_ready(session, self.server.metrics.entry)
             self._write()
             self._update_reading()
-            session = self.session
             if (
-                session is not None
-                and (session.goodbye_sent or session.goodbye_received)
+                (session.goodbye_sent or session.goodbye_received)
                 and session.can_close
-                and not self._pending
+                and not self._answers
             ):
                 self._close()
         except Exception as exc:
             self.fail(exc)
-
-    def _flush_pending(self) -> None:
-        """Send the answers of the decided batches at the head of `_pending`, in order."""
-        pending = self._pending
-        session = self.session
-        assert session is not None
-        send_entry = session.send_bulk_entry
-        send_response = session.send_response
-        # Counted as answered, with the cause actually sent (STORAGE_FAILURE included).
-        count = self.server.metrics.entry
-        while pending:
-            batch = pending[0]
-            outcomes = batch.outcomes
-            if outcomes is None:
-                break
-            pending.popleft()
-            self._unanswered -= len(batch.answers)
-            decided = iter(outcomes)
-            for tid, handle, kind, uid, cause in batch.answers:
-                retry = None
-                if cause is _DECIDED:
-                    cause, retry = next(decided)
-                if cause is None:
-                    result, cause_value = Result.SUCCESS, None
-                else:
-                    result, cause_value = Result.FAILURE, int(cause)
-                if kind >= BULK_REG:
-                    sent = send_entry(tid, _ENTRY[kind](uid, result, cause_value, retry), handle)
-                else:
-                    sent = send_response(
-                        _RESPONSE[kind](tid, uid, result, cause_value, retry), handle
-                    )
-                if sent:
-                    count(kind, cause)
-
-    def _drop_answers(self) -> None:
-        """Forget every answer not yet sent; batches still in the port are ignored when done."""
-        self._epoch += 1
-        self._pending.clear()
-        self._answers = []
-        self._changes = []
-        self._unanswered = 0
 
     def _write(self) -> None:
         session = self.session
@@ -573,7 +473,7 @@ class GatewayConnection(asyncio.Protocol):
             return
         # A full window pauses until half of it is answered (hysteresis); a backlog or a
         # peer that does not read pauses only while it lasts.
-        pending, window = self._unanswered, self.server.settings.bulk_window
+        pending, window = self._answers.unanswered, self.server.settings.bulk_window
         if pending >= window:
             self._window_full = True
         elif pending <= window // 2:
@@ -585,56 +485,20 @@ class GatewayConnection(asyncio.Protocol):
         elif not stop and self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
-            # Octets of a partial frame waited in the kernel while we did not read: the
-            # frame clock counts only time we spent reading.
-            if self._frame_since is not None:
-                self._frame_since = self.loop.time()
+            if self._frame_clock.restart(self.loop.time()):
                 self._arm_frame_timer()
 
     # --- frame clock (slow drip) ------------------------------------------------------------
 
-    def _follow_frames(self, data: bytes, now: float) -> None:
-        """Track frame boundaries (12-octet header, then `body length` octets) so a frame that
-        takes longer than [limits] frame_timeout to arrive closes the connection. Only the
-        boundaries are followed here; every check of the octets is wire.session's."""
-        left = self._frame_left
-        head = self._frame_head
-        size = len(data)
-        pos = 0
-        began = False  # the last frame begun, if any, began in this read
-        frames = 0  # headers completed in this read (msgd_frames_received_total)
-        while pos < size:
-            if left:
-                take = min(left, size - pos)
-                left -= take
-                pos += take
-            else:
-                began = began or not head
-                take = min(HEADER_SIZE - len(head), size - pos)
-                head += data[pos : pos + take]
-                pos += take
-                if len(head) == HEADER_SIZE:
-                    left = body_length_of(head)
-                    head.clear()
-                    frames += 1
-        self._frame_left = left
-        if frames:
-            self.server.metrics.frames(frames)
-        if not left and not head:
-            self._frame_since = None
-        elif began or self._frame_since is None:
-            # The incomplete frame began in this read: its clock starts now.
-            self._frame_since = now
-            self._arm_frame_timer()
-
     def _arm_frame_timer(self) -> None:
-        if self._frame_timer is None and self._frame_since is not None and not self._closed:
-            when = self._frame_since + self.server.settings.frame_timeout
+        since = self._frame_clock.since
+        if self._frame_timer is None and since is not None and not self._closed:
+            when = since + self.server.settings.frame_timeout
             self._frame_timer = self.loop.call_at(when, self._on_frame_timer)
 
     def _on_frame_timer(self) -> None:
         self._frame_timer = None
-        since = self._frame_since
+        since = self._frame_clock.since
         session = self.session
         if since is None or session is None or self._closed or self._reading_paused:
             return  # complete, closed, or paused by us (resuming restarts the clock)
@@ -694,7 +558,7 @@ class GatewayConnection(asyncio.Protocol):
         revoked): decide nothing more, drop the answers not yet sent, GOODBYE
         (GATEWAY_NOT_ALLOWED) and close (wire-v1 §4 item 6)."""
         session = self.session
-        self._drop_answers()
+        self._answers.drop()
         self._bulk_kinds.clear()
         if session is None or self._closed:
             self.abort()
@@ -708,7 +572,7 @@ class GatewayConnection(asyncio.Protocol):
         """An internal error while serving this connection: log it, close this one only."""
         self.log.error("connection.internal_error", reason=type(exc).__name__,
                        detail=str(exc)[:200], exc_info=exc)
-        self._drop_answers()
+        self._answers.drop()
         self._closed = True
         self._cancel_timers()
         self.abort()
