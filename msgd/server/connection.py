@@ -24,6 +24,7 @@ from msgd.procedures import Procedure
 from msgd.registry.port import Change
 from msgd.server.answers import DECIDED, AnswerQueue
 from msgd.server.frame_clock import FrameClock
+from msgd.server.ports import Refusal
 from msgd.tls.contexts import negotiated_alpn_ok, peer_identity
 from wire.constants import ErrorCause, FailureCause, MessageType
 from wire.events import (
@@ -348,20 +349,15 @@ class GatewayConnection(asyncio.Protocol):
     def _on_hello(self, event: HelloReceived) -> None:
         session = self.session
         assert session is not None
-        policy = self.server.gateways.get(self.identity or "")
-        if policy is None:
-            self.log.warning("gateway.refused", reason="identity not in [[gateways]]")
-            self.server.metrics.connection_refused("gateway_not_allowed")
-            session.reject_hello(ErrorCause.GATEWAY_NOT_ALLOWED, "gateway identity not allowed")
-            return
-        retry_after = self.server.hello_allowed(policy.identity)
-        if retry_after is not None:
-            # Reconnect storm: this identity opened too many sessions lately.
-            self.log.warning("gateway.reconnect_damped", retry_after_ms=retry_after)
-            self.server.metrics.connection_refused("reconnect_storm")
-            session.send_goodbye(
-                ErrorCause.OVERLOADED, retry_after, "too many sessions from this gateway"
-            )
+        policy = self.server.admit(self.identity)
+        if isinstance(policy, Refusal):
+            self.server.metrics.connection_refused(policy.reason)
+            if policy.retry_after is None:
+                self.log.warning("gateway.refused", reason=policy.log_detail)
+                session.reject_hello(policy.cause, policy.diagnostic)
+            else:
+                self.log.warning("gateway.reconnect_damped", retry_after_ms=policy.retry_after)
+                session.send_goodbye(policy.cause, policy.retry_after, policy.diagnostic)
             return
         self.policy = policy
         self.nonce = os.urandom(32)

@@ -25,13 +25,16 @@ from msgd.ops.systemd import Notifier
 from msgd.registry.local import LocalRegistrar
 from msgd.registry.store import Registry
 from msgd.server.connection import GatewayConnection
-from msgd.server.ports import ConnectionSettings
+from msgd.server.ports import ConnectionSettings, Refusal
 from msgd.server.reload import ReloadFailed, kept_config, read_inputs, recheck
 from msgd.server.rules import UeRules
 from msgd.tls.contexts import ServerTls, is_revoked
 from wire.constants import ErrorCause
 
 log = get_logger("msgd.server")
+
+_NOT_ALLOWED = Refusal(ErrorCause.GATEWAY_NOT_ALLOWED, "gateway identity not allowed",
+                       "gateway_not_allowed", "identity not in [[gateways]]")
 
 
 class Server:
@@ -171,20 +174,26 @@ class Server:
         finally:
             self._handshaking -= 1
 
-    def hello_allowed(self, identity: str) -> int | None:
-        """Reconnect-storm damping: None when `identity` may open a session now (it is then
-        counted), else the Retry after in ms until the oldest of its last `reconnect_limit`
-        sessions leaves the `reconnect_window`. Only configured identities get here, so the
+    def admit(self, identity: str | None) -> GatewayPolicy | Refusal:
+        """The admission check of a HELLO: the gateway's policy, or why not. An identity not in
+        [[gateways]] is refused; a configured one is damped when it opened `reconnect_limit`
+        sessions within `reconnect_window` (reconnect storm), with the Retry after in ms until
+        the oldest of them leaves the window. Only configured identities are counted, so the
         table is bounded by the gateway table."""
+        policy = self.gateways.get(identity or "")
+        if policy is None:
+            return _NOT_ALLOWED
         limits = self.config.limits
         now = self.loop.time()
-        began = self._hellos.setdefault(identity, collections.deque())
+        began = self._hellos.setdefault(policy.identity, collections.deque())
         while began and began[0] <= now - limits.reconnect_window:
             began.popleft()
         if len(began) >= limits.reconnect_limit:
-            return max(1, math.ceil((began[0] + limits.reconnect_window - now) * 1000))
+            retry_after = max(1, math.ceil((began[0] + limits.reconnect_window - now) * 1000))
+            return Refusal(ErrorCause.OVERLOADED, "too many sessions from this gateway",
+                           "reconnect_storm", "reconnect storm", retry_after)
         began.append(now)
-        return None
+        return policy
 
     def revoked_since_handshake(self, conn: GatewayConnection, peer_der: bytes | None) -> bool:
         """Whether a reload that happened during this connection's TLS handshake revoked its

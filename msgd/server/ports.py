@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from msgd.config import Config, GatewayPolicy
 from msgd.ops.metrics import Metrics
@@ -20,9 +20,10 @@ from msgd.registry.port import Registrar
 from msgd.registry.store import Registry
 from msgd.server.rules import UeRules
 from msgd.tls.contexts import ServerTls
+from wire.constants import ErrorCause
 from wire.session import Limits
 
-__all__ = ["AdminHost", "ConnectionHost", "ConnectionSettings", "ConnectionView"]
+__all__ = ["AdminHost", "ConnectionHost", "ConnectionSettings", "ConnectionView", "Refusal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,16 @@ class ConnectionSettings:
         )
 
 
+class Refusal(NamedTuple):
+    """Why a gateway's HELLO is not accepted (the admission check of `ConnectionHost.admit`)."""
+
+    cause: ErrorCause
+    diagnostic: str
+    reason: str  # the msgd_connections_refused_total label
+    log_detail: str
+    retry_after: int | None = None  # ms; with it the session ends with GOODBYE, not ERROR
+
+
 class ConnectionHost(Protocol):
     """The server as one gateway connection sees it."""
 
@@ -61,9 +72,8 @@ class ConnectionHost(Protocol):
     rules: UeRules
     registrar: Registrar
     settings: ConnectionSettings
-    gateways: Mapping[str, GatewayPolicy]
 
-    def hello_allowed(self, identity: str) -> int | None: ...
+    def admit(self, identity: str | None) -> GatewayPolicy | Refusal: ...
     def revoked_since_handshake(self, conn: Any, peer_der: bytes | None) -> bool: ...
     def connection_started(self, conn: Any) -> None: ...
     def connection_ended(self, conn: Any) -> None: ...
