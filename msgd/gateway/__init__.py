@@ -14,6 +14,8 @@ The modules, from the top down:
   UEs that had no result;
 * `client`: `GatewayClient`, ONE connection (mutual TLS, ALPN msgin5g-gw/1, HELLO, keepalive,
   GOODBYE); when it ends, a run raises `ConnectionLost` naming every UE without a result;
+* `procedures`: `register`, `deregister`, `bulk_register`, `bulk_deregister`, written once
+  for both of the above;
 * `scheduler`: how a run streams UEs over one connection (window, bulk splitting, overload);
 * `values` (`GatewayUe`, `UeResult`, `Trace`) and `errors` (`ClientError` and its subclasses);
 * `batching`: the bulking policy of 8.2.X step 1 (`Batcher`); `ue_file`: the gateway's UE file.

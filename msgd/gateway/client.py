@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from msgd.gateway.errors import (
@@ -25,8 +25,9 @@ from msgd.gateway.errors import (
     TransactionError,
     UeSourceError,
 )
+from msgd.gateway.procedures import Procedures, UeIterable
 from msgd.gateway.scheduler import ConnectionEnding, Run, TransactionOwner, UeSource
-from msgd.gateway.values import GatewayUe, Tracer, UeResult, as_failure_cause
+from msgd.gateway.values import Tracer, UeResult, as_failure_cause
 from msgd.log import get_logger
 from wire.constants import (
     ALPN_PROTOCOL,
@@ -93,9 +94,10 @@ class _Orphan:
         self.client.end_transaction(tid)
 
 
-class GatewayClient(asyncio.Protocol):
+class GatewayClient(Procedures, asyncio.Protocol):
     """One connection to an MSGin5G Server, in the GATEWAY role (wire-v1 §4, §5).
 
+    `register`, `deregister`, `bulk_register` and `bulk_deregister` come from Procedures.
     The methods under "what a run uses" are the `Connection` interface of
     msgd.gateway.scheduler, for its Runs only."""
 
@@ -484,37 +486,11 @@ class GatewayClient(asyncio.Protocol):
             # Our ERROR ended the transaction: nothing more comes for it.
             self.end_transaction(tid)
 
-    # --- procedures -------------------------------------------------------------------------
+    # --- runs ---------------------------------------------------------------------------------
 
-    async def register(self, ue: GatewayUe) -> UeResult:
-        """TS 23.554 8.2.3: register one UE (SERVER_BUSY is retried after Retry after)."""
-        return await self._single(ue, Operation.REGISTRATION)
-
-    async def deregister(self, ue: GatewayUe) -> UeResult:
-        """TS 23.554 8.2.4: de-register one UE."""
-        return await self._single(ue, Operation.DEREGISTRATION)
-
-    async def _single(self, ue: GatewayUe, op: Operation) -> UeResult:
-        stream = self.stream_from(UeSource((ue,)), op, use_bulk=False, own_source=True)
-        async with contextlib.aclosing(stream) as results:
-            async for result in results:
-                return result
-        raise ConnectionLost("no result", ues=(ue,))  # pragma: no cover - the run raises
-
-    def bulk_register(
-        self, ues: Iterable[GatewayUe] | AsyncIterable[GatewayUe], *, bulk: bool = True
-    ) -> AsyncIterator[UeResult]:
-        """TS 23.554 8.2.X: register UEs in bulk (8.2.3 one by one when the server does not
-        allow bulk, or with bulk=False); yields one result per UE as the answers arrive."""
-        return self.stream_from(UeSource(ues), Operation.REGISTRATION, use_bulk=bulk,
-                                own_source=True)
-
-    def bulk_deregister(
-        self, ues: Iterable[GatewayUe] | AsyncIterable[GatewayUe], *, bulk: bool = True
-    ) -> AsyncIterator[UeResult]:
-        """Bulk de-registration (8.2.4 one by one when bulk is not allowed or bulk=False)."""
-        return self.stream_from(UeSource(ues), Operation.DEREGISTRATION, use_bulk=bulk,
-                                own_source=True)
+    def _stream(self, ues: UeIterable, op: Operation, *,
+                use_bulk: bool) -> AsyncIterator[UeResult]:
+        return self.stream_from(UeSource(ues), op, use_bulk=use_bulk, own_source=True)
 
     async def stream_from(
         self, source: UeSource, op: Operation, *, use_bulk: bool, own_source: bool = False

@@ -10,17 +10,17 @@ front).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from msgd.gateway.client import GatewayClient
 from msgd.gateway.errors import ClientError, ConnectionLost, HandshakeError
+from msgd.gateway.procedures import Procedures, UeIterable
 from msgd.gateway.scheduler import UeSource
-from msgd.gateway.values import GatewayUe, Tracer, UeResult
+from msgd.gateway.values import Tracer, UeResult
 from msgd.log import get_logger
 from wire.constants import GatewayType, Operation
 from wire.messages import HelloAck
@@ -51,7 +51,7 @@ class Backoff:
         return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
-class GatewaySession:
+class GatewaySession(Procedures):
     """A gateway's link to one MSGin5G Server that survives restarts and GOODBYEs.
 
     Connects on first use (or `await session.connect()`); when the connection is lost it
@@ -182,35 +182,8 @@ class GatewaySession:
         log.info("client.connection_lost", reason=str(exc), retry_after=exc.retry_after)
         self._count_failure(exc)
 
-    async def register(self, ue: GatewayUe) -> UeResult:
-        """8.2.3 with reconnects: sent again on a new connection if the answer was lost."""
-        return await self._single(ue, Operation.REGISTRATION)
-
-    async def deregister(self, ue: GatewayUe) -> UeResult:
-        """8.2.4 with reconnects (see UeResult.attempts about a lost first answer)."""
-        return await self._single(ue, Operation.DEREGISTRATION)
-
-    async def _single(self, ue: GatewayUe, op: Operation) -> UeResult:
-        async with contextlib.aclosing(self._stream((ue,), op, use_bulk=False)) as results:
-            async for result in results:
-                return result
-        raise ConnectionLost("no result", ues=(ue,))  # pragma: no cover
-
-    def bulk_register(
-        self, ues: Iterable[GatewayUe] | AsyncIterable[GatewayUe], *, bulk: bool = True
-    ) -> AsyncIterator[UeResult]:
-        """Like GatewayClient.bulk_register, across reconnects: one result per UE."""
-        return self._stream(ues, Operation.REGISTRATION, use_bulk=bulk)
-
-    def bulk_deregister(
-        self, ues: Iterable[GatewayUe] | AsyncIterable[GatewayUe], *, bulk: bool = True
-    ) -> AsyncIterator[UeResult]:
-        return self._stream(ues, Operation.DEREGISTRATION, use_bulk=bulk)
-
-    async def _stream(
-        self, ues: Iterable[GatewayUe] | AsyncIterable[GatewayUe], op: Operation,
-        *, use_bulk: bool,
-    ) -> AsyncIterator[UeResult]:
+    async def _stream(self, ues: UeIterable, op: Operation, *,
+                      use_bulk: bool) -> AsyncIterator[UeResult]:
         source = UeSource(ues)
         try:
             while True:
