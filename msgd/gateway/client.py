@@ -1,10 +1,10 @@
 """One connection to an MSGin5G Server in the GATEWAY role (wire-v1 §4, §5): `GatewayClient`.
 
 Mutual TLS with ALPN msgin5g-gw/1, HELLO, keepalive and GOODBYE around a sans-IO
-`wire.session.Session`, plus the bookkeeping of the connection's transactions (at most
-Maximum outstanding, one bulk request being sent at a time, who owns each answer). The
-procedures come from `Procedures`; the runs that stream UEs through it are
-`msgd.gateway.scheduler.Run`s, which use it through the `Connection` interface declared there.
+`wire.session.Session`, and the dispatch of the session's events to the owner of each
+transaction (the table is `msgd.gateway.transactions.Outstanding`). The procedures come from
+`Procedures`; the runs that stream UEs through it are `msgd.gateway.scheduler.Run`s, which use
+it through the `Connection` interface declared there.
 
 When the connection ends, a run raises `ConnectionLost` naming every UE that got no result;
 this layer never reconnects and never guesses (that is `msgd.gateway.reconnecting`).
@@ -26,7 +26,8 @@ from msgd.gateway.errors import (
     UeSourceError,
 )
 from msgd.gateway.procedures import Procedures, UeIterable
-from msgd.gateway.scheduler import ConnectionEnding, Run, TransactionOwner, UeSource
+from msgd.gateway.scheduler import Run, UeSource
+from msgd.gateway.transactions import ConnectionEnding, Outstanding
 from msgd.gateway.values import Tracer, UeResult, as_failure_cause
 from msgd.log import get_logger
 from wire.constants import (
@@ -78,28 +79,16 @@ def _name(cause: Any) -> str:
     return str(getattr(cause, "name", cause))
 
 
-class _Orphan:
-    """Owner of transactions whose run has ended: answers are dropped, slots given back."""
-
-    def __init__(self, client: GatewayClient) -> None:
-        self.client = client
-
-    def on_answer(self, *_: Any) -> None:
-        pass
-
-    def on_end(self, tid: int) -> None:
-        self.client.end_transaction(tid)
-
-    def on_failed(self, tid: int, *_: Any) -> None:
-        self.client.end_transaction(tid)
-
-
 class GatewayClient(Procedures, asyncio.Protocol):
     """One connection to an MSGin5G Server, in the GATEWAY role (wire-v1 §4, §5).
 
-    `register`, `deregister`, `bulk_register` and `bulk_deregister` come from Procedures.
-    The methods under "what a run uses" are the `Connection` interface of
-    msgd.gateway.scheduler, for its Runs only."""
+    `register`, `deregister`, `bulk_register` and `bulk_deregister` come from Procedures; the
+    Runs of msgd.gateway.scheduler use it through that module's `Connection` interface, and
+    its transactions through `outstanding` (msgd.gateway.transactions).
+
+    Just over 400 lines: what is left is the asyncio Protocol of one connection (HELLO, the
+    event dispatch, flow control, timers, close), all sharing its transport and session; the
+    runs, the transaction table and the procedures are already out."""
 
     # Unanswered entries (sent, or answered and not yet consumed) one run allows itself.
     WINDOW = 8192
@@ -138,12 +127,8 @@ class GatewayClient(Procedures, asyncio.Protocol):
         self._hello: asyncio.Future[HelloAck] = self.loop.create_future()
         # Single requests made through the session directly (tests poke here): tid -> waiter.
         self._singles: dict[int, tuple[asyncio.Future[UeResult], str]] = {}
-        self._owners: dict[int, TransactionOwner] = {}
-        self._orphan = _Orphan(self)
-        self._slots_used = 0
-        self._slot_free = asyncio.Event()
-        self.bulk_lock = asyncio.Lock()  # wire-v1 §5: one bulk request being sent at a time
-        self._sending_bulk: int | None = None  # tid of the bulk request being sent
+        self.outstanding = Outstanding(self.session, is_open=lambda: self.is_open,
+                                       flush=self.flush, on_end=self._maybe_close)
         self._runs: set[Run] = set()
         self.writable = asyncio.Event()  # cleared by pause_writing (asyncio flow control)
         self.writable.set()
@@ -254,7 +239,7 @@ class GatewayClient(Procedures, asyncio.Protocol):
     @property
     def slots_free(self) -> int:
         assert self.hello_ack is not None
-        return max(0, self.hello_ack.max_outstanding - self._slots_used)
+        return self.outstanding.slots_free
 
     # --- bytes in ---------------------------------------------------------------------------
 
@@ -288,7 +273,7 @@ class GatewayClient(Procedures, asyncio.Protocol):
         """Long on purpose: the gateway role's event dispatch, one branch per session event;
         splitting it would add a call per event on the hot path."""
         session = self.session
-        owners = self._owners
+        owners = self.outstanding.owners
         while (event := session.next_event()) is not NEED_DATA:
             kind = type(event)
             if kind is BulkEntryReceived:
@@ -322,6 +307,7 @@ class GatewayClient(Procedures, asyncio.Protocol):
                 self._on_transaction_failed(event)
             elif kind is HelloAckReceived:
                 self.hello_ack = event.hello_ack
+                self.outstanding.limit = event.hello_ack.max_outstanding
                 if not self._hello.done():
                     self._hello.set_result(event.hello_ack)
             elif kind is ErrorReceived:
@@ -376,7 +362,7 @@ class GatewayClient(Procedures, asyncio.Protocol):
         # wire-v1 §4.5: after GOODBYE (either way) close once our transactions have finished.
         if session.is_closed or (
             (session.goodbye_received or session.goodbye_sent) and session.can_close
-            and not self._singles and not self._owners
+            and not self._singles and not self.outstanding.owners
         ):
             transport.close()
 
@@ -388,7 +374,7 @@ class GatewayClient(Procedures, asyncio.Protocol):
                 single[0].set_exception(TransactionError(
                     event.cause, event.diagnostic, retry_after=event.retry_after))
             return
-        owner = self._owners.get(tid)
+        owner = self.outstanding.owners.get(tid)
         if owner is not None:
             owner.on_failed(tid, event.cause, event.diagnostic, event.retry_after)
 
@@ -401,10 +387,7 @@ class GatewayClient(Procedures, asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(ConnectionLost(reason))
         self._singles.clear()
-        self._owners.clear()
-        self._sending_bulk = None
-        self._slots_used = 0
-        self._slot_free.set()
+        self.outstanding.clear()
         for run in list(self._runs):
             run.on_lost(self._lost_error())
 
@@ -433,58 +416,6 @@ class GatewayClient(Procedures, asyncio.Protocol):
         self._timer = None
         self.session.handle_timer(self.loop.time())
         self._process()
-
-    # --- what a run uses (the scheduler's Connection interface) -------------------------------
-
-    async def acquire_slot(self) -> None:
-        """wire-v1 §4: at most Maximum outstanding transactions at once."""
-        assert self.hello_ack is not None
-        while self._slots_used >= self.hello_ack.max_outstanding:
-            if not self.is_open:
-                raise ConnectionEnding()
-            self._slot_free.clear()
-            await self._slot_free.wait()
-        self._slots_used += 1
-
-    def release_slot(self) -> None:
-        if self._slots_used > 0:
-            self._slots_used -= 1
-        self._slot_free.set()
-
-    def own(self, tid: int, owner: TransactionOwner, *, bulk: bool = False) -> None:
-        if bulk:
-            self._sending_bulk = tid
-        self._owners[tid] = owner
-
-    def bulk_sent(self, tid: int) -> None:
-        if self._sending_bulk == tid:
-            self._sending_bulk = None
-
-    def end_transaction(self, tid: int) -> None:
-        if self._owners.pop(tid, None) is not None:
-            self.release_slot()
-        if tid == self._sending_bulk:  # the server ended it before we sent it all
-            self._sending_bulk = None
-        self._maybe_close()
-
-    def abandon(self, tid: int) -> None:
-        """Our run no longer wants this transaction. A bulk request still being sent is ended
-        with ERROR (it cannot be left half sent: the next bulk could not start); answers to
-        the rest are dropped as they come."""
-        if tid not in self._owners:
-            return
-        self._owners[tid] = self._orphan
-        session = self.session
-        if session.is_closed:
-            return
-        if tid == self._sending_bulk:
-            self._sending_bulk = None
-            if tid in session.in_progress():
-                session.send_error(tid, ErrorCause.INTERNAL_ERROR,
-                                   "gateway abandoned the request")
-                self.flush()
-            # Our ERROR ended the transaction: nothing more comes for it.
-            self.end_transaction(tid)
 
     # --- runs ---------------------------------------------------------------------------------
 

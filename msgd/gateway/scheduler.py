@@ -7,9 +7,9 @@ transactions open, computes each UE's credential proof (wire-v1 §6) from its ke
 connection's nonce, and turns the answers into `UeResult`s. SERVER_BUSY and ERROR(OVERLOADED)
 put UEs back for a later send (wire-v1 §5 Overload).
 
-The run sees its connection only through `Connection`, and the connection hands it answers
-through `TransactionOwner`: those two Protocols are the whole interface between this module
-and `msgd.gateway.client`.
+The run sees its connection only through `Connection` below, and its transactions through
+the connection's `Outstanding` table (msgd.gateway.transactions), which hands it the answers
+as their `TransactionOwner`: that is the whole interface with `msgd.gateway.client`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any, Protocol
 
 from msgd.gateway.errors import ClientError, ConnectionLost, TransactionError, UeSourceError
+from msgd.gateway.transactions import Outstanding
 from msgd.gateway.values import GatewayUe, Trace, Tracer, UeResult, as_failure_cause
 from wire.constants import ErrorCause, FailureCause, MessageType, Operation
 from wire.credential import compute_proof
@@ -33,33 +34,11 @@ from wire.messages import (
 )
 from wire.session import Session
 
-__all__ = ["Connection", "ConnectionEnding", "Run", "TransactionOwner", "UeSource"]
+__all__ = ["Connection", "Run", "UeSource"]
 
 # A Retry after is a hint; these are used when the server gave none (milliseconds).
 DEFAULT_BUSY_RETRY_MS = 500
 DEFAULT_OVERLOAD_RETRY_MS = 1000
-
-
-class ConnectionEnding(Exception):
-    """Internal: no transaction can start any more (GOODBYE, or the connection is going).
-    Raised by `Connection.acquire_slot`; it stops the sender, and the code consuming the run
-    decides what it means (a complete run, or ConnectionLost)."""
-
-
-class TransactionOwner(Protocol):
-    """What the connection calls for a transaction someone owns (never blocking: these run
-    inside its event dispatch)."""
-
-    def on_answer(self, tid: int, result: int, failure_cause: int | None,
-                  retry_after: int | None) -> None:
-        """One UE's answer: a response entry, or a single response."""
-
-    def on_end(self, tid: int) -> None:
-        """The transaction's response is complete."""
-
-    def on_failed(self, tid: int, cause: ErrorCause | int, diagnostic: str,
-                  retry_after: int | None) -> None:
-        """The server (or the session) ended the transaction with ERROR."""
 
 
 class Connection(Protocol):
@@ -71,7 +50,7 @@ class Connection(Protocol):
     window: int  # unanswered UEs a run allows itself
     linger: float  # seconds a trickling async iterable may pause before a bulk goes
     writable: asyncio.Event  # set while the transport takes more (asyncio flow control)
-    bulk_lock: asyncio.Lock  # wire-v1 §5: one bulk request being sent at a time
+    outstanding: Outstanding  # its transactions: slots, owners, the bulk being sent
 
     @property
     def nonce(self) -> bytes: ...
@@ -85,26 +64,6 @@ class Connection(Protocol):
     @property
     def is_open(self) -> bool:
         """New transactions may start (established, no GOODBYE, transport up)."""
-
-    async def acquire_slot(self) -> None:
-        """Wait for one of the Maximum outstanding transactions (wire-v1 §4); raises
-        ConnectionEnding when none will come free."""
-
-    def release_slot(self) -> None:
-        """Give back a slot that no transaction was started in."""
-
-    def own(self, tid: int, owner: TransactionOwner, *, bulk: bool = False) -> None:
-        """`owner` gets the answers to transaction `tid`, which holds a slot; with bulk, its
-        request is still being sent (until bulk_sent)."""
-
-    def bulk_sent(self, tid: int) -> None:
-        """Every entry of bulk request `tid` has been sent."""
-
-    def end_transaction(self, tid: int) -> None:
-        """Transaction `tid` is over: its slot is free and its owner forgotten."""
-
-    def abandon(self, tid: int) -> None:
-        """The owner no longer wants `tid`'s answers (a half-sent bulk is ended by ERROR)."""
 
     def flush(self) -> None:
         """Write what the session has queued."""
@@ -307,7 +266,7 @@ class Run:
 
     def on_end(self, tid: int) -> None:
         inflight = self.txns.pop(tid, None)
-        self.conn.end_transaction(tid)
+        self.conn.outstanding.end(tid)
         if inflight:
             # The session checks the count, so this cannot happen; if it did, say so.
             self.unanswered -= len(inflight)
@@ -319,7 +278,7 @@ class Run:
     def on_failed(self, tid: int, cause: ErrorCause | int, diagnostic: str,
                   retry_after: int | None) -> None:
         inflight = self.txns.pop(tid, None)
-        self.conn.end_transaction(tid)
+        self.conn.outstanding.end(tid)
         items = list(inflight or ())
         self.unanswered -= len(items)
         now = self.conn.loop.time()
@@ -452,10 +411,11 @@ class Run:
     async def _send_bulk(self) -> None:
         conn = self.conn
         session = conn.session
-        await conn.acquire_slot()
+        outstanding = conn.outstanding
+        await outstanding.acquire_slot()
         owned = False
         try:
-            async with conn.bulk_lock:  # wire-v1 §5: one bulk request being sent at a time
+            async with outstanding.bulk_lock:  # wire-v1 §5: one bulk request sent at a time
                 if not self.backlog or not self._can_start():
                     return
                 count = min(len(self.backlog), self.bulk_size)
@@ -466,7 +426,7 @@ class Run:
                 session.start_bulk(mtype, tid, count)
                 inflight: deque[_Item] = deque()
                 self.txns[tid] = inflight
-                conn.own(tid, self, bulk=True)
+                outstanding.own(tid, self, bulk=True)
                 owned = True
                 tracer = self.tracer
                 if tracer is not None:
@@ -474,7 +434,7 @@ class Run:
                 await self._send_entries(tid, inflight, count, tracer)
         finally:
             if not owned:
-                conn.release_slot()
+                outstanding.release_slot()
 
     async def _send_entries(self, tid: int, inflight: deque[_Item], count: int,
                             tracer: Tracer | None) -> None:
@@ -523,7 +483,7 @@ class Run:
                 conn.flush()
                 await asyncio.sleep(0)
         if sent == count:
-            conn.bulk_sent(tid)
+            conn.outstanding.bulk_sent(tid)
         conn.flush()
 
     async def _wait_room(self) -> None:
@@ -536,9 +496,10 @@ class Run:
     async def _send_single(self) -> None:
         conn = self.conn
         session = conn.session
-        await conn.acquire_slot()
+        outstanding = conn.outstanding
+        await outstanding.acquire_slot()
         if not self.backlog or not self._can_start():
-            conn.release_slot()
+            outstanding.release_slot()
             return
         item = self.backlog[0]
         ue = item.ue
@@ -546,7 +507,7 @@ class Run:
         if ue.key is not None:
             proof: bytes | None = compute_proof(ue.key, conn.nonce, self.op, uid)
         elif conn.authentication_required:
-            conn.release_slot()
+            outstanding.release_slot()
             self._no_key(ue)
             return
         else:
@@ -559,7 +520,7 @@ class Run:
         self.backlog.popleft()
         item.sends += 1
         self.txns[tid] = deque((item,))
-        conn.own(tid, self)
+        outstanding.own(tid, self)
         self.unanswered += 1
         if self.tracer is not None:
             self.tracer(Trace("sent", conn.loop.time(), uid, item.sends))
@@ -572,7 +533,7 @@ class Run:
 
     def _abandon_txn(self, tid: int) -> None:
         inflight = self.txns.pop(tid, None)
-        self.conn.abandon(tid)
+        self.conn.outstanding.abandon(tid)
         if inflight:
             self.unanswered -= len(inflight)
             self.backlog.extendleft(reversed(inflight))
@@ -606,7 +567,7 @@ class Run:
     def abandon(self) -> None:
         """The run ends (error or the caller stopped): no transaction of ours stays owned."""
         for tid in list(self.txns):
-            self.conn.abandon(tid)
+            self.conn.outstanding.abandon(tid)
         lost = self.unanswered_items()
         self.backlog.clear()
         self.retry.clear()
