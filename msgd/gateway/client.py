@@ -56,7 +56,7 @@ from wire.session import Limits, Role, Session
 
 __all__ = ["GatewayClient", "client_context"]
 
-log = get_logger("msgd.client")
+log = get_logger("msgd.client")  # one logger for the whole client, as before the split
 
 
 def client_context(

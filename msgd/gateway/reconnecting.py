@@ -27,7 +27,7 @@ from wire.messages import HelloAck
 
 __all__ = ["Backoff", "GatewaySession"]
 
-log = get_logger("msgd.client")
+log = get_logger("msgd.client")  # one logger for the whole client, as before the split
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +60,8 @@ class GatewaySession(Procedures):
     It gives up with ConnectionLost after `max_attempts` connections in a row produced no
     result, or at once on errors retrying cannot fix (HandshakeError.retryable False:
     certificates refused, gateway not allowed).
+
+    The procedures come from Procedures; `_stream` is what carries a run across connections.
     """
 
     def __init__(
