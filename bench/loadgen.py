@@ -2,7 +2,7 @@
 
     python -m bench.loadgen MODE --params JSON
 
-It speaks wire-v1 with the wire codec directly, not through msgd.client, so that what is
+It speaks wire-v1 with the wire codec directly, not through msgd.gateway, so that what is
 measured is the server: after HELLO ACK (the proofs depend on the connection's nonce) it
 pre-computes every request (HMAC-SHA256 proof per UE, wire-v1 §6) and every frame, then tells
 the orchestrator on stdout `{"event": "prepared"}` and waits for one line on stdin before it

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from msgd.config import Config, load_config
-from msgd.gateway.client import GatewayClient, GatewayUe, client_context
+from msgd.gateway import GatewayClient, GatewayUe, client_context
 from msgd.registry.provisioning import read_provisioning_csv
 from msgd.registry.store import Registry
 from msgd.server.daemon import Server

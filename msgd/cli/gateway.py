@@ -29,7 +29,7 @@ from msgd.errors import MsgdError, TLSSetupError
 from wire.constants import DEFAULT_PORT, GatewayType
 
 if TYPE_CHECKING:  # the client is imported when a command runs: `msgctl --help` stays quick
-    from msgd.gateway.client import GatewayUe, UeResult
+    from msgd.gateway.values import GatewayUe, UeResult
 
 EXIT_OK = 0  # every UE succeeded
 EXIT_FAILURES = 1  # the run completed and at least one UE failed (see the summary)
@@ -169,15 +169,9 @@ def _fail(err: TextIO, message: str) -> None:
 async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Long on purpose: one linear flow (UE file, connect, run, progress, report, exit code) that
     reads in the order the user sees it."""
-    from msgd.gateway.client import (
-        Backoff,
-        ClientError,
-        ConnectionLost,
-        GatewaySession,
-        HandshakeError,
-        UeSourceError,
-        client_context,
-    )
+    from msgd.gateway.client import client_context
+    from msgd.gateway.errors import ClientError, ConnectionLost, HandshakeError, UeSourceError
+    from msgd.gateway.reconnecting import Backoff, GatewaySession
     from msgd.gateway.ue_file import GatewayConfigError, read_ues, scan_ues
 
     host, port = args.server

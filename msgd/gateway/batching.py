@@ -33,14 +33,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from msgd.gateway.client import (
-    ClientError,
-    ConnectionLost,
-    GatewayClient,
-    GatewaySession,
-    GatewayUe,
-    UeResult,
-)
+from msgd.gateway.client import GatewayClient
+from msgd.gateway.errors import ClientError, ConnectionLost
+from msgd.gateway.reconnecting import GatewaySession
+from msgd.gateway.values import GatewayUe, UeResult
 from wire.constants import Operation
 
 __all__ = ["Action", "Batcher", "BulkingPolicy", "Plan"]

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from msgd.errors import MsgdError
-from msgd.gateway.client import GatewayUe
+from msgd.gateway.values import GatewayUe
 from wire.constants import (
     APPLICATION_DATA_MAX,
     TRIGGERING_UE_IDENTIFIER_MAX,

@@ -12,7 +12,7 @@ import secrets
 
 import pytest
 
-from msgd.gateway.client import (
+from msgd.gateway import (
     Backoff,
     GatewaySession,
     GatewayUe,

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from msgd.gateway.client import GatewayUe
+from msgd.gateway import GatewayUe
 from msgd.gateway.ue_file import GatewayConfigError, read_ues, scan_ues, write_ues
 from wire.constants import TriggeringProtocol, UeType
 from wire.messages import Profile

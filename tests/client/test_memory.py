@@ -19,7 +19,7 @@ import gc
 import sys
 from pathlib import Path
 
-from msgd.gateway.client import GatewayUe
+from msgd.gateway import GatewayUe
 from tests.harness import ChildServer, connect, make_deployment
 
 KEY = bytes(range(32))

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
+from msgd.gateway import ClientError, GatewayUe
 from msgd.gateway.batching import Action, Batcher, BulkingPolicy, Plan
-from msgd.gateway.client import ClientError, GatewayUe
 from tests.harness import Gw, connect, make_deployment, running_server
 
 KEY = bytes(range(32))

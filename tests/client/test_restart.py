@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from msgd.gateway.client import Backoff, ConnectionLost, GatewaySession, GatewayUe
+from msgd.gateway import Backoff, ConnectionLost, GatewaySession, GatewayUe
 from msgd.registry.store import Registry
 from tests.harness import ChildServer, connect, make_deployment
 

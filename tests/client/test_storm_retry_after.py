@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from msgd.gateway.client import GatewaySession, HandshakeError
+from msgd.gateway import GatewaySession, HandshakeError
 from tests.harness import Gw, connect, make_deployment, running_server
 from wire.constants import ErrorCause
 

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from msgd.gateway.client import GatewayUe
+from msgd.gateway import GatewayUe
 from tests.harness import ROOT, ChildServer, Gw, RawGateway, connect, make_deployment
 from wire.constants import ErrorCause, MessageType
 from wire.messages import Goodbye, decode_body

@@ -6,7 +6,7 @@ import secrets
 
 import pytest
 
-from msgd.gateway.client import GatewayUe, HandshakeError
+from msgd.gateway import GatewayUe, HandshakeError
 from msgd.registry.store import Registry
 from tests.harness import Gw, connect, make_deployment, running_server
 from wire.constants import FailureCause
@@ -60,7 +60,7 @@ async def test_credential_required_unless_trusted(dep):
             fut = gw1.loop.create_future()
             gw1._singles[tid] = (fut, "ue-0003@gw1.example")
             gw1.session.send_request(UeRegistrationRequest(tid, "ue-0003@gw1.example"))
-            gw1._flush()
+            gw1.flush()
             result = await fut
             assert result.cause is FailureCause.AUTHENTICATION_FAILED
         dep.write_provisioning([("trusted@example", secrets.token_bytes(32), ["gw3.example"])])

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from msgd.gateway.client import GatewayUe
+from msgd.gateway import GatewayUe
 from msgd.registry.store import Registry
 from tests.harness import ChildServer, Gw, RawGateway, connect, make_deployment
 from wire.constants import IEI, MessageType

@@ -311,7 +311,7 @@ async def test_disk_full_during_a_bulk_fails_entries_and_recovers(tmp_path, pki)
         await wait_for_log(child, "registry.commit_failed")
         raw.writer.transport.abort()
         async with await connect(dep, child.address, GW) as gw:
-            from msgd.gateway.client import GatewayUe
+            from msgd.gateway import GatewayUe
 
             result = await gw.register(GatewayUe(uids[2000], KEY))
             assert result.ok
@@ -408,7 +408,7 @@ async def test_unreadable_provisioning_on_sighup_keeps_the_old(tmp_path, pki):
     provisioning_csv(csv, [(u, [GW]) for u in old])
     child = ChildServer(dep)
     child.start()
-    from msgd.gateway.client import GatewayUe
+    from msgd.gateway import GatewayUe
 
     try:
         async with await connect(dep, child.address, GW) as gw:

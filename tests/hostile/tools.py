@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from msgd.gateway.client import GatewayClient, GatewayUe
+from msgd.gateway import GatewayClient, GatewayUe
 from tests.harness import ChildServer, Deployment, Gw, RawGateway, connect, make_deployment
 from wire.constants import IEI, MessageType
 from wire.credential import compute_proof

@@ -198,7 +198,7 @@ def _wrap_credentials() -> None:
     credential.compute_proof = compute_proof  # type: ignore[assignment]
     credential.verify_proof = verify_proof  # type: ignore[assignment]
     # Modules that imported the names already (none should have, this runs first) get them too.
-    for name, attr, wrapper in (("msgd.gateway.client", "compute_proof", compute_proof),
+    for name, attr, wrapper in (("msgd.gateway.scheduler", "compute_proof", compute_proof),
                                 ("msgd.server.rules", "verify_proof", verify_proof)):
         module = sys.modules.get(name)
         if module is not None:

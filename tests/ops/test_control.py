@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from msgd.cli import main as cli
-from msgd.gateway.client import HandshakeError
+from msgd.gateway import HandshakeError
 from msgd.ops.control import ControlServer, peer_allowed, peer_credentials
 from tests.harness import Gw, connect, make_deployment, running_server
 from tests.ops import secret_scan
@@ -163,7 +163,7 @@ async def test_provision_import_and_remove(daemon, msgctl, tmp_path):
     assert (code, result) == (0, {"imported": 2, "provisioned": 6, "admin_overrides": 3})
 
     # In force at once: the new UE registers with its key; a1 now belongs to gw2 only.
-    from msgd.gateway.client import GatewayUe
+    from msgd.gateway import GatewayUe
 
     async with await connect(dep, server.address) as gw:
         assert (await gw.register(GatewayUe("new@example", new_key))).ok

@@ -10,7 +10,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from msgd.gateway.client import GatewayUe
+from msgd.gateway import GatewayUe
 from msgd.ops.metrics import Metrics
 from tests.harness import ChildServer, Gw, connect, make_deployment
 from wire.constants import FailureCause

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from msgd.gateway.client import GatewayUe
+from msgd.gateway import GatewayUe
 from tests.harness import ChildServer, Gw, connect, make_deployment
 from tests.ops import secret_scan
 from tests.ops.msgctl import Msgctl, control_ready

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from msgd.gateway.client import ConnectionLost, HandshakeError
+from msgd.gateway import ConnectionLost, HandshakeError
 from msgd.tls.devpki import CertPaths, make_gateway_cert, make_server_cert
 from tests.harness import Gw, RawGateway, connect, make_deployment, running_server
 from tests.hostile.tools import refused
