@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -181,15 +181,17 @@ class Metrics:
 
     # --- hooks: procedures and traffic ------------------------------------------------------
 
-    def entry(self, kind: Procedure, cause: FailureCause | int | None) -> None:
-        """One per-UE answer sent, of procedure `kind`."""
-        child = self._children.get((kind, cause))
-        if child is None:  # a cause value outside FailureCause (cannot happen; count it)
-            child = self.procedures.labels(PROCEDURES[kind], "failure", str(cause))
-        child.inc()
-        bulk = self._bulk_children.get(kind)
-        if bulk is not None:
-            bulk.inc()
+    def answers(self, tally: Mapping[tuple[Procedure, FailureCause | int | None], int]) -> None:
+        """Per-UE answers sent, counted by (procedure, cause sent): one call per write, not
+        one per answer (a counter increment takes a lock)."""
+        for (kind, cause), count in tally.items():
+            child = self._children.get((kind, cause))
+            if child is None:  # a cause value outside FailureCause (cannot happen; count it)
+                child = self.procedures.labels(PROCEDURES[kind], "failure", str(cause))
+            child.inc(count)
+            bulk = self._bulk_children.get(kind)
+            if bulk is not None:
+                bulk.inc(count)
 
     def storage_failure(self) -> None:
         """An entry decided as a success failed to commit; counted by entry() with the cause

@@ -107,13 +107,16 @@ class AnswerQueue:
             self._submitting = False
 
     def send_ready(
-        self, session: Session, count: Callable[[Procedure, FailureCause | None], None]
+        self,
+        session: Session,
+        count: Callable[[dict[tuple[Procedure, FailureCause | None], int]], None],
     ) -> None:
         """Encode into `session` the answers of the decided batches at the head, in order;
-        `count` each one sent, with the cause actually sent."""
+        `count` those sent, by (procedure, cause actually sent), in one call."""
         order = self._submitted
         send_entry = session.send_bulk_entry
         send_response = session.send_response
+        tally: dict[tuple[Procedure, FailureCause | None], int] = {}
         while order:
             batch = order[0]
             outcomes = batch.outcomes
@@ -137,7 +140,10 @@ class AnswerQueue:
                         _RESPONSE[kind](tid, uid, result, cause_value, retry), handle
                     )
                 if sent:
-                    count(kind, cause)
+                    key = (kind, cause)
+                    tally[key] = tally.get(key, 0) + 1
+        if tally:
+            count(tally)
 
     def drop(self) -> None:
         """Forget every answer not yet sent; batches still in the port are ignored when done."""

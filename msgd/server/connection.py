@@ -303,7 +303,7 @@ class GatewayConnection(asyncio.Protocol):
             elif kind is ConnectionClosed:
                 self.log.info("session.closed", reason=event.reason, by_peer=event.by_peer)
         self._submit()
-        self._answers.send_ready(session, server.metrics.entry)
+        self._answers.send_ready(session, server.metrics.answers)
         self._write()
         self._update_reading()
         # After a GOODBYE either way, the connection ends once nothing is in progress: the
@@ -441,7 +441,7 @@ class GatewayConnection(asyncio.Protocol):
             session = self.session
             if self._closed or session is None:
                 return
-            self._answers.send_ready(session, self.server.metrics.entry)
+            self._answers.send_ready(session, self.server.metrics.answers)
             self._write()
             self._update_reading()
             if (
