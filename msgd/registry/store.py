@@ -35,11 +35,8 @@ import logging
 import os
 import sqlite3
 import struct
-import sys
 import threading
 import time
-import zlib
-from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -47,6 +44,17 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from msgd.errors import ProvisioningError, RegistryCorruptError, RegistryError
+from msgd.registry.blobs import (
+    BlobFormatError,
+    Op,
+    Value,
+    apply_journal,
+    decode_gateway_names,
+    encode_batch,
+    encode_gateway_names,
+    encode_snapshot_chunk,
+    load_snapshot_chunk,
+)
 from msgd.registry.provisioning import (
     ProvisionedUe,
     ProvisioningCsv,
@@ -56,6 +64,7 @@ from msgd.registry.provisioning import (
     make_provisioned,
     validate_provisioned,
 )
+from msgd.registry.sql import describe, one_line, readonly, rollback_quietly
 
 __all__ = ["SCHEMA_VERSION", "Registration", "Registry"]
 
@@ -73,19 +82,9 @@ FAILED_HISTORY = 4_096  # failed seq ranges remembered for wait_durable()
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 READ_CACHE_KIB = 16 * 1024  # page cache of the provisioning read connection
 
-# A registration value in memory: the interned gateway name when there is no profile (the
-# common case costs no object per UE), else (gateway, profile).
-_Value: TypeAlias = "str | tuple[str, bytes]"
-# One change: (ue_service_id, new value or None for de-registration, value it replaced).
-_Op: TypeAlias = "tuple[str, _Value | None, _Value | None]"
 Listener: TypeAlias = Callable[[int, int, bool], None]
 # What a load yields: (registrations, gateway names, last journal seq, journal ops replayed).
-_State: TypeAlias = "tuple[dict[str, _Value], list[str], int, int]"
-
-# Journal op kinds.
-_DEREGISTER = 0
-_REGISTER = 1
-_REGISTER_PROFILE = 2
+_State: TypeAlias = "tuple[dict[str, Value], list[str], int, int]"
 
 _SQL_JOURNAL_PUT = "INSERT OR REPLACE INTO journal(seq, ops) VALUES (?, ?)"
 _SQL_PROVISIONING_TABLE = (
@@ -117,246 +116,8 @@ class Registration:
     profile: bytes | None  # the encoded value of the profile IE, stored as is
 
 
-# ---------------------------------------------------------------------------------------------
-# Blob formats (journal rows, snapshot chunks). Every blob is
-#   u8 format version (1) | u32 CRC-32 of the payload | payload
-# with little-endian integers. The CRC catches damage that PRAGMA quick_check cannot see
-# (it checks b-trees, not our bytes).
-
-_BLOB_VERSION = 1
-_HEADER = struct.Struct("<BI")
-_U32 = struct.Struct("<I")
-_JOURNAL_HEAD = struct.Struct("<IIII")  # ops, first new gateway index, new gateways, profiles
-_SNAPSHOT_HEAD = struct.Struct("<II")  # registrations, profiles
-_U32_CODE = next(code for code in "ILH" if array(code).itemsize == 4)
-_SWAP = sys.byteorder != "little"
-
-
-class _FormatError(Exception):
-    """A blob does not decode; becomes RegistryCorruptError naming the file."""
-
-
-def _u32s(values: Iterable[int]) -> bytes:
-    packed = array(_U32_CODE, values)
-    if _SWAP:
-        packed.byteswap()
-    return packed.tobytes()
-
-
-def _seal(parts: list[bytes]) -> bytes:
-    crc = 0
-    for part in parts:
-        crc = zlib.crc32(part, crc)
-    return _HEADER.pack(_BLOB_VERSION, crc) + b"".join(parts)
-
-
-def _pack_strs(strs: list[str]) -> list[bytes]:
-    """Encode strings compactly; the common case decodes with one split() at C speed.
-
-    Mode 0 joins with NUL (UE Service IDs cannot hold C0 controls, wire-v1 §3); mode 1, with a
-    length array, is the fallback for strings that do contain NUL, which the registry does not
-    forbid. surrogatepass makes every Python str encodable, so encoding never fails a batch.
-    """
-    joined = "\x00".join(strs)
-    if joined.count("\x00") == max(len(strs) - 1, 0):
-        data = joined.encode("utf-8", "surrogatepass")
-        return [b"\x00", _U32.pack(len(data)), data]
-    data = "".join(strs).encode("utf-8", "surrogatepass")
-    return [b"\x01", _U32.pack(len(data)), _u32s(map(len, strs)), data]
-
-
-class _Reader:
-    """Bounds-checked cursor over one blob; every shortfall is a _FormatError."""
-
-    __slots__ = ("buf", "pos")
-
-    def __init__(self, buf: bytes, pos: int) -> None:
-        self.buf = buf
-        self.pos = pos
-
-    def take(self, size: int) -> bytes:
-        end = self.pos + size
-        if size < 0 or end > len(self.buf):
-            raise _FormatError("truncated")
-        chunk = self.buf[self.pos : end]
-        self.pos = end
-        return chunk
-
-    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
-        return layout.unpack(self.take(layout.size))
-
-    def u32s(self, count: int) -> array[int]:
-        values = array(_U32_CODE)
-        values.frombytes(self.take(4 * count))
-        if _SWAP:
-            values.byteswap()
-        return values
-
-    def strs(self, count: int) -> list[str]:
-        mode = self.take(1)[0]
-        (size,) = self.unpack(_U32)
-        if mode == 0:
-            text = self.take(size).decode("utf-8", "surrogatepass")
-            out = text.split("\x00") if count else []
-            if not count and text:
-                raise _FormatError("text where none was announced")
-        elif mode == 1:
-            lengths = self.u32s(count)
-            text = self.take(size).decode("utf-8", "surrogatepass")
-            out, pos = [], 0
-            for length in lengths:
-                out.append(text[pos : pos + length])
-                pos += length
-            if pos != len(text):
-                raise _FormatError("string lengths do not add up")
-        else:
-            raise _FormatError(f"unknown string mode {mode}")
-        if len(out) != count:
-            raise _FormatError("string count mismatch")
-        return out
-
-    def blobs(self, count: int) -> list[bytes]:
-        lengths = self.u32s(count)
-        data = self.take(sum(lengths))
-        out, pos = [], 0
-        for length in lengths:
-            out.append(data[pos : pos + length])
-            pos += length
-        return out
-
-    def end(self) -> None:
-        if self.pos != len(self.buf):
-            raise _FormatError("trailing octets")
-
-
-def _open_blob(blob: object) -> _Reader:
-    if not isinstance(blob, bytes) or len(blob) < _HEADER.size:
-        raise _FormatError("not a blob")
-    version, crc = _HEADER.unpack_from(blob)
-    if version != _BLOB_VERSION:
-        raise _FormatError(f"unknown blob format {version}")
-    if zlib.crc32(memoryview(blob)[_HEADER.size :]) != crc:
-        raise _FormatError("checksum mismatch")
-    return _Reader(blob, _HEADER.size)
-
-
-def _encode_batch(
-    batch: list[_Op], gw_index: dict[str, int], names: list[str], first_new: int
-) -> tuple[bytes, int]:
-    """Encode a group commit as one journal blob; returns it and the gateway count it defines.
-
-    Gateways are referenced by index; names the journal does not yet hold durably (index >=
-    first_new) travel in the same blob, so one row stays self-contained.
-    """
-    n_names = len(names)  # the loop thread may append meanwhile; every op here is below this
-    kinds = bytearray()
-    gws: list[int] = []
-    ues: list[str] = []
-    profiles: list[bytes] = []
-    for ue, new, _old in batch:
-        ues.append(ue)
-        if new is None:
-            kinds.append(_DEREGISTER)
-            gws.append(0)
-        elif new.__class__ is str:
-            kinds.append(_REGISTER)
-            gws.append(gw_index[new])  # type: ignore[index]
-        else:
-            kinds.append(_REGISTER_PROFILE)
-            gws.append(gw_index[new[0]])
-            profiles.append(new[1])  # type: ignore[arg-type]
-    new_names = names[first_new:n_names]
-    parts = [
-        _JOURNAL_HEAD.pack(len(batch), first_new, len(new_names), len(profiles)),
-        *_pack_strs(new_names),
-        bytes(kinds),
-        _u32s(gws),
-        *_pack_strs(ues),
-        _u32s(map(len, profiles)),
-        *profiles,
-    ]
-    return _seal(parts), n_names
-
-
-def _apply_journal(blob: object, regs: dict[str, _Value], names: list[str]) -> int:
-    """Replay one journal row into `regs`; returns the number of ops."""
-    reader = _open_blob(blob)
-    n_ops, first_new, n_new, n_profiles = reader.unpack(_JOURNAL_HEAD)
-    new_names = reader.strs(n_new)
-    if first_new != len(names):
-        raise _FormatError("gateway table out of step")
-    names.extend(new_names)
-    kinds = reader.take(n_ops)
-    gws = reader.u32s(n_ops)
-    ues = reader.strs(n_ops)
-    profiles = reader.blobs(n_profiles)
-    reader.end()
-    next_profile = 0
-    try:
-        for kind, gw, ue in zip(kinds, gws, ues, strict=True):
-            if kind == _REGISTER:
-                regs[ue] = names[gw]
-            elif kind == _REGISTER_PROFILE:
-                regs[ue] = (names[gw], profiles[next_profile])
-                next_profile += 1
-            elif kind == _DEREGISTER:
-                regs.pop(ue, None)
-            else:
-                raise _FormatError(f"unknown op {kind}")
-    except IndexError:
-        raise _FormatError("index out of range") from None
-    if next_profile != n_profiles:
-        raise _FormatError("profile count mismatch")
-    return n_ops
-
-
-def _encode_snapshot_chunk(items: list[tuple[str, _Value]], gw_index: dict[str, int]) -> bytes:
-    keys: list[str] = []
-    gws: list[int] = []
-    positions: list[int] = []
-    profiles: list[bytes] = []
-    for position, (ue, value) in enumerate(items):
-        keys.append(ue)
-        if value.__class__ is str:
-            gws.append(gw_index[value])  # type: ignore[index]
-        else:
-            gws.append(gw_index[value[0]])
-            positions.append(position)
-            profiles.append(value[1])  # type: ignore[arg-type]
-    parts = [
-        _SNAPSHOT_HEAD.pack(len(items), len(profiles)),
-        *_pack_strs(keys),
-        _u32s(gws),
-        _u32s(positions),
-        _u32s(map(len, profiles)),
-        *profiles,
-    ]
-    return _seal(parts)
-
-
-def _load_snapshot_chunk(blob: object, regs: dict[str, _Value], names: list[str]) -> None:
-    reader = _open_blob(blob)
-    count, n_profiles = reader.unpack(_SNAPSHOT_HEAD)
-    keys = reader.strs(count)
-    gws = reader.u32s(count)
-    positions = reader.u32s(n_profiles)
-    profiles = reader.blobs(n_profiles)
-    reader.end()
-    if gws and max(gws) >= len(names):
-        raise _FormatError("gateway index out of range")
-    if positions and max(positions) >= count:
-        raise _FormatError("profile position out of range")
-    before = len(regs)
-    # The bulk of a start: dict built from zip/map without a Python-level loop.
-    regs.update(zip(keys, map(names.__getitem__, gws), strict=True))
-    for position, profile in zip(positions, profiles, strict=True):
-        regs[keys[position]] = (names[gws[position]], profile)
-    if len(regs) - before != count:
-        raise _FormatError("a registration appears twice")
-
-
 def _write_snapshot(
-    conn: sqlite3.Connection, regs: dict[str, _Value], names: list[str], covered_seq: int
+    conn: sqlite3.Connection, regs: dict[str, Value], names: list[str], covered_seq: int
 ) -> None:
     """Replace the snapshot with `regs` and empty the journal; the caller holds a transaction.
 
@@ -372,14 +133,14 @@ def _write_snapshot(
             break
         conn.execute(
             "INSERT INTO snapshot(chunk, data) VALUES (?, ?)",
-            (chunk, _encode_snapshot_chunk(part, gw_index)),
+            (chunk, encode_snapshot_chunk(part, gw_index)),
         )
     conn.executemany(
         "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
         [
             ("snapshot_seq", covered_seq),
             ("snapshot_count", len(regs)),
-            ("snapshot_gateways", _seal([_U32.pack(len(names)), *_pack_strs(names)])),
+            ("snapshot_gateways", encode_gateway_names(names)),
         ],
     )
     conn.execute("DELETE FROM journal")
@@ -414,7 +175,7 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     """
     for statement in _SCHEMA_V2:
         conn.execute(statement)
-    regs: dict[str, _Value] = {}
+    regs: dict[str, Value] = {}
     names: list[str] = []
     canon: dict[str, str] = {}
     rows = conn.execute("SELECT ue_service_id, gateway, profile FROM registration")
@@ -444,16 +205,8 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
 }
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 # Errors that say the file could not be reached, not that it is damaged.
 _NOT_DAMAGE = ("SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_BUSY", "SQLITE_NOMEM")
-
-
-def _readonly(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
 
 
 def _check_file(path: Path) -> int:
@@ -465,9 +218,9 @@ def _check_file(path: Path) -> int:
     closes, and a damaged file must be left exactly as found for whoever investigates.
     """
     try:
-        conn = _readonly(path)
+        conn = readonly(path)
     except sqlite3.Error as exc:
-        raise RegistryError(f"registry {path}: cannot open: {_one_line(exc)}") from None
+        raise RegistryError(f"registry {path}: cannot open: {one_line(exc)}") from None
     try:
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -475,16 +228,16 @@ def _check_file(path: Path) -> int:
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     except sqlite3.DatabaseError as exc:
         if getattr(exc, "sqlite_errorname", "") in _NOT_DAMAGE:
-            raise RegistryError(f"registry {path}: cannot read: {_one_line(exc)}") from None
+            raise RegistryError(f"registry {path}: cannot read: {one_line(exc)}") from None
         raise RegistryCorruptError(
-            f"registry {path} is damaged or not a database ({_one_line(exc)}); "
+            f"registry {path} is damaged or not a database ({one_line(exc)}); "
             "refusing to start, the file is left untouched"
         ) from None
     finally:
         conn.close()
     if problems != ["ok"]:
         raise RegistryCorruptError(
-            f"registry {path} failed PRAGMA quick_check ({_one_line(problems[0])}"
+            f"registry {path} failed PRAGMA quick_check ({one_line(problems[0])}"
             f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); "
             "refusing to start, the file is left untouched"
         )
@@ -530,9 +283,9 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
 def _load_checked(conn: sqlite3.Connection, path: Path) -> _State:
     try:
         return _load(conn)
-    except (_FormatError, KeyError, TypeError, ValueError, struct.error) as exc:
+    except (BlobFormatError, KeyError, TypeError, ValueError, struct.error) as exc:
         raise RegistryCorruptError(
-            f"registry {path} holds damaged registration data ({_one_line(exc)}); "
+            f"registry {path} holds damaged registration data ({one_line(exc)}); "
             "refusing to start, the file is left untouched"
         ) from None
 
@@ -544,19 +297,16 @@ def _load(conn: sqlite3.Connection) -> _State:
     """
     meta = dict(conn.execute("SELECT key, value FROM meta"))
     snapshot_seq = meta["snapshot_seq"]
-    reader = _open_blob(meta["snapshot_gateways"])
-    (n_names,) = reader.unpack(_U32)
-    names = reader.strs(n_names)
-    reader.end()
-    regs: dict[str, _Value] = {}
+    names = decode_gateway_names(meta["snapshot_gateways"])
+    regs: dict[str, Value] = {}
     for (data,) in conn.execute("SELECT data FROM snapshot ORDER BY chunk"):
-        _load_snapshot_chunk(data, regs, names)
+        load_snapshot_chunk(data, regs, names)
     if len(regs) != meta["snapshot_count"]:
-        raise _FormatError("snapshot count mismatch")
+        raise BlobFormatError("snapshot count mismatch")
     last_seq, n_ops = snapshot_seq, 0
     rows = conn.execute("SELECT seq, ops FROM journal WHERE seq > ? ORDER BY seq", (snapshot_seq,))
     for seq, blob in rows:
-        n_ops += _apply_journal(blob, regs, names)
+        n_ops += apply_journal(blob, regs, names)
         last_seq = seq
     return regs, names, last_seq, n_ops
 
@@ -578,10 +328,6 @@ def _acquire_lock(path: Path) -> int:
         os.close(fd)
         raise RegistryError(f"registry {path} is in use by another process ({lock_path})") from None
     return fd
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_one_line(exc)}"
 
 
 class _Staging:
@@ -728,7 +474,7 @@ class Registry:
         # Loop-thread state.
         self._next_seq = 0  # last seq handed out
         self._durable_seq = 0  # every seq up to this one is settled (durable or failed)
-        self._undo: list[_Op] = []  # changes after _durable_seq, oldest first
+        self._undo: list[Op] = []  # changes after _durable_seq, oldest first
         self._listeners: list[Listener] = []
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_ids = itertools.count()
@@ -739,7 +485,7 @@ class Registry:
 
         # Shared between the loop thread and the writer (CPython's GIL makes each deque/list
         # operation and attribute store atomic; the idle flag protocol is in _writer_step).
-        self._ops: deque[_Op] = deque()
+        self._ops: deque[Op] = deque()
         self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._jobs_lock = threading.Lock()
         self._writer_done = False
@@ -836,7 +582,7 @@ class Registry:
             if version == SCHEMA_VERSION:
                 # Decode everything before a read-write connection exists: its close would
                 # checkpoint the WAL into a file that must stay as found if a blob is damaged.
-                reader = _readonly(path)
+                reader = readonly(path)
                 try:
                     state = _load_checked(reader, path)
                 finally:
@@ -862,7 +608,7 @@ class Registry:
             if conn is not None:
                 conn.close()
             os.close(lock_fd)
-            raise RegistryError(f"registry {path}: {_one_line(exc)}") from None
+            raise RegistryError(f"registry {path}: {one_line(exc)}") from None
         except BaseException:
             if conn is not None:
                 conn.close()
@@ -993,7 +739,7 @@ class Registry:
         except sqlite3.ProgrammingError:
             raise RegistryError("registry is closed") from None
         except sqlite3.Error as exc:
-            raise RegistryError(f"registry {self._path}: {_one_line(exc)}") from None
+            raise RegistryError(f"registry {self._path}: {one_line(exc)}") from None
         if row is None:
             return None
         key, text = row
@@ -1136,7 +882,7 @@ class Registry:
         return int(conn.execute("SELECT count(*) FROM provisioning_admin").fetchone()[0])
 
     def _read_admin(self) -> list[tuple[str, bytes | None, str | None]]:
-        conn = _readonly(self._path)
+        conn = readonly(self._path)
         try:
             return conn.execute(
                 "SELECT ue_service_id, key, gateways FROM provisioning_admin"
@@ -1171,7 +917,7 @@ class Registry:
                 self._provisioning_pause("committed")
         except sqlite3.Error as exc:
             self._rollback_quietly()
-            raise RegistryError(f"registry {self._path}: {_one_line(exc)}") from None
+            raise RegistryError(f"registry {self._path}: {one_line(exc)}") from None
         except BaseException:
             self._rollback_quietly()
             raise
@@ -1216,7 +962,7 @@ class Registry:
                 index = self._read_index(generation)
             except (sqlite3.Error, ValueError) as exc:
                 log.warning("registry %s: provisioning index not built (%s); lookups use SQL",
-                            self._path, _one_line(exc))
+                            self._path, one_line(exc))
                 continue
             if index is None:
                 continue
@@ -1474,7 +1220,7 @@ class Registry:
         if name is None:
             name = self._intern_gateway(gateway)
         if profile is None:
-            new: _Value = name
+            new: Value = name
         else:
             new = (name, profile if profile.__class__ is bytes else bytes(profile))
         regs = self._regs
@@ -1490,7 +1236,7 @@ class Registry:
             raise TypeError("ue_service_id must be str")
         return self._queue((ue_service_id, None, self._regs.pop(ue_service_id, None)))
 
-    def _queue(self, op: _Op) -> int:
+    def _queue(self, op: Op) -> int:
         self._undo.append(op)
         self._ops.append(op)
         self._next_seq = seq = self._next_seq + 1
@@ -1645,7 +1391,7 @@ class Registry:
         except BaseException as exc:
             log.critical("registry writer stopped by an unexpected error", exc_info=True)
             self._refusal = "writer stopped"
-            self._post((False, None, None, f"registry writer stopped: {_describe(exc)}"))
+            self._post((False, None, None, f"registry writer stopped: {describe(exc)}"))
         finally:
             with self._jobs_lock:
                 self._writer_done = True
@@ -1700,7 +1446,7 @@ class Registry:
         self._w_taken += len(batch)
         last = self._w_taken
         try:
-            blob, n_names = _encode_batch(batch, self._gw_index, self._names, self._w_gw_durable)
+            blob, n_names = encode_batch(batch, self._gw_index, self._names, self._w_gw_durable)
             # One statement in autocommit mode is one transaction. OR REPLACE: a commit that
             # reported failure may still have left its row; the next batch overwrites it.
             self._wconn.execute(_SQL_JOURNAL_PUT, (self._w_jseq + 1, blob))
@@ -1715,9 +1461,9 @@ class Registry:
                     self._path,
                     first,
                     last,
-                    _describe(exc),
+                    describe(exc),
                 )
-            self._post((False, first, last, _describe(exc)))
+            self._post((False, first, last, describe(exc)))
             return
         self._w_jseq += 1
         self._w_gw_durable = n_names
@@ -1737,12 +1483,7 @@ class Registry:
             future.set_result(result)
 
     def _rollback_quietly(self) -> None:
-        conn = self._wconn
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.warning("registry %s: rollback failed", self._path, exc_info=True)
+        rollback_quietly(self._wconn, self._path)
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -1765,7 +1506,7 @@ class Registry:
             log.warning(
                 "registry %s: compaction failed (%s); the journal is kept",
                 self._path,
-                _one_line(exc),
+                one_line(exc),
             )
             return
         log.info(
