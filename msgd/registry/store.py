@@ -27,14 +27,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import fcntl
 import functools
 import heapq
 import itertools
 import logging
 import os
 import sqlite3
-import struct
 import threading
 import time
 from collections import deque
@@ -43,18 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from msgd.errors import ProvisioningError, RegistryCorruptError, RegistryError
-from msgd.registry.blobs import (
-    BlobFormatError,
-    Op,
-    Value,
-    apply_journal,
-    decode_gateway_names,
-    encode_batch,
-    encode_gateway_names,
-    encode_snapshot_chunk,
-    load_snapshot_chunk,
-)
+from msgd.errors import ProvisioningError, RegistryError
+from msgd.registry.blobs import Op, Value, encode_batch
 from msgd.registry.provisioning import (
     ProvisionedUe,
     ProvisioningCsv,
@@ -64,33 +52,22 @@ from msgd.registry.provisioning import (
     make_provisioned,
     validate_provisioned,
 )
+from msgd.registry.schema import PROVISIONING_TABLE, SYNCHRONOUS_MODES, open_file
+from msgd.registry.snapshot import State, compact, worth_compacting
 from msgd.registry.sql import describe, one_line, readonly, rollback_quietly
 
-__all__ = ["SCHEMA_VERSION", "Registration", "Registry"]
+__all__ = ["Listener", "Registration", "Registry"]
 
 log = logging.getLogger("msgd.registry")
 
-SCHEMA_VERSION = 3
-APPLICATION_ID = 0x4D534744  # "MSGD": tells our files from other SQLite databases
-SYNCHRONOUS_MODES = ("full", "normal")
-
-SNAPSHOT_CHUNK = 65_536  # registrations per snapshot row
-COMPACT_MIN_OPS = 10_000  # open() leaves a shorter journal alone
 PROVISIONING_CHUNK = 50_000  # sorted rows per transaction while rebuilding provisioning
 PROVISIONING_DIFF_MIN = 10_000  # a replace changing fewer rows is applied as one transaction
 FAILED_HISTORY = 4_096  # failed seq ranges remembered for wait_durable()
-WAL_SIZE_LIMIT = 64 * 1024 * 1024
 READ_CACHE_KIB = 16 * 1024  # page cache of the provisioning read connection
 
 Listener: TypeAlias = Callable[[int, int, bool], None]
-# What a load yields: (registrations, gateway names, last journal seq, journal ops replayed).
-_State: TypeAlias = "tuple[dict[str, Value], list[str], int, int]"
 
 _SQL_JOURNAL_PUT = "INSERT OR REPLACE INTO journal(seq, ops) VALUES (?, ?)"
-_SQL_PROVISIONING_TABLE = (
-    "CREATE TABLE {table}(ue_service_id TEXT PRIMARY KEY, key BLOB NOT NULL, "
-    "gateways TEXT NOT NULL) WITHOUT ROWID"
-)
 _SQL_PROVISIONED_GET = "SELECT key, gateways FROM provisioning WHERE ue_service_id = ?"
 _SQL_PROVISIONING_UPSERT = (
     "INSERT INTO provisioning(ue_service_id, key, gateways) VALUES (?, ?, ?) "
@@ -98,10 +75,6 @@ _SQL_PROVISIONING_UPSERT = (
 )
 # Admin changes (msgctl provision import|remove): a row with its key and gateways, or NULLs for
 # a UE the admin removed. replace_provisioning() applies them over the file's rows.
-_SQL_ADMIN_TABLE = (
-    "CREATE TABLE provisioning_admin(ue_service_id TEXT PRIMARY KEY, key BLOB NULL, "
-    "gateways TEXT NULL) WITHOUT ROWID"
-)
 _SQL_ADMIN_PUT = (
     "INSERT OR REPLACE INTO provisioning_admin(ue_service_id, key, gateways) VALUES (?, ?, ?)"
 )
@@ -114,220 +87,6 @@ class Registration:
     ue_service_id: str
     gateway: str
     profile: bytes | None  # the encoded value of the profile IE, stored as is
-
-
-def _write_snapshot(
-    conn: sqlite3.Connection, regs: dict[str, Value], names: list[str], covered_seq: int
-) -> None:
-    """Replace the snapshot with `regs` and empty the journal; the caller holds a transaction.
-
-    The whole journal goes, not only rows up to covered_seq: a row above it can only be left
-    by a commit that reported failure, and memory (rolled back) is the truth.
-    """
-    gw_index = {name: index for index, name in enumerate(names)}
-    conn.execute("DELETE FROM snapshot")
-    items = iter(regs.items())
-    for chunk in itertools.count():
-        part = list(itertools.islice(items, SNAPSHOT_CHUNK))
-        if not part:
-            break
-        conn.execute(
-            "INSERT INTO snapshot(chunk, data) VALUES (?, ?)",
-            (chunk, encode_snapshot_chunk(part, gw_index)),
-        )
-    conn.executemany(
-        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-        [
-            ("snapshot_seq", covered_seq),
-            ("snapshot_count", len(regs)),
-            ("snapshot_gateways", encode_gateway_names(names)),
-        ],
-    )
-    conn.execute("DELETE FROM journal")
-
-
-# ---------------------------------------------------------------------------------------------
-# Schema and migrations. PRAGMA user_version is the version; each migration runs in its own
-# transaction together with the version bump, so an interrupted upgrade resumes where it stopped.
-
-_SCHEMA_V2 = (
-    "CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID",
-    "CREATE TABLE journal(seq INTEGER PRIMARY KEY, ops BLOB NOT NULL)",
-    "CREATE TABLE snapshot(chunk INTEGER PRIMARY KEY, data BLOB NOT NULL)",
-)
-
-
-def _create_schema(conn: sqlite3.Connection) -> None:
-    """Version 0 (new, empty file) -> the current schema."""
-    for statement in _SCHEMA_V2:
-        conn.execute(statement)
-    conn.execute(_SQL_PROVISIONING_TABLE.format(table="provisioning"))
-    conn.execute(_SQL_ADMIN_TABLE)
-    _write_snapshot(conn, {}, [], 0)
-    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-
-
-def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
-    """Schema 1 kept one row per UE (`registration` table); move it into a snapshot.
-
-    Schema 1 is the obvious row-per-UE layout, whose random-key inserts are the throughput
-    limit the journal removes (docs/registry.md).
-    """
-    for statement in _SCHEMA_V2:
-        conn.execute(statement)
-    regs: dict[str, Value] = {}
-    names: list[str] = []
-    canon: dict[str, str] = {}
-    rows = conn.execute("SELECT ue_service_id, gateway, profile FROM registration")
-    for ue, gateway, profile in rows:
-        name = canon.get(gateway)
-        if name is None:
-            name = canon[gateway] = gateway
-            names.append(name)
-        regs[ue] = name if profile is None else (name, bytes(profile))
-    _write_snapshot(conn, regs, names, 0)
-    conn.execute("DROP TABLE registration")
-
-
-def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
-    """Schema 3 adds `provisioning_admin`: admin changes that outlive reloads (docs/registry.md).
-
-    A schema 2 file has none recorded (an admin change there was undone by the next reload),
-    so the table starts empty and the stored provisioning is still exactly the file's.
-    """
-    conn.execute(_SQL_ADMIN_TABLE)
-
-
-# from-version -> function that upgrades a database at that version to from-version + 1
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    1: _migrate_1_to_2,
-    2: _migrate_2_to_3,
-}
-
-
-# Errors that say the file could not be reached, not that it is damaged.
-_NOT_DAMAGE = ("SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_BUSY", "SQLITE_NOMEM")
-
-
-def _check_file(path: Path) -> int:
-    """Refuse a file that is not a sound registry; return its schema version.
-
-    It reads through a read-only connection.
-
-    Read-only matters: a read-write connection checkpoints the WAL into the file when it
-    closes, and a damaged file must be left exactly as found for whoever investigates.
-    """
-    try:
-        conn = readonly(path)
-    except sqlite3.Error as exc:
-        raise RegistryError(f"registry {path}: cannot open: {one_line(exc)}") from None
-    try:
-        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorname", "") in _NOT_DAMAGE:
-            raise RegistryError(f"registry {path}: cannot read: {one_line(exc)}") from None
-        raise RegistryCorruptError(
-            f"registry {path} is damaged or not a database ({one_line(exc)}); "
-            "refusing to start, the file is left untouched"
-        ) from None
-    finally:
-        conn.close()
-    if problems != ["ok"]:
-        raise RegistryCorruptError(
-            f"registry {path} failed PRAGMA quick_check ({one_line(problems[0])}"
-            f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); "
-            "refusing to start, the file is left untouched"
-        )
-    if tables and app_id != APPLICATION_ID:
-        raise RegistryCorruptError(
-            f"registry {path} is an SQLite database but not an msgd registry "
-            f"(application_id {app_id:#x}); refusing to start, the file is left untouched"
-        )
-    known = version == SCHEMA_VERSION or version in MIGRATIONS or not tables
-    if version > SCHEMA_VERSION or not known:
-        raise RegistryCorruptError(
-            f"registry {path} has schema version {version}, this msgd reads up to "
-            f"{SCHEMA_VERSION}; refusing to start, the file is left untouched"
-        )
-    return version if tables else 0
-
-
-def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == 0:
-        steps: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [(0, _create_schema)]
-    else:
-        steps = [(v, MIGRATIONS[v]) for v in range(version, SCHEMA_VERSION)]
-    for from_version, step in steps:
-        target = SCHEMA_VERSION if from_version == 0 else from_version + 1
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            step(conn)
-            conn.execute(f"PRAGMA user_version = {target}")
-            conn.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (target,)
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        if from_version:
-            log.info("registry %s: migrated schema %d -> %d", path, from_version, target)
-    # An interrupted replace_provisioning() leaves its staging table; it was never live.
-    conn.execute("DROP TABLE IF EXISTS provisioning_load")
-
-
-def _load_checked(conn: sqlite3.Connection, path: Path) -> _State:
-    try:
-        return _load(conn)
-    except (BlobFormatError, KeyError, TypeError, ValueError, struct.error) as exc:
-        raise RegistryCorruptError(
-            f"registry {path} holds damaged registration data ({one_line(exc)}); "
-            "refusing to start, the file is left untouched"
-        ) from None
-
-
-def _load(conn: sqlite3.Connection) -> _State:
-    """Read the durable state: snapshot, then the journal after it.
-
-    Returns (registrations, gateway names, last journal seq, journal ops replayed).
-    """
-    meta = dict(conn.execute("SELECT key, value FROM meta"))
-    snapshot_seq = meta["snapshot_seq"]
-    names = decode_gateway_names(meta["snapshot_gateways"])
-    regs: dict[str, Value] = {}
-    for (data,) in conn.execute("SELECT data FROM snapshot ORDER BY chunk"):
-        load_snapshot_chunk(data, regs, names)
-    if len(regs) != meta["snapshot_count"]:
-        raise BlobFormatError("snapshot count mismatch")
-    last_seq, n_ops = snapshot_seq, 0
-    rows = conn.execute("SELECT seq, ops FROM journal WHERE seq > ? ORDER BY seq", (snapshot_seq,))
-    for seq, blob in rows:
-        n_ops += apply_journal(blob, regs, names)
-        last_seq = seq
-    return regs, names, last_seq, n_ops
-
-
-def _acquire_lock(path: Path) -> int:
-    """Hold `<registry>.lock` so a second msgd cannot run on the same file.
-
-    A separate file: closing any descriptor of the database itself would drop the POSIX locks
-    SQLite holds on it.
-    """
-    lock_path = path.with_name(path.name + ".lock")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise RegistryError(f"registry {path}: cannot create {lock_path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise RegistryError(f"registry {path} is in use by another process ({lock_path})") from None
-    return fd
 
 
 class _Staging:
@@ -450,7 +209,7 @@ class Registry:
         path: Path,
         conn: sqlite3.Connection,
         lock_fd: int,
-        state: _State,
+        state: State,
         *,
         commit_interval: float,
         max_batch: int,
@@ -552,9 +311,6 @@ class Registry:
         commit and so survives power loss; "normal" survives a process crash only.
         Raises RegistryCorruptError for a file that fails its check (it is never modified) and
         RegistryError when the file cannot be opened or is in use by another process.
-
-        Long on purpose: the ordered steps of an open (lock, check, migrate, load) with the cleanup
-        each failure needs, in one place.
         """
         path = Path(path)
         mode = synchronous.lower()
@@ -563,68 +319,26 @@ class Registry:
         if commit_interval < 0 or max_batch < 1:
             raise ValueError("commit_interval must be >= 0 and max_batch >= 1")
         started = time.monotonic()
-        lock_fd = _acquire_lock(path)
-        conn: sqlite3.Connection | None = None
+        lock_fd, conn, state = open_file(path, mode)
         try:
-            version = 0
-            wal = path.with_name(path.name + "-wal")
-            wal_size = wal.stat().st_size if wal.exists() else 0
-            if path.exists() and path.stat().st_size == 0 and wal_size == 0:
-                # A registry is checkpointed into its file as soon as it is created, so an
-                # empty file is a truncated one: SQLite would silently take it as a new one.
-                raise RegistryCorruptError(
-                    f"registry {path} is empty (truncated?); refusing to start, the file is "
-                    "left untouched (remove it to start with an empty registry)"
-                )
-            if (path.exists() and path.stat().st_size > 0) or wal_size > 0:
-                version = _check_file(path)
-            state: _State | None = None
-            if version == SCHEMA_VERSION:
-                # Decode everything before a read-write connection exists: its close would
-                # checkpoint the WAL into a file that must stay as found if a blob is damaged.
-                reader = readonly(path)
-                try:
-                    state = _load_checked(reader, path)
-                finally:
-                    reader.close()
-            conn = sqlite3.connect(
-                str(path), isolation_level=None, check_same_thread=False, cached_statements=32
-            )
-            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-                raise RegistryError(f"registry {path}: WAL mode unavailable")
-            conn.execute(f"PRAGMA synchronous = {mode.upper()}")
-            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-            conn.execute("PRAGMA busy_timeout = 5000")
-            _prepare_schema(conn, path)
-            if version == 0:
-                # Put the new schema into the main file now (see the empty-file check above).
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            if state is None:  # new or just migrated
-                state = _load_checked(conn, path)
             registry = cls(
                 path, conn, lock_fd, state, commit_interval=commit_interval, max_batch=max_batch
             )
-        except sqlite3.Error as exc:
-            if conn is not None:
-                conn.close()
+        except BaseException as exc:
+            conn.close()
             os.close(lock_fd)
-            raise RegistryError(f"registry {path}: {one_line(exc)}") from None
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            os.close(lock_fd)
+            if isinstance(exc, sqlite3.Error):
+                raise RegistryError(f"registry {path}: {one_line(exc)}") from None
             raise
         regs, _names, _seq, journal_ops = state
-        # Replaying an op costs about what loading a snapshot entry does, so compacting at
-        # open pays only when the journal is mostly churn (and close() compacts anyway).
-        if journal_ops >= COMPACT_MIN_OPS and journal_ops > 2 * len(regs):
+        if worth_compacting(journal_ops, len(regs)):
             registry._compact()
         log.info(
             "registry %s: %d registrations, %d provisioned, loaded in %.2f s "
             "(journal %d ops replayed)",
             path,
             len(regs),
-            registry._prov_count,
+            registry.provisioned_count(),
             time.monotonic() - started,
             journal_ops,
         )
@@ -1102,7 +816,7 @@ class Registry:
 
         def create(conn: sqlite3.Connection) -> None:
             conn.execute("DROP TABLE IF EXISTS provisioning_load")
-            conn.execute(_SQL_PROVISIONING_TABLE.format(table="provisioning_load"))
+            conn.execute(PROVISIONING_TABLE.format(table="provisioning_load"))
 
         def append(chunk: list[tuple[str, bytes, str]]) -> Callable[[sqlite3.Connection], None]:
             return lambda conn: conn.executemany(
@@ -1488,33 +1202,9 @@ class Registry:
     # -- closing ------------------------------------------------------------------------------
 
     def _compact(self) -> None:
-        """Write a fresh snapshot of memory and empty the journal, in one transaction.
-
-        Only valid when memory equals the durable state (nothing pending, writer idle).
-        A failure (e.g. disk full) keeps the old snapshot and journal, which stay consistent.
-        """
-        conn = self._wconn
-        if conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 0:
-            return
-        started = time.monotonic()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            _write_snapshot(conn, self._regs, self._names, self._w_jseq)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback_quietly()
-            log.warning(
-                "registry %s: compaction failed (%s); the journal is kept",
-                self._path,
-                one_line(exc),
-            )
-            return
-        log.info(
-            "registry %s: compacted %d registrations in %.2f s",
-            self._path,
-            len(self._regs),
-            time.monotonic() - started,
-        )
+        """Rewrite the snapshot from memory; only when memory equals the durable state
+        (nothing pending, the writer stopped or not started)."""
+        compact(self._wconn, self._path, self._regs, self._names, self._w_jseq)
 
     async def close(self) -> None:
         """Flush pending changes, stop the writer, compact and close the file."""

@@ -22,13 +22,9 @@ from pathlib import Path
 import pytest
 
 from msgd.errors import RegistryCorruptError, RegistryError
-from msgd.registry.store import (
-    APPLICATION_ID,
-    COMPACT_MIN_OPS,
-    SCHEMA_VERSION,
-    Registration,
-    Registry,
-)
+from msgd.registry.schema import APPLICATION_ID, SCHEMA_VERSION
+from msgd.registry.snapshot import COMPACT_MIN_OPS
+from msgd.registry.store import Registration, Registry
 
 
 @pytest.fixture
