@@ -25,7 +25,6 @@ The file layout, the blob formats and the reasons for them are in docs/registry.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import heapq
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from msgd.errors import ProvisioningError, RegistryError
-from msgd.registry.blobs import Op, Value, encode_batch
+from msgd.registry.blobs import Op, Value
 from msgd.registry.provisioning import (
     ProvisionedUe,
     ProvisioningCsv,
@@ -54,7 +53,8 @@ from msgd.registry.provisioning import (
 )
 from msgd.registry.schema import PROVISIONING_TABLE, SYNCHRONOUS_MODES, open_file
 from msgd.registry.snapshot import State, compact, worth_compacting
-from msgd.registry.sql import describe, one_line, readonly, rollback_quietly
+from msgd.registry.sql import one_line, readonly
+from msgd.registry.writer import Writer
 
 __all__ = ["Listener", "Registration", "Registry"]
 
@@ -67,7 +67,6 @@ READ_CACHE_KIB = 16 * 1024  # page cache of the provisioning read connection
 
 Listener: TypeAlias = Callable[[int, int, bool], None]
 
-_SQL_JOURNAL_PUT = "INSERT OR REPLACE INTO journal(seq, ops) VALUES (?, ?)"
 _SQL_PROVISIONED_GET = "SELECT key, gateways FROM provisioning WHERE ue_service_id = ?"
 _SQL_PROVISIONING_UPSERT = (
     "INSERT INTO provisioning(ue_service_id, key, gateways) VALUES (?, ?, ?) "
@@ -220,15 +219,14 @@ class Registry:
         it is issue 11's registry port)."""
         regs, names, journal_seq, _ops = state
         self._path = path
-        self._wconn = conn
         self._lock_fd = lock_fd
         self._regs = regs
         self._names = names  # append-only while running; the index is the journal's reference
         self._gw_canon = {name: name for name in names}
         self._gw_index = {name: index for index, name in enumerate(names)}
-        self._commit_interval = commit_interval
-        self._max_batch = max_batch
-        self._gather_below = max(1, max_batch // 16)
+        self._writer = Writer(path, conn, names, self._gw_index, journal_seq,
+                              commit_interval=commit_interval, max_batch=max_batch)
+        self._ops = self._writer.ops  # submit_* append here; the writer takes from it
 
         # Loop-thread state.
         self._next_seq = 0  # last seq handed out
@@ -238,31 +236,8 @@ class Registry:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_ids = itertools.count()
         self._failed: deque[tuple[int, int, str]] = deque(maxlen=FAILED_HISTORY)
-        self._refusal: str | None = None  # set once closing or the writer died
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-
-        # Shared between the loop thread and the writer (CPython's GIL makes each deque/list
-        # operation and attribute store atomic; the idle flag protocol is in _writer_step).
-        self._ops: deque[Op] = deque()
-        self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
-        self._jobs_lock = threading.Lock()
-        self._writer_done = False
-        self._wake = threading.Event()
-        self._writer_idle = False
-        self._stopping = False
-        self._cut: int | None = None
-        self._outbox: list[tuple[Any, ...]] = []
-        self._outbox_cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._inline_lock = threading.Lock()
-
-        # Writer-thread state.
-        self._w_taken = 0  # last seq taken from _ops
-        self._w_awaiting_cut = False
-        self._w_jseq = journal_seq  # last journal row written durably
-        self._w_gw_durable = len(names)  # gateway names the journal holds durably
-        self._w_failing = False
 
         # Provisioning reads: their own connection, safe to use from any thread under the lock.
         self._rconn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
@@ -348,17 +323,10 @@ class Registry:
         """Start the writer thread; completions are delivered on `loop`."""
         if self._closed:
             raise RegistryError("registry is closed")
-        if self._thread is not None:
+        if self._writer.started:
             raise RuntimeError("registry already started")
         self._loop = loop
-        self._start_writer()
-
-    def _start_writer(self) -> None:
-        with self._inline_lock:  # waits for an inline provisioning job to finish
-            self._thread = threading.Thread(
-                target=self._writer_main, name="msgd-registry-writer", daemon=True
-            )
-            self._thread.start()
+        self._writer.start(functools.partial(loop.call_soon_threadsafe, self._drain_outbox))
 
     # -- provisioning -------------------------------------------------------------------------
 
@@ -385,8 +353,8 @@ class Registry:
 
         Long on purpose: the three steps below share the staging file and the lock.
         """
-        if self._refusal is not None:
-            raise RegistryError(f"registry {self._refusal}")
+        if self._writer.refusal is not None:
+            raise RegistryError(f"registry {self._writer.refusal}")
         source = rows if isinstance(rows, ProvisioningCsv) else None
         with self._replace_lock:
             if source is not None and not source.started:
@@ -412,7 +380,7 @@ class Registry:
                 self._provisioning_pause("replace-merged")
                 if diff is not None:
                     upserts, deletes = diff
-                    count = self._run_job(
+                    count = self._writer.run_job(
                         lambda: self._apply_provisioning_diff(
                             upserts, deletes, admin_generation, count, digest
                         )
@@ -521,7 +489,7 @@ class Registry:
             self._admin_generation += 1
             return added
 
-        return int(self._run_job(job))
+        return int(self._writer.run_job(job))
 
     def remove_provisioned(self, ue_service_id: str) -> bool:
         """Remove one provisioning row (admin `provision remove`); True if it existed.
@@ -549,7 +517,7 @@ class Registry:
             self._admin_generation += 1
             return True
 
-        return bool(self._run_job(job))
+        return bool(self._writer.run_job(job))
 
     def forget_provisioning_overrides(
         self, ue_service_ids: Iterable[str] | None = None
@@ -589,7 +557,7 @@ class Registry:
                 self._admin_generation += 1
             return dropped
 
-        return list(self._run_job(job))
+        return list(self._writer.run_job(job))
 
     @staticmethod
     def _count_admin(conn: sqlite3.Connection) -> int:
@@ -622,19 +590,10 @@ class Registry:
                 self._prov_writing += 1
                 self._prov_generation += 1
                 self._prov_index = None
-        conn = self._wconn
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            result = work(conn)
-            conn.execute("COMMIT")
+            result = self._writer.transaction(work)
             if provisioning:
                 self._provisioning_pause("committed")
-        except sqlite3.Error as exc:
-            self._rollback_quietly()
-            raise RegistryError(f"registry {self._path}: {one_line(exc)}") from None
-        except BaseException:
-            self._rollback_quietly()
-            raise
         finally:
             if provisioning:
                 with self._index_lock:
@@ -841,17 +800,17 @@ class Registry:
             conn.execute("DROP TABLE IF EXISTS provisioning_load")
 
         # provisioning_load is not what lookups read: only the swap touches the index.
-        self._run_job(lambda: self._transaction(create, provisioning=False))
+        self._writer.run_job(lambda: self._transaction(create, provisioning=False))
         try:
             rows = staging.sorted_rows()
             while chunk := list(itertools.islice(rows, PROVISIONING_CHUNK)):
-                self._run_job(
+                self._writer.run_job(
                     functools.partial(self._transaction, append(chunk), provisioning=False)
                 )
-            return int(self._run_job(swap_job))
+            return int(self._writer.run_job(swap_job))
         except BaseException:
             with contextlib.suppress(Exception):  # else the next open or replace drops it
-                self._run_job(lambda: self._transaction(drop, provisioning=False))
+                self._writer.run_job(lambda: self._transaction(drop, provisioning=False))
             raise
 
     @staticmethod
@@ -863,24 +822,6 @@ class Registry:
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('provisioning_source', ?)",
                 (digest,),
             )
-
-    def _run_job(self, job: Callable[[], Any]) -> Any:
-        """Run `job` on the writer thread (inline before start) and return its result."""
-        if self._refusal is not None:
-            raise RegistryError(f"registry {self._refusal}")
-        with self._inline_lock:  # _start_writer() takes it too: never two users of _wconn
-            thread = self._thread
-            if thread is None:
-                return job()
-        if threading.current_thread() is thread:
-            raise RuntimeError("a writer job cannot wait for another writer job")
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        with self._jobs_lock:  # the writer fails leftovers under it when it exits
-            if self._writer_done:
-                raise RegistryError("registry is closed")
-            self._jobs.append((job, future))
-        self._wake.set()
-        return future.result()
 
     # -- registrations: reads -----------------------------------------------------------------
 
@@ -926,8 +867,9 @@ class Registry:
         The hot path of every registration: a few dict/deque operations, no allocation beyond
         the op tuple (the gateway name is interned, so the stored value is shared).
         """
-        if self._refusal is not None:
-            raise RegistryError(f"registry {self._refusal}")
+        refusal = self._writer.refusal
+        if refusal is not None:
+            raise RegistryError(f"registry {refusal}")
         if ue_service_id.__class__ is not str:
             raise TypeError("ue_service_id must be str")
         name = self._gw_canon.get(gateway)
@@ -944,8 +886,9 @@ class Registry:
 
     def submit_deregister(self, ue_service_id: str) -> int:
         """De-register a UE (a no-op change if it is not registered). Returns its seq."""
-        if self._refusal is not None:
-            raise RegistryError(f"registry {self._refusal}")
+        refusal = self._writer.refusal
+        if refusal is not None:
+            raise RegistryError(f"registry {refusal}")
         if ue_service_id.__class__ is not str:
             raise TypeError("ue_service_id must be str")
         return self._queue((ue_service_id, None, self._regs.pop(ue_service_id, None)))
@@ -954,8 +897,9 @@ class Registry:
         self._undo.append(op)
         self._ops.append(op)
         self._next_seq = seq = self._next_seq + 1
-        if self._writer_idle:  # see _writer_step for why this cannot miss a wake-up
-            self._wake.set()
+        writer = self._writer
+        if writer.idle:  # see Writer._step for why this cannot miss a wake-up
+            writer.wake.set()
         return seq
 
     def _intern_gateway(self, gateway: str) -> str:
@@ -991,7 +935,7 @@ class Registry:
             if reason is not None:
                 raise RegistryError(f"change {seq} failed: {reason}")
             return
-        if self._thread is None:
+        if not self._writer.started:
             raise RuntimeError("registry not started")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (seq, next(self._waiter_ids), future))
@@ -1025,21 +969,8 @@ class Registry:
         """Changes submitted but not yet settled (for overload decisions: SERVER_BUSY)."""
         return self._next_seq - self._durable_seq
 
-    def _post(self, message: tuple[Any, ...]) -> None:
-        """Writer thread: hand a completion to whoever drains the outbox (one wake per batch)."""
-        with self._outbox_cv:
-            self._outbox.append(message)
-            self._outbox_cv.notify_all()
-        loop = self._loop
-        if loop is not None:
-            # A closed loop raises; close_sync() then drains the outbox itself.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._drain_outbox)
-
     def _drain_outbox(self) -> None:
-        with self._outbox_cv:
-            messages, self._outbox = self._outbox, []
-        for ok, first, last, *rest in messages:
+        for ok, first, last, *rest in self._writer.take_completions():
             if ok:
                 self._on_durable(first, last)
             else:
@@ -1072,8 +1003,7 @@ class Registry:
         self._durable_seq = cut
         self._failed.append((first, cut, reason))
         if resume_writer:
-            self._cut = cut
-            self._wake.set()
+            self._writer.resume(cut)
         self._settle(first, cut, reason)
 
     def _settle(self, first: int, last: int, failure: str | None) -> None:
@@ -1096,124 +1026,21 @@ class Registry:
             except RuntimeError:
                 pass  # the waiter's loop is closed
 
-    # -- the writer thread --------------------------------------------------------------------
-
-    def _writer_main(self) -> None:
-        try:
-            while self._writer_step():
-                pass
-        except BaseException as exc:
-            log.critical("registry writer stopped by an unexpected error", exc_info=True)
-            self._refusal = "writer stopped"
-            self._post((False, None, None, f"registry writer stopped: {describe(exc)}"))
-        finally:
-            with self._jobs_lock:
-                self._writer_done = True
-                leftovers = list(self._jobs)
-                self._jobs.clear()
-            for _job, future in leftovers:
-                future.set_exception(RegistryError("registry is closed"))
-
-    def _writer_step(self) -> bool:
-        """One round: apply a cut, commit a batch, step a job, or sleep. False = stop."""
-        self._wake.clear()
-        worked = False
-        if self._w_awaiting_cut and self._cut is not None:
-            cut, self._cut = self._cut, None
-            ops = self._ops
-            while self._w_taken < cut:  # drop the changes the loop thread failed
-                ops.popleft()
-                self._w_taken += 1
-            self._w_awaiting_cut = False
-            worked = True
-        if not self._w_awaiting_cut and self._ops:
-            self._commit_batch()
-            worked = True
-        if self._jobs:  # provisioning goes on while a failed batch awaits its cut
-            self._job_step()
-            worked = True
-        if worked:
-            return True
-        if self._stopping and not self._w_awaiting_cut and not self._ops and not self._jobs:
-            return False
-        # Idle protocol: the flag is set before the re-check and submitters set it after
-        # appending, so either the re-check sees their op or they see the flag and wake us.
-        self._writer_idle = True
-        try:
-            if not self._has_work():
-                self._wake.wait()
-        finally:
-            self._writer_idle = False
-        return True
-
-    def _has_work(self) -> bool:
-        if self._w_awaiting_cut:
-            return self._cut is not None or bool(self._jobs)
-        return bool(self._ops) or bool(self._jobs) or self._stopping
-
-    def _commit_batch(self) -> None:
-        ops = self._ops
-        if len(ops) < self._gather_below and self._commit_interval and not self._stopping:
-            time.sleep(self._commit_interval)  # a small queue: let it fill (group commit)
-        batch = [ops.popleft() for _ in range(min(len(ops), self._max_batch))]
-        first = self._w_taken + 1
-        self._w_taken += len(batch)
-        last = self._w_taken
-        try:
-            blob, n_names = encode_batch(batch, self._gw_index, self._names, self._w_gw_durable)
-            # One statement in autocommit mode is one transaction. OR REPLACE: a commit that
-            # reported failure may still have left its row; the next batch overwrites it.
-            self._wconn.execute(_SQL_JOURNAL_PUT, (self._w_jseq + 1, blob))
-        except Exception as exc:
-            self._rollback_quietly()
-            self._w_awaiting_cut = True
-            if not self._w_failing:
-                self._w_failing = True
-                log.error(
-                    "registry %s: commit of changes %d..%d failed (%s); failing them, "
-                    "later batches are retried",
-                    self._path,
-                    first,
-                    last,
-                    describe(exc),
-                )
-            self._post((False, first, last, describe(exc)))
-            return
-        self._w_jseq += 1
-        self._w_gw_durable = n_names
-        if self._w_failing:
-            self._w_failing = False
-            log.warning("registry %s: commits succeed again", self._path)
-        self._post((True, first, last))
-
-    def _job_step(self) -> None:
-        job, future = self._jobs.popleft()
-        try:
-            result = job()
-        except BaseException as exc:  # handed to the waiting caller, never lost
-            self._rollback_quietly()
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    def _rollback_quietly(self) -> None:
-        rollback_quietly(self._wconn, self._path)
-
     # -- closing ------------------------------------------------------------------------------
 
     def _compact(self) -> None:
         """Rewrite the snapshot from memory; only when memory equals the durable state
         (nothing pending, the writer stopped or not started)."""
-        compact(self._wconn, self._path, self._regs, self._names, self._w_jseq)
+        writer = self._writer
+        compact(writer.conn, self._path, self._regs, self._names, writer.journal_seq)
 
     async def close(self) -> None:
         """Flush pending changes, stop the writer, compact and close the file."""
         if self._closed:
             return
-        if self._refusal is None:
-            self._refusal = "is closed"
+        self._writer.refuse("is closed")
         if self.pending():
-            if self._thread is None:
+            if not self._writer.started:
                 self.start(asyncio.get_running_loop())
             with contextlib.suppress(RegistryError):
                 await self.wait_durable(self._next_seq)
@@ -1226,34 +1053,29 @@ class Registry:
         if self._loop is not None and self._loop.is_running():
             # Its callbacks would drain the outbox concurrently with this thread.
             raise RuntimeError("close_sync() while the registry's loop runs; use await close()")
-        if self._refusal is None:
-            self._refusal = "is closed"
-        if self.pending() and self._thread is None:
-            self._start_writer()
+        self._writer.refuse("is closed")
+        if self.pending() and not self._writer.started:
+            self._writer.start(None)
         while self.pending():
-            with self._outbox_cv:
-                self._outbox_cv.wait_for(lambda: bool(self._outbox))
+            self._writer.wait_completions()
             self._drain_outbox()
         self._shutdown()
 
     def _shutdown(self) -> None:
         if self._closed:
             return
-        thread = self._thread
-        if thread is not None:
-            self._stopping = True
-            self._wake.set()
-            thread.join()
+        writer = self._writer
+        writer.stop()
         self._closed = True
         try:
             if self._next_seq == self._durable_seq:
                 self._compact()
             with contextlib.suppress(sqlite3.Error):
-                self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             with self._rlock:
                 self._rconn.close()
-            self._wconn.close()
+            writer.conn.close()
             os.close(self._lock_fd)
         log.info("registry %s: closed", self._path)
 
@@ -1265,14 +1087,15 @@ class Registry:
         Writes that need more space then fail with SQLITE_FULL, exactly like a full disk.
         Returns the cap in force.
         """
+        conn = self._writer.conn
 
         def work() -> int:
             limit = pages
             if limit is None:
-                limit = self._wconn.execute("PRAGMA page_count").fetchone()[0]
-            return self._wconn.execute(f"PRAGMA max_page_count = {int(limit)}").fetchone()[0]
+                limit = conn.execute("PRAGMA page_count").fetchone()[0]
+            return conn.execute(f"PRAGMA max_page_count = {int(limit)}").fetchone()[0]
 
-        return int(self._run_job(work))
+        return int(self._writer.run_job(work))
 
     def __repr__(self) -> str:
         return (

@@ -210,7 +210,7 @@ async def test_registry_refusal_answers_storage_failure_and_keeps_the_connection
         def broken_commit() -> None:
             raise RuntimeError("injected: the writer dies")
 
-        registry._commit_batch = broken_commit  # fault injection on the real registry
+        registry._writer._commit_batch = broken_commit  # fault injection on the real writer
         first = await gw.register(dep.ue("b@example"))
         assert first.cause == FailureCause.STORAGE_FAILURE
         with caplog.at_level(logging.ERROR, logger="msgd.service"):
