@@ -309,7 +309,7 @@ class ControlServer:
                 "registered": registry.registered_count(),
                 "provisioned": registry.provisioned_count(),
                 "pending": registry.pending(),
-                "admin_overrides": registry.provisioning_overrides(),
+                "admin_overrides": registry.provisioning.provisioning_overrides(),
             },
             "tls": {
                 "certificate": str(config.tls.certificate),
@@ -411,16 +411,16 @@ class ControlServer:
         clog.info("provision.import", rows=len(rows))
         try:
             # One transaction: every row is stored, or none is.
-            await asyncio.to_thread(registry.upsert_provisioned_many, rows)
+            await asyncio.to_thread(registry.provisioning.upsert_provisioned_many, rows)
         except MsgdError as exc:
             return _Failed(f"import failed, nothing was applied: {exc}", {"imported": 0})
         return {"imported": len(rows), "provisioned": registry.provisioned_count(),
-                "admin_overrides": registry.provisioning_overrides()}
+                "admin_overrides": registry.provisioning.provisioning_overrides()}
 
     async def _provision_remove(self, request: dict[str, Any], _log: Any) -> Any:
         ue = _ue_param(request)
         registry = self.server.registry
-        removed = await asyncio.to_thread(registry.remove_provisioned, ue)
+        removed = await asyncio.to_thread(registry.provisioning.remove_provisioned, ue)
         if not removed:
             raise RequestError(f"UE {ue!r} is not provisioned")
         return {"removed": ue, "still_registered": registry.registration(ue) is not None,
@@ -439,8 +439,8 @@ class ControlServer:
             wanted = ues
         else:
             raise RequestError('give either "ues" (a non-empty list) or "all": true')
-        registry = self.server.registry
-        forgotten = await asyncio.to_thread(registry.forget_provisioning_overrides, wanted)
+        provisioning = self.server.registry.provisioning
+        forgotten = await asyncio.to_thread(provisioning.forget_provisioning_overrides, wanted)
         if wanted is not None and not forgotten:
             raise RequestError("no admin change is recorded for " + ", ".join(
                 repr(ue) for ue in wanted))
@@ -448,7 +448,7 @@ class ControlServer:
         unknown = [] if wanted is None else [ue for ue in dict.fromkeys(wanted)
                                              if ue not in dropped]
         return {"forgotten": len(forgotten), "unknown": unknown,
-                "admin_overrides": registry.provisioning_overrides()}
+                "admin_overrides": provisioning.provisioning_overrides()}
 
     async def _drain(self, _request: dict[str, Any], _log: Any) -> dict[str, Any]:
         told = self.server.drain()

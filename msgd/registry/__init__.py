@@ -1,2 +1,8 @@
-"""The registry: registrations in memory, made durable in SQLite by a group-committing writer
-thread (`store`), and the provisioned subscriber store with its CSV reader (`provisioning`)."""
+"""The registry: which UE is registered through which gateway, and the provisioned UEs.
+
+`store` (Registry: registrations in memory and the registry's public API), `writer` (the one
+writer thread, group commit), `snapshot` and `blobs` (the durable state and its encoding),
+`schema` (the file: lock, check at open, schema, migrations), `provisioning_store` (the
+provisioned subscriber store and admin changes) with `provisioning_index`,
+`provisioning_replace` and `provisioning` (rows and their CSV file), `sql` (shared helpers).
+"""

@@ -2,7 +2,8 @@
 
 Each row says which key K_ue a Non-MSGin5G UE shares with the server (wire-v1 §6) and which
 gateways may register it (wire-v1 §5, GATEWAY_NOT_AUTHORIZED). This module only reads and
-checks rows; `msgd.registry.Registry` stores them (table `provisioning`) and answers lookups.
+checks rows; `provisioning_store.ProvisioningStore` stores them (table `provisioning`) and
+answers lookups.
 
 Keys are secrets: no message built here ever contains a key or any part of one.
 """

@@ -12,7 +12,8 @@ import pytest
 
 from msgd.errors import ProvisioningError, RegistryError
 from msgd.registry.provisioning import ProvisionedUe, read_provisioning_csv
-from msgd.registry.store import PROVISIONING_DIFF_MIN, Registry
+from msgd.registry.provisioning_store import PROVISIONING_DIFF_MIN
+from msgd.registry.store import Registry
 
 HEADER = "ue_service_id,key,gateways\n"
 KEY_A = "0123456789abcdef" * 4
@@ -265,14 +266,14 @@ def test_unchanged_file_is_not_reloaded(
     # An admin change is part of what the stored rows follow from: the shortcut still holds,
     # and the admin's row stays.
     admin = ProvisionedUe("ue-1", bytes(32), frozenset({"gw-z"}))
-    registry.upsert_provisioned(admin)
+    registry.provisioning.upsert_provisioned(admin)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="msgd.registry"):
         assert registry.replace_provisioning(read_provisioning_csv(path)) == 2
     assert "UEs kept" in caplog.text
     assert registry.provisioned("ue-1") == admin
     # Forgetting the change invalidates the shortcut: the file decides for ue-1 again.
-    assert registry.forget_provisioning_overrides(["ue-1", "ue-2"]) == ["ue-1"]
+    assert registry.provisioning.forget_provisioning_overrides(["ue-1", "ue-2"]) == ["ue-1"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="msgd.registry"):
         assert registry.replace_provisioning(read_provisioning_csv(path)) == 2
@@ -284,18 +285,19 @@ def test_unchanged_file_is_not_reloaded(
 
 def test_upsert_and_remove(registry: Registry) -> None:
     row = ProvisionedUe("ue-1", bytes(32), frozenset({"gw-a"}))
-    registry.upsert_provisioned(row)
+    registry.provisioning.upsert_provisioned(row)
     assert registry.provisioned_count() == 1
     moved = ProvisionedUe("ue-1", bytes(range(32)), frozenset({"gw-b", "gw-c"}))
-    registry.upsert_provisioned(moved)
+    registry.provisioning.upsert_provisioned(moved)
     assert registry.provisioned_count() == 1
     assert registry.provisioned("ue-1") == moved
     with pytest.raises(ProvisioningError):
-        registry.upsert_provisioned(ProvisionedUe("ue-2", bytes(31), frozenset({"gw-a"})))
+        registry.provisioning.upsert_provisioned(
+            ProvisionedUe("ue-2", bytes(31), frozenset({"gw-a"})))
     with pytest.raises(ProvisioningError):
-        registry.upsert_provisioned(ProvisionedUe("ue-2", bytes(32), frozenset()))
-    assert registry.remove_provisioned("ue-1") is True
-    assert registry.remove_provisioned("ue-1") is False
+        registry.provisioning.upsert_provisioned(ProvisionedUe("ue-2", bytes(32), frozenset()))
+    assert registry.provisioning.remove_provisioned("ue-1") is True
+    assert registry.provisioning.remove_provisioned("ue-1") is False
     assert registry.provisioned_count() == 0
     assert registry.provisioned("ue-1") is None
 
@@ -304,7 +306,7 @@ def test_provisioning_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "registry.sqlite"
     reg = Registry.open(path)
     reg.replace_provisioning(rows(20))
-    reg.upsert_provisioned(ProvisionedUe("ue-extra", bytes(32), frozenset({"gw-b"})))
+    reg.provisioning.upsert_provisioned(ProvisionedUe("ue-extra", bytes(32), frozenset({"gw-b"})))
     reg.close_sync()
     reg = Registry.open(path)
     try:
@@ -352,8 +354,13 @@ def table(path: Path) -> dict[str, ProvisionedUe]:
         conn.close()
 
 
+def published_index(reg: Registry):
+    """The provisioning index lookups read now (None while there is none)."""
+    return reg.provisioning._index.published
+
+
 def settle_index(reg: Registry) -> None:
-    thread = reg._index_thread
+    thread = reg.provisioning._index.thread
     if thread is not None:
         thread.join(60)
         assert not thread.is_alive()
@@ -371,12 +378,12 @@ def test_admin_changes_win_over_the_file_until_forgotten(tmp_path: Path, path_ta
     try:
         # The rebuild path is taken when the stored table differs much from the new rows.
         reg.replace_provisioning(file_rows if path_taken == "diff" else rows(3, start=size))
-        assert reg.upsert_provisioned_many([changed, extra]) == (
+        assert reg.provisioning.upsert_provisioned_many([changed, extra]) == (
             1 if path_taken == "diff" else 2)
         if path_taken == "rebuild":
-            reg.upsert_provisioned(file_rows[7])  # so that there is a row to remove
-        assert reg.remove_provisioned(removed) is True
-        assert reg.provisioning_overrides() == 3
+            reg.provisioning.upsert_provisioned(file_rows[7])  # so that there is a row to remove
+        assert reg.provisioning.remove_provisioned(removed) is True
+        assert reg.provisioning.provisioning_overrides() == 3
         expected = {row.ue_service_id: row for row in file_rows}
         expected.update({changed.ue_service_id: changed, extra.ue_service_id: extra})
         del expected[removed]
@@ -385,7 +392,7 @@ def test_admin_changes_win_over_the_file_until_forgotten(tmp_path: Path, path_ta
         assert reg.provisioned_count() == size
         assert table(db) == expected
         settle_index(reg)
-        assert reg._prov_index is not None
+        assert published_index(reg) is not None
         for uid in (changed.ue_service_id, extra.ue_service_id, removed, "ue-00000006"):
             assert reg.provisioned(uid) == expected.get(uid)
     finally:
@@ -394,13 +401,13 @@ def test_admin_changes_win_over_the_file_until_forgotten(tmp_path: Path, path_ta
     # Across a restart, as the daemon starts: the same replace, the same result.
     reg = Registry.open(db)
     try:
-        assert reg.provisioning_overrides() == 3
+        assert reg.provisioning.provisioning_overrides() == 3
         assert reg.replace_provisioning(file_rows) == size
         assert table(db) == expected
         # Forgotten: the next replace takes these UEs from the rows again.
-        assert sorted(reg.forget_provisioning_overrides()) == sorted(
+        assert sorted(reg.provisioning.forget_provisioning_overrides()) == sorted(
             [changed.ue_service_id, extra.ue_service_id, removed])
-        assert reg.provisioning_overrides() == 0
+        assert reg.provisioning.provisioning_overrides() == 0
         assert table(db) == expected  # nothing changes before the replace
         assert reg.replace_provisioning(file_rows) == size
         assert table(db) == {row.ue_service_id: row for row in file_rows}
@@ -412,22 +419,22 @@ def test_admin_changes_win_over_the_file_until_forgotten(tmp_path: Path, path_ta
 
 def test_admin_removal_of_an_unprovisioned_ue_records_nothing(registry: Registry) -> None:
     registry.replace_provisioning(rows(3))
-    assert registry.remove_provisioned("ue-nobody") is False
-    assert registry.provisioning_overrides() == 0
-    assert registry.forget_provisioning_overrides(["ue-nobody"]) == []
+    assert registry.provisioning.remove_provisioned("ue-nobody") is False
+    assert registry.provisioning.provisioning_overrides() == 0
+    assert registry.provisioning.forget_provisioning_overrides(["ue-nobody"]) == []
 
 
 def test_import_is_checked_whole_before_anything_is_stored(registry: Registry) -> None:
     registry.replace_provisioning(rows(3))
     new = rows(5, start=100)
     with pytest.raises(ProvisioningError, match="key must be 32 octets"):
-        registry.upsert_provisioned_many(
+        registry.provisioning.upsert_provisioned_many(
             [*new, ProvisionedUe("ue-bad", bytes(31), frozenset({"gw-a"}))])
     with pytest.raises(ProvisioningError, match="duplicate ue_service_id 'ue-00000100'"):
-        registry.upsert_provisioned_many([*new, new[0]])
+        registry.provisioning.upsert_provisioned_many([*new, new[0]])
     assert registry.provisioned_count() == 3
     assert all(registry.provisioned(row.ue_service_id) is None for row in new)
-    assert registry.provisioning_overrides() == 0
+    assert registry.provisioning.provisioning_overrides() == 0
 
 
 def test_import_that_fills_the_disk_stores_none_of_its_rows(tmp_path: Path) -> None:
@@ -444,20 +451,20 @@ def test_import_that_fills_the_disk_stores_none_of_its_rows(tmp_path: Path) -> N
         pages = reg._debug_set_max_page_count(None)
         reg._debug_set_max_page_count(pages + 2)
         with pytest.raises(RegistryError, match="full"):
-            reg.upsert_provisioned_many([moved, *new])
+            reg.provisioning.upsert_provisioned_many([moved, *new])
         assert table(db) == before
         assert reg.provisioned_count() == 50
-        assert reg.provisioning_overrides() == 0
+        assert reg.provisioning.provisioning_overrides() == 0
         assert reg.provisioned(moved.ue_service_id) == old[0]
         settle_index(reg)
-        assert reg._prov_index is not None and len(reg._prov_index[0]) == 50
+        assert published_index(reg) is not None and len(published_index(reg)[0]) == 50
         assert all(reg.provisioned(row.ue_service_id) is None for row in new[::100])
 
         # Space returns: the same import goes through whole.
         reg._debug_set_max_page_count(1 << 30)
-        assert reg.upsert_provisioned_many([moved, *new]) == 3000
+        assert reg.provisioning.upsert_provisioned_many([moved, *new]) == 3000
         assert reg.provisioned_count() == 3050 == len(table(db))
-        assert reg.provisioning_overrides() == 3001
+        assert reg.provisioning.provisioning_overrides() == 3001
     finally:
         reg.close_sync()
 

@@ -662,9 +662,14 @@ async def test_open_compacts_a_journal_of_churn(
 # -- the in-memory provisioning index ----------------------------------------------------------
 
 
+def published_index(reg: Registry):
+    """The provisioning index lookups read now (None while there is none)."""
+    return reg.provisioning._index.published
+
+
 def _settle_index(reg: Registry) -> None:
     """Wait for the background index build to finish (joining its thread, no timing)."""
-    thread = reg._index_thread
+    thread = reg.provisioning._index.thread
     if thread is not None:
         thread.join(60)
         assert not thread.is_alive()
@@ -682,18 +687,18 @@ def test_provisioning_index_agrees_with_the_table(path: Path) -> None:
         ]
         reg.replace_provisioning(rows)
         _settle_index(reg)
-        assert reg._prov_index is not None and len(reg._prov_index[0]) == 3000
+        assert published_index(reg) is not None and len(published_index(reg)[0]) == 3000
         for row in rows[:100] + rows[-100:]:
             assert reg.provisioned(row.ue_service_id) == row
         assert reg.provisioned("nobody") is None
         # Writes are seen at once (the index is dropped, lookups go to SQL) and after rebuild.
         new = ProvisionedUe("ue-new", b"\x09" * 32, frozenset({"gw9"}))
-        reg.upsert_provisioned(new)
-        assert reg.remove_provisioned("ue-00001")
+        reg.provisioning.upsert_provisioned(new)
+        assert reg.provisioning.remove_provisioned("ue-00001")
         assert reg.provisioned("ue-new") == new
         assert reg.provisioned("ue-00001") is None
         _settle_index(reg)
-        assert reg._prov_index is not None
+        assert published_index(reg) is not None
         assert reg.provisioned("ue-new") == new
         assert reg.provisioned("ue-00001") is None
         assert reg.provisioned("ue-00002") == rows[2]
@@ -723,13 +728,13 @@ class Gate:
         assert self.reached.wait(60), "the point was never reached"
 
 
-class PausingRegistry(Registry):
-    """A Registry whose test seam (_provisioning_pause) parks a thread at an armed point."""
+class Pauser:
+    """The provisioning store's test seam (_provisioning_pause), parking a thread at an armed
+    point; installed on a registry's store with pausing()."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self) -> None:
         self.gates: dict[str, Gate] = {}
         self.gates_lock = threading.Lock()
-        super().__init__(*args, **kwargs)
 
     def arm(self, point: str) -> Gate:
         gate = Gate()
@@ -737,13 +742,19 @@ class PausingRegistry(Registry):
             self.gates[point] = gate
         return gate
 
-    def _provisioning_pause(self, point: str) -> None:
+    def __call__(self, point: str) -> None:
         with self.gates_lock:
             gate = self.gates.pop(point, None)
         if gate is not None:
             gate.thread = threading.current_thread()
             gate.reached.set()
             assert gate.release.wait(60), "never released"
+
+
+def pausing(reg: Registry) -> Pauser:
+    pauser = Pauser()
+    reg.provisioning._provisioning_pause = pauser  # type: ignore[method-assign]
+    return pauser
 
 
 def _prov_rows(count: int):
@@ -755,7 +766,7 @@ def _prov_rows(count: int):
 
 def _index_value(reg: Registry, ue: str) -> bytes | None:
     """What the published index holds for `ue` (None: no index, or no such UE in it)."""
-    index = reg._prov_index
+    index = published_index(reg)
     return None if index is None else index[0].get(ue, b"")[:32] or None
 
 
@@ -765,7 +776,8 @@ def test_index_read_before_a_commit_is_never_published(path: Path, writer_state:
     index must not become what lookups see, not even for a moment."""
     from msgd.registry.provisioning import ProvisionedUe
 
-    reg = PausingRegistry.open(path)
+    reg = Registry.open(path)
+    pauser = pausing(reg)
     try:
         rows = _prov_rows(200)
         reg.replace_provisioning(rows)
@@ -775,13 +787,14 @@ def test_index_read_before_a_commit_is_never_published(path: Path, writer_state:
 
         # An unrelated write starts a rebuild; its read (the old key of `target`) is held
         # between reading and publishing.
-        read = reg.arm("index-read")
-        reg.upsert_provisioned(ProvisionedUe("ue-other", bytes(32), frozenset({"gw-a"})))
+        read = pauser.arm("index-read")
+        reg.provisioning.upsert_provisioned(
+            ProvisionedUe("ue-other", bytes(32), frozenset({"gw-a"})))
         read.wait_reached()
 
         # Now `target` changes and commits, while that read is parked.
-        committed = reg.arm("committed") if writer_state == "committed-not-ended" else None
-        writer = threading.Thread(target=reg.upsert_provisioned, args=(new,))
+        committed = pauser.arm("committed") if writer_state == "committed-not-ended" else None
+        writer = threading.Thread(target=reg.provisioning.upsert_provisioned, args=(new,))
         writer.start()
         if committed is not None:
             committed.wait_reached()  # durable in the file, the write not yet over
@@ -790,7 +803,7 @@ def test_index_read_before_a_commit_is_never_published(path: Path, writer_state:
             assert not writer.is_alive()
         # The parked index thread goes on: it decides whether to publish, then either ends
         # (committed-not-ended) or parks again before publishing its next read (ended).
-        again = reg.arm("index-read")
+        again = pauser.arm("index-read")
         read.release.set()
         if committed is not None:
             read.thread.join(60)
@@ -807,7 +820,7 @@ def test_index_read_before_a_commit_is_never_published(path: Path, writer_state:
             writer.join(60)
             assert not writer.is_alive()
         _settle_index(reg)
-        assert reg._prov_index is not None, "the index is built again once the writes are over"
+        assert published_index(reg) is not None, "the index is built again once the writes are over"
         assert _index_value(reg, target.ue_service_id) == new.key
         assert reg.provisioned(target.ue_service_id) == new
     finally:
@@ -819,9 +832,10 @@ def test_admin_change_during_a_replace_is_not_undone(path: Path, path_taken: str
     """An admin change commits after a replace read the admin changes and merged, before it
     applies its result: the result still holds the change."""
     from msgd.registry.provisioning import ProvisionedUe
-    from msgd.registry.store import PROVISIONING_DIFF_MIN
+    from msgd.registry.provisioning_store import PROVISIONING_DIFF_MIN
 
-    reg = PausingRegistry.open(path)
+    reg = Registry.open(path)
+    pauser = pausing(reg)
     try:
         size = 300 if path_taken == "diff" else PROVISIONING_DIFF_MIN * 2 + 10
         rows = _prov_rows(size)
@@ -837,12 +851,12 @@ def test_admin_change_during_a_replace_is_not_undone(path: Path, path_taken: str
         added = ProvisionedUe("ue-admin", b"\xbb" * 32, frozenset({"gw-admin"}))
         removed = rows[4].ue_service_id
 
-        merged = reg.arm("replace-merged")
+        merged = pauser.arm("replace-merged")
         replacing = concurrent.futures.ThreadPoolExecutor(1)
         result = replacing.submit(reg.replace_provisioning, rows)
         merged.wait_reached()
-        reg.upsert_provisioned_many([changed, added])
-        assert reg.remove_provisioned(removed)
+        reg.provisioning.upsert_provisioned_many([changed, added])
+        assert reg.provisioning.remove_provisioned(removed)
         merged.release.set()
         assert result.result(60) == size  # rows - removed + added
         replacing.shutdown()
@@ -880,9 +894,9 @@ def test_migrates_schema_2(path: Path) -> None:
     reg = Registry.open(path)
     try:
         assert reg.registration("ue-00001") == Registration("ue-00001", "gw-a", b"\x01")
-        assert reg.provisioned_count() == 5 and reg.provisioning_overrides() == 0
-        reg.upsert_provisioned(ProvisionedUe("ue-new", bytes(32), frozenset({"gw-b"})))
-        assert reg.provisioning_overrides() == 1
+        assert reg.provisioned_count() == 5 and reg.provisioning.provisioning_overrides() == 0
+        reg.provisioning.upsert_provisioned(ProvisionedUe("ue-new", bytes(32), frozenset({"gw-b"})))
+        assert reg.provisioning.provisioning_overrides() == 1
     finally:
         reg.close_sync()
     assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(3,)]
