@@ -1,4 +1,4 @@
-"""One source of truth: the dissector's tables are wire/'s, in the file and in the running tshark."""
+"""One source of truth: the dissector's tables are wire/'s, in the file and in running tshark."""
 
 from __future__ import annotations
 

@@ -15,9 +15,7 @@ import pytest
 
 from tests.vectors import VECTORS
 from tests.wireshark.pcap import Capture
-from tests.wireshark.tools import Node, decode
-from wire.constants import IEI, SERVER_TID_BIT, MessageType
-from wire.messages import encode_frame, encode_ie
+from tests.wireshark.tools import Node, decode, frames_of, from_server
 
 # What each invalid vector's bytes show, as the expert info that must name it. None: the fault
 # is one of session state (the spec's "before HELLO"), which one stream cannot show.
@@ -40,11 +38,6 @@ INVALID_EXPERT = {
     "zero_tid": "bad_tid",
     "count_mismatch": "count_mismatch",
 }
-# Sent by the server (the rest by the gateway), so each stream has the direction it would have.
-FROM_SERVER = {MessageType.HELLO_ACK, MessageType.UE_REGISTRATION_RESPONSE,
-               MessageType.UE_DEREGISTRATION_RESPONSE, MessageType.BULK_REGISTRATION_RESPONSE,
-               MessageType.BULK_DEREGISTRATION_RESPONSE, MessageType.ERROR, MessageType.GOODBYE}
-
 # "decoded" keys of the vectors -> display-filter field (after "msgin5g.").
 SCALARS = {
     "transaction_id": "tid", "protocol_version": "protocol_version",
@@ -59,22 +52,6 @@ BYTES = {"server_nonce": "server_nonce", "credential": "credential"}
 PROFILE = {"ue_type": "ue_type", "triggering_ue_identifier": "triggering_ue_id",
            "triggering_port": "triggering_port", "triggering_protocol": "triggering_protocol",
            "maximum_segment_size": "max_segment_size"}
-
-
-def frames_of(vector: dict) -> bytes:
-    data = bytes.fromhex(vector["hex"])
-    if vector["name"] == "credential_register":
-        # Not a frame but one IE (the proof of wire-v1 §6): carried in the UE REGISTRATION
-        # REQUEST it belongs to, with the UE Service ID it was computed over.
-        uid = vector["decoded"]["ue_service_id"].encode()
-        data = encode_frame(MessageType.UE_REGISTRATION_REQUEST, 1,
-                            encode_ie(IEI.UE_SERVICE_ID, uid) + data)
-    return data
-
-
-def from_server(data: bytes) -> bool:
-    tid = int.from_bytes(data[4:8], "big")
-    return data[1] in FROM_SERVER or (data[1] == MessageType.KEEPALIVE and tid & SERVER_TID_BIT)
 
 
 @pytest.fixture(scope="module")

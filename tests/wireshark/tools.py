@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from wire.constants import IEI, SERVER_TID_BIT, MessageType
+from wire.messages import encode_frame, encode_ie
+
 ROOT = Path(__file__).resolve().parents[2]
 LUA = ROOT / "contrib" / "wireshark" / "msgin5g.lua"
 
@@ -40,6 +43,30 @@ def require(program: str, package: str) -> str:
                     f"(as root: apt-get install {package}; `make test` does it through "
                     f".ci/debian-deps)", pytrace=False)
     return path
+
+
+# --- the spec vectors as streams -------------------------------------------------------------
+
+# Sent by the server (the rest by the gateway), so each stream has the direction it would have.
+FROM_SERVER = {MessageType.HELLO_ACK, MessageType.UE_REGISTRATION_RESPONSE,
+               MessageType.UE_DEREGISTRATION_RESPONSE, MessageType.BULK_REGISTRATION_RESPONSE,
+               MessageType.BULK_DEREGISTRATION_RESPONSE, MessageType.ERROR, MessageType.GOODBYE}
+
+def frames_of(vector: dict) -> bytes:
+    data = bytes.fromhex(vector["hex"])
+    if vector["name"] == "credential_register":
+        # Not a frame but one IE (the proof of wire-v1 §6): carried in the UE REGISTRATION
+        # REQUEST it belongs to, with the UE Service ID it was computed over.
+        uid = vector["decoded"]["ue_service_id"].encode()
+        data = encode_frame(MessageType.UE_REGISTRATION_REQUEST, 1,
+                            encode_ie(IEI.UE_SERVICE_ID, uid) + data)
+    return data
+
+
+def from_server(data: bytes) -> bool:
+    tid = int.from_bytes(data[4:8], "big")
+    return data[1] in FROM_SERVER or (data[1] == MessageType.KEEPALIVE
+                                      and bool(tid & SERVER_TID_BIT))
 
 
 # --- PDML ------------------------------------------------------------------------------------
@@ -138,16 +165,24 @@ def tshark(pcap: Path, *args: str, decode_as: bool = False,
 
 
 def decode(pcap: Path, *, decode_as: bool = False, keylog: Path | None = None) -> list[Packet]:
-    """Every packet of `pcap` as PDML (two passes, so requests link to later responses), after
-    checking that no packet carries a Lua error or an exception (a dissector that read past its
-    data). The dissector's own expert infos of the Malformed group also add a hidden
-    `_ws.malformed` item; those are findings about the bytes, not failures, so only the marks
-    an exception leaves count here."""
-    packets = parse_pdml(tshark(pcap, "-2", "-T", "pdml", decode_as=decode_as, keylog=keylog))
+    """The packets of `pcap` that carry msgin5g, as PDML with the layers the tests read (two
+    passes, so requests link to later responses), after checking that no packet carries a Lua
+    error or the mark of an exception (a dissector reading past its data).
+
+    The dissector's own expert infos of the Malformed group add a hidden `_ws.malformed` item
+    too; those are findings about the bytes, not failures, so only an exception's marks count.
+    """
+    crash_filter = " || ".join(sorted(CRASH_FIELDS))
+    crashes = tshark(pcap, "-2", "-Y", crash_filter, "-T", "fields", "-e", "frame.number",
+                     "-e", "_ws.expert.message", decode_as=decode_as, keylog=keylog)
+    assert not crashes.strip(), f"Lua errors or exceptions (frame, messages):\n{crashes}"
+    packets = parse_pdml(tshark(
+        pcap, "-2", "-T", "pdml", "-J", "frame tcp tls msgin5g", "-Y", "msgin5g",
+        decode_as=decode_as, keylog=keylog))
     for packet in packets:
-        bad = [f"{n.name}: {n.showname}" for layer in packet.layers for n in layer.walk()
-               if n.name in CRASH_FIELDS or "Lua Error" in n.showname
-               or "Malformed Packet:" in n.showname]
+        bad = [f"{n.name}: {n.show} {n.showname}" for layer in packet.layers
+               for n in layer.walk() if n.name in CRASH_FIELDS
+               or "Lua Error" in n.show + n.showname or "Malformed Packet:" in n.showname]
         assert not bad, f"frame {packet.number}: {bad}\n{packet.text()}"
     return packets
 
