@@ -168,6 +168,8 @@ local hf = {
         base.DEC),
     bulk_first = ProtoField.uint32("msgin5g.bulk.first_entry", "First entry number", base.DEC),
     bulk_so_far = ProtoField.uint32("msgin5g.bulk.entries_so_far", "Entries so far", base.DEC),
+    bulk_failures = ProtoField.uint32("msgin5g.bulk.fragment_failures",
+        "Failed entries in this fragment", base.DEC),
     bulk_count = ProtoField.uint32("msgin5g.bulk.announced", "Announced number of entries",
         base.DEC),
     bulk_last = ProtoField.bool("msgin5g.bulk.last", "Last fragment"),
@@ -562,12 +564,13 @@ end
 -- --- bulk messages (wire-v1 §5 Fragmentation and Count) ---------------------------------------
 
 -- The IEs of one bulk fragment: the indicator and the Number (first fragment only), then
--- entries. Returns the entries in this fragment and the Number (nil when absent).
+-- entries. Returns the entries in this fragment, the Number (nil when absent) and how many
+-- entries carry a failure result.
 local function dissect_bulk_body(tvb, msg, tree, scope, pinfo, is_first, first_entry)
     local stop = tvb:len()
     local offset = HEADER_SIZE
     local indicator, entry_iei = msg.bulk.indicator, msg.bulk.entry
-    local n, count = 0, nil
+    local n, count, failed = 0, nil, 0
     local phase = is_first and 0 or 2 -- 0: expect the indicator, 1: the Number, 2: entries
     while offset < stop do
         local iei, value, item
@@ -591,6 +594,10 @@ local function dissect_bulk_body(tvb, msg, tree, scope, pinfo, is_first, first_e
                 phase = 2
             end
             n = n + 1
+            local values = value and value.value
+            local result = type(values) == "table"
+                and (values[IEI.REGISTRATION_RESULT] or values[IEI.DEREGISTRATION_RESULT])
+            if result and result.value == RESULT_FAILURE then failed = failed + 1 end
             item:prepend_text(string.format("Entry %d, ", first_entry + n - 1))
             item:add(hf.entry, first_entry + n - 1):set_generated()
         elseif iei == indicator or iei == IEI.NUMBER_OF_INDIVIDUAL_ENTRIES then
@@ -605,7 +612,7 @@ local function dissect_bulk_body(tvb, msg, tree, scope, pinfo, is_first, first_e
             "%s: first fragment without the Number of individual entries (INVALID_MESSAGE)",
             msg.name))
     end
-    return n, count
+    return n, count, failed
 end
 
 -- --- one frame --------------------------------------------------------------------------------
@@ -744,7 +751,9 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
                         before = open.entries, max_bulk = conv.max_bulk}
         end
         local b = pdu.bulk
-        local n, count = dissect_bulk_body(tvb, msg, ti, scope, pinfo, b.is_first, b.before + 1)
+        local n, count, failed = dissect_bulk_body(tvb, msg, ti, scope, pinfo, b.is_first,
+            b.before + 1)
+        local responses = GROUP_SPECS[msg.bulk.entry].has_result
         if fresh then
             local st = b.state
             st.fragments, st.entries = st.fragments + 1, st.entries + n
@@ -763,6 +772,7 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
         bt:add(hf.bulk_entries, b.n):set_generated()
         if b.n > 0 then bt:add(hf.bulk_first, b.before + 1):set_generated() end
         bt:add(hf.bulk_so_far, b.before + b.n):set_generated()
+        if responses then bt:add(hf.bulk_failures, failed):set_generated() end
         if b.count then bt:add(hf.bulk_count, b.count):set_generated() end
         bt:add(hf.bulk_last, not more):set_generated()
         if b.count and b.before + b.n > b.count then
@@ -783,8 +793,8 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
         elseif pdu.restarted then
             bt:add_proto_expert_info(ef.bulk_restarted)
         end
-        info = string.format("%s fragment %d%s: %s%s", info, b.fragment, more and " MORE" or "",
-            range, of)
+        info = string.format("%s fragment %d%s: %s%s%s", info, b.fragment,
+            more and " MORE" or "", range, of, responses and (", " .. failed .. " failed") or "")
     else
         values = dissect_ies(tvb, HEADER_SIZE, total, MESSAGE_SPECS[mtype], ti, scope, pinfo)
         local summary = group_summary(values)

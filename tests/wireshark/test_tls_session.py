@@ -174,6 +174,9 @@ def test_bulk_registration_in_fragments(session):
                                 int(cause[0]) if cause else None))
     assert decoded == [(r.ue_service_id, r.ok, r.cause) for r in sent["bulk"]]
     assert decoded[-1] == (UNKNOWN, False, FailureCause.UE_NOT_PROVISIONED)
+    assert [f.one("msgin5g.bulk.fragment_failures") for _, f in responses][-1] == "1"
+    assert sum(int(f.one("msgin5g.bulk.fragment_failures")) for _, f in responses) == 1
+    assert requests[0][1].values("msgin5g.bulk.fragment_failures") == []
     # Every response fragment points at the request (its first fragment), which points back.
     first_request = requests[0][0]
     assert {f.one("msgin5g.request_in") for _, f in responses} == {str(first_request)}

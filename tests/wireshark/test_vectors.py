@@ -103,7 +103,10 @@ def test_valid_vector_decodes_to_its_fields(decoded, vector):
         got = [[e.one("msgin5g.ue_id"), int(e.one("msgin5g.registration_result")),
                 int(e.values("msgin5g.cause")[0]) if e.values("msgin5g.cause") else None]
                for e in entries]
-        assert got == want.pop("results")
+        results = want.pop("results")
+        assert got == results
+        assert sum(map(int, field(pdus, "bulk.fragment_failures"))) == sum(
+            1 for _, result, _ in results if result == 1)
     if "ue_service_ids" in want:  # bulk request: the entries' UE Service IDs, in order
         assert field(pdus, "ue_id") == want.pop("ue_service_ids")
         assert field(pdus, "bulk.entries_so_far")[-1] == str(want["count"])
