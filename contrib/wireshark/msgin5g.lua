@@ -716,6 +716,36 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
         end
     end
 
+    -- A bulk fragment that starts with the indicator or the Number opens its message.
+    local first_iei = body_len >= 3 and tvb(HEADER_SIZE, 1):uint() or nil
+    local bulk_first = msg ~= nil and msg.bulk ~= nil and (first_iei == msg.bulk.indicator
+        or first_iei == IEI.NUMBER_OF_INDIVIDUAL_ENTRIES)
+    if fresh then
+        -- Request/response linking by transaction id (ended after the body, below).
+        local rec = conv.txns[tid]
+        if RESPONSE_TO[mtype] then
+            if not msg.bulk or bulk_first or rec == nil or rec.type ~= mtype then
+                rec = {req = pinfo.number, ts = pinfo.abs_ts, type = mtype}
+                conv.txns[tid] = rec
+            end
+            pdu.txn, pdu.role = rec, "request"
+        elseif (IS_RESPONSE[mtype] or mtype == MT.ERROR) and tid ~= 0 and rec
+                and (mtype == MT.ERROR or RESPONSE_TO[rec.type] == mtype) then
+            rec.rsp = rec.rsp or pinfo.number
+            pdu.txn, pdu.role = rec, "response"
+        end
+    end
+    local txn = pdu.txn
+    if txn and pdu.role == "request" and txn.rsp then
+        ti:add(hf.response_in, txn.rsp):set_generated()
+    elseif txn and pdu.role == "response" then
+        ti:add(hf.request_in, txn.req):set_generated()
+        local d = math.max(0, pinfo.abs_ts - txn.ts)
+        local secs = math.floor(d)
+        local nsecs = math.min(999999999, math.floor((d - secs) * 1e9 + 0.5))
+        ti:add(hf.time, NSTime.new(secs, nsecs)):set_generated()
+    end
+
     local scope = {container = name, cause = "INVALID_MESSAGE", umie = "UNKNOWN_MANDATORY_IE"}
     local info = string.format("%s tid=%d", name, tid)
     local values = {}
@@ -737,9 +767,7 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
                 bulks = {}
                 conv.bulks[tid] = bulks
             end
-            local first_iei = body_len >= 3 and tvb(HEADER_SIZE, 1):uint() or nil
-            local is_first = first_iei == msg.bulk.indicator
-                or first_iei == IEI.NUMBER_OF_INDIVIDUAL_ENTRIES
+            local is_first = bulk_first
             local open = bulks[mtype]
             if is_first or open == nil then
                 pdu.restarted = is_first and open ~= nil
@@ -822,20 +850,9 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
             local mbe = values[IEI.MAXIMUM_BULK_ENTRIES]
             conv.max_bulk = mbe and mbe.value or conv.max_bulk
         end
-        -- Request/response linking by transaction id.
-        local rec = conv.txns[tid]
-        if RESPONSE_TO[mtype] then
-            if not msg.bulk or pdu.bulk.is_first or rec == nil or rec.type ~= mtype then
-                rec = {req = pinfo.number, ts = pinfo.abs_ts, type = mtype}
-                conv.txns[tid] = rec
-            end
-            pdu.txn, pdu.role = rec, "request"
-        elseif (IS_RESPONSE[mtype] or mtype == MT.ERROR) and tid ~= 0 then
-            if rec and (mtype == MT.ERROR or RESPONSE_TO[rec.type] == mtype) then
-                rec.rsp = rec.rsp or pinfo.number
-                pdu.txn, pdu.role = rec, "response"
-            end
-            -- An ERROR ends its transaction, except TRANSACTION_ID_IN_USE (wire-v1 §7.2).
+        -- An answer ends its transaction (a bulk one with its last fragment); an ERROR does
+        -- too, except TRANSACTION_ID_IN_USE (wire-v1 §7.2).
+        if (IS_RESPONSE[mtype] or mtype == MT.ERROR) and tid ~= 0 then
             local ends = (mtype == MT.ERROR and cause ~= EC.TRANSACTION_ID_IN_USE)
                 or (mtype ~= MT.ERROR and (not msg.bulk or not more))
             if ends then
@@ -843,16 +860,6 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
                 if mtype == MT.ERROR then conv.bulks[tid] = nil end
             end
         end
-    end
-    local txn = pdu.txn
-    if txn and pdu.role == "request" and txn.rsp then
-        ti:add(hf.response_in, txn.rsp):set_generated()
-    elseif txn and pdu.role == "response" then
-        ti:add(hf.request_in, txn.req):set_generated()
-        local d = math.max(0, pinfo.abs_ts - txn.ts)
-        local secs = math.floor(d)
-        local nsecs = math.min(999999999, math.floor((d - secs) * 1e9 + 0.5))
-        ti:add(hf.time, NSTime.new(secs, nsecs)):set_generated()
     end
 
     ti:append_text(", " .. info)

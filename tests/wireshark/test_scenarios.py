@@ -24,6 +24,7 @@ from wire.messages import (
     RegistrationEntry,
     RegistrationResponseEntry,
     UeRegistrationRequest,
+    UeRegistrationResponse,
     encode_entry,
     encode_frame,
     encode_ie,
@@ -65,6 +66,11 @@ def session_stream(stream) -> None:
     # A body over the 4 096 the server announced (an unknown optional IE pads it).
     big = uid("ue-c") + encode_ie(0x7E, bytes(5000))
     stream.send(encode_frame(MessageType.UE_REGISTRATION_REQUEST, 5, big), cuts=(1000, 3000))
+    # TRANSACTION_ID_IN_USE rejects the message that reused the id, not the transaction: the
+    # response that follows still answers the request.
+    stream.send(encode_message(UeRegistrationRequest(6, "ue-d", CREDENTIAL)))
+    stream.send(encode_message(Error(6, ErrorCause.TRANSACTION_ID_IN_USE)), from_client=False)
+    stream.send(encode_message(UeRegistrationResponse(6, "ue-d", 0)), from_client=False)
 
 
 def bulk_response_stream(stream) -> None:
@@ -167,7 +173,7 @@ def mtype(pdu: Node) -> int:
 def test_links_limits_and_directions(streams):
     frames = [n for n, _ in streams["session"]]
     pdus = [p for _, p in streams["session"]]
-    hello, ack, keepalive, keepalive_ack, request, error, bulk, backwards, big = pdus
+    hello, ack, keepalive, keepalive_ack, request, error, bulk, backwards, big, *in_use = pdus
     assert [mtype(p) for p in pdus[:6]] == [
         MessageType.HELLO, MessageType.HELLO_ACK, MessageType.KEEPALIVE,
         MessageType.KEEPALIVE_ACK, MessageType.UE_REGISTRATION_REQUEST, MessageType.ERROR]
@@ -192,6 +198,11 @@ def test_links_limits_and_directions(streams):
     assert big.one("msgin5g.length") == "5010"
     assert "frame_too_large" in kinds(big)
     assert any("FRAME_TOO_LARGE" in e.message and "4096" in e.message for e in big.experts())
+    # The response after ERROR(TRANSACTION_ID_IN_USE) still answers its request.
+    again, in_use_error, response = in_use
+    assert in_use_error.one("msgin5g.request_in") == str(frames[9])
+    assert response.one("msgin5g.request_in") == str(frames[9])
+    assert again.one("msgin5g.response_in") == str(frames[10])
 
 
 def test_response_entry_conditions(streams):
