@@ -257,8 +257,9 @@ for _, e in pairs(ef) do all_experts[#all_experts + 1] = e end
 proto.experts = all_experts
 
 -- --- state ------------------------------------------------------------------------------------
--- Built on the first pass over the capture (pinfo.visited false) and read back on later passes,
--- so what a packet shows does not depend on which packet was looked at before it.
+-- Changed once per PDU, the first time it is dissected (the first pass over the capture), and
+-- kept per PDU: later passes, and the GUI revisiting packets in any order, read it back, so
+-- what a packet shows does not depend on which packet was looked at before it.
 
 local f_tcp_stream = Field.new("tcp.stream")
 local conversations, pdus = {}, {}
