@@ -13,10 +13,18 @@ import secrets
 import pytest
 
 from msgd.gateway import GatewayClient, GatewayUe
-from tests.harness import ChildServer, make_deployment
+from tests.harness import ChildServer, RawGateway, make_deployment
 from tests.wireshark.tools import LoopbackCapture, Node, Packet, decode, tshark
-from wire.constants import MESSAGE_NAMES, ErrorCause, FailureCause, GatewayType, MessageType
-from wire.messages import Profile
+from wire.constants import (
+    MESSAGE_NAMES,
+    ErrorCause,
+    FailureCause,
+    GatewayType,
+    MessageType,
+    Operation,
+)
+from wire.credential import compute_proof
+from wire.messages import Profile, UeRegistrationRequest, encode_message
 
 GW = "gw1.example"
 # Enough bulk entries that the request crosses TLS records (16 KiB) and, with the server's
@@ -62,8 +70,20 @@ async def _gateway_session(dep, address) -> dict:
         bulk = [r async for r in gw.bulk_register(bulk_ues)]
     finally:
         await gw.close()
+    # A second connection writes one frame in three pieces, each its own TLS record (one
+    # SSLObject.write per transport write), cut inside the header and inside the body.
+    raw = await RawGateway.open(dep, address)
+    try:
+        await raw.hello()
+        proof = compute_proof(dep.keys[UES[0]], raw.nonce, Operation.REGISTRATION, UES[0])
+        frame = encode_message(UeRegistrationRequest(2, UES[0], proof))
+        for piece in (frame[:5], frame[5:30], frame[30:]):
+            await raw.send(piece)
+        split_answer = await raw.read_message()
+    finally:
+        raw.close()
     return {"single": single, "wrong_key": wrong_key, "bulk_ues": [u.ue_service_id for u in
-            bulk_ues], "bulk": bulk}
+            bulk_ues], "bulk": bulk, "split_answer": split_answer}
 
 
 def test_key_log_only_when_asked(tmp_path, pki, monkeypatch):
@@ -83,9 +103,10 @@ def profile(n: int) -> Profile:
                    application_data=bytes(range(48)))
 
 
-def pdus(packets: list[Packet]) -> list[tuple[int, Node]]:
-    """(frame number, PDU) of every msgin5g PDU, in capture order."""
-    return [(p.number, pdu) for p in packets for pdu in p.pdus]
+def pdus(packets: list[Packet], stream: int = 0) -> list[tuple[int, Node]]:
+    """(frame number, PDU) of every msgin5g PDU of one TCP connection, in capture order
+    (0: the gateway client's; 1: the raw connection that splits a frame into records)."""
+    return [(p.number, pdu) for p in packets if p.stream == stream for pdu in p.pdus]
 
 
 def of_type(session, mtype: MessageType) -> list[tuple[int, Node]]:
@@ -183,13 +204,20 @@ def test_bulk_registration_in_fragments(session):
     assert requests[0][1].one("msgin5g.response_in") == str(responses[0][0])
 
 
-def test_frames_across_tls_records(session):
-    # The client's writes of 256 entries (~40 KB) are cut into 16 KiB TLS records wherever
-    # that falls, so some frames were reassembled from two records by tshark's TLS layer and
-    # the dissector's desegmentation requests.
-    spanning = [p.number for p in session["packets"] if p.pdus and any(
-        n.name == "tls.segments" for layer in p.layers for n in layer.walk())]
-    assert spanning, "no MSGin5G frame spanned two TLS records"
+def test_frame_across_tls_records(session):
+    """A frame written in three TLS records is reassembled and decoded whole."""
+    assert session["sent"]["split_answer"].result == 0
+    split = [(p, pdu) for p in session["packets"] if p.stream == 1 for pdu in p.pdus
+             if int(pdu.one("msgin5g.type"), 16) == MessageType.UE_REGISTRATION_REQUEST]
+    [(packet, request)] = split
+    assert request.one("msgin5g.ue_id") == UES[0]
+    assert len(request.one("msgin5g.credential").replace(":", "")) == 64
+    assert request.experts() == []
+    reassembled = [n for layer in packet.layers for n in layer.walk() if n.name == "tls.segments"]
+    assert reassembled and reassembled[0].showname.startswith("3 Reassembled TLS segments")
+    [(_, response)] = [(n, p) for n, p in pdus(session["packets"], 1)
+                       if int(p.one("msgin5g.type"), 16) == MessageType.UE_REGISTRATION_RESPONSE]
+    assert response.one("msgin5g.request_in") == str(packet.number)
 
 
 def test_goodbye(session):
@@ -200,7 +228,8 @@ def test_goodbye(session):
 
 
 def test_no_warnings_on_a_good_session(session):
-    found = [(n, e) for n, pdu in pdus(session["packets"]) for e in pdu.experts()]
+    found = [(n, e) for p in session["packets"] for n, pdu in [(p.number, x) for x in p.pdus]
+             for e in pdu.experts()]
     assert found, "the failures should be noted"
     assert {e.kind for _, e in found} == {"msgin5g.expert.failure"}
     assert {e.severity for _, e in found} == {"note"}

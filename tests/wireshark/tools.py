@@ -118,6 +118,7 @@ class Expert:
 class Packet:
     number: int
     layers: list[Node]  # the <proto> elements
+    stream: int | None = None  # tcp.stream
 
     @property
     def pdus(self) -> list[Node]:
@@ -136,9 +137,11 @@ def parse_pdml(text: str) -> list[Packet]:
     packets = []
     for pkt in ET.fromstring(text).iter("packet"):
         layers = [_node(p) for p in pkt]
-        number = next(int(n.show) for layer in layers for n in layer.walk()
-                      if n.name == "frame.number")
-        packets.append(Packet(number, layers))
+        fields = {n.name: n.show for layer in layers for n in layer.walk()
+                  if n.name in ("frame.number", "tcp.stream")}
+        stream = fields.get("tcp.stream")
+        packets.append(Packet(int(fields["frame.number"]), layers,
+                              int(stream) if stream is not None else None))
     return packets
 
 
