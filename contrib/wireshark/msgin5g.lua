@@ -350,16 +350,23 @@ end
 
 local dissect_ies -- forward
 
+-- A value that did not fit its type is {value = nil}: every use below checks for it.
 local function group_summary(values)
     local parts = {}
+    local function known(iei)
+        local v = values[iei]
+        return v and v.value
+    end
     local uid = values[IEI.UE_SERVICE_ID]
     if uid then parts[#parts + 1] = uid.text or uid.shown end
-    local result = values[IEI.REGISTRATION_RESULT] or values[IEI.DEREGISTRATION_RESULT]
-    if result then parts[#parts + 1] = IES[IEI.REGISTRATION_RESULT].names[result.value] end
-    local cause = values[IEI.FAILURE_CAUSE]
-    if cause then parts[#parts + 1] = FAILURE_CAUSES[cause.value] or tostring(cause.value) end
-    local retry = values[IEI.RETRY_AFTER]
-    if retry then parts[#parts + 1] = "retry after " .. retry.value .. " ms" end
+    local result = known(IEI.REGISTRATION_RESULT) or known(IEI.DEREGISTRATION_RESULT)
+    if result then
+        parts[#parts + 1] = IES[IEI.REGISTRATION_RESULT].names[result] or tostring(result)
+    end
+    local cause = known(IEI.FAILURE_CAUSE)
+    if cause then parts[#parts + 1] = FAILURE_CAUSES[cause] or tostring(cause) end
+    local retry = known(IEI.RETRY_AFTER)
+    if retry then parts[#parts + 1] = "retry after " .. retry .. " ms" end
     return table.concat(parts, " ")
 end
 
@@ -514,7 +521,7 @@ local function check_conditions(spec, values, tree, scope)
             elseif failed then
                 tree:add_proto_expert_info(ef.failure, string.format(
                     "%s %s: %s", scope.container, uid and uid.shown or "",
-                    name_of(FAILURE_CAUSES, cause.value)))
+                    cause.value and name_of(FAILURE_CAUSES, cause.value) or "cause unreadable"))
             end
         end
     end

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 
 import pytest
 
-from tests.wireshark.tools import LUA, ROOT, require
+from tests.wireshark.tools import LUA, load_gen_tables, require
 from wire.constants import IEI, MESSAGE_NAMES, ErrorCause, FailureCause, MessageType
 
-spec = importlib.util.spec_from_file_location(
-    "gen_tables", ROOT / "contrib" / "wireshark" / "gen_tables.py")
-gen_tables = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gen_tables)
+gen_tables = load_gen_tables()
 
 
 def test_committed_lua_is_what_the_generator_writes():

@@ -45,6 +45,17 @@ def require(program: str, package: str) -> str:
     return path
 
 
+def load_gen_tables():
+    """contrib/wireshark/gen_tables.py as a module (it is a script, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gen_tables", ROOT / "contrib" / "wireshark" / "gen_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # --- the spec vectors as streams -------------------------------------------------------------
 
 # Sent by the server (the rest by the gateway), so each stream has the direction it would have.
