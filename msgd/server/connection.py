@@ -27,6 +27,7 @@ from msgd.server.frame_clock import FrameClock
 from msgd.server.ports import Refusal
 from msgd.tls.contexts import negotiated_alpn_ok, peer_identity
 from wire.constants import ErrorCause, FailureCause, MessageType
+from wire.credential import ProofChecker
 from wire.events import (
     NEED_DATA,
     PAUSED,
@@ -97,6 +98,7 @@ class GatewayConnection(asyncio.Protocol):
         self.policy: GatewayPolicy | None = None
         self.peer = "?"
         self.nonce = b""
+        self.proofs: ProofChecker | None = None  # the UE credential check, once HELLO is done
         self.connected_at = 0.0
         self.entries_processed = 0
         self.log = _log
@@ -361,6 +363,7 @@ class GatewayConnection(asyncio.Protocol):
             return
         self.policy = policy
         self.nonce = os.urandom(32)
+        self.proofs = ProofChecker(self.nonce)
         session.accept_hello(
             server_nonce=self.nonce,
             bulk_allowed=policy.bulk_allowed,
@@ -410,17 +413,18 @@ class GatewayConnection(asyncio.Protocol):
         rules = self.server.rules
         answers = self._answers
         policy = self.policy
-        assert policy is not None
+        proofs = self.proofs
+        assert policy is not None and proofs is not None
         self.entries_processed += 1
         if kind is SINGLE_REG or kind is BULK_REG:
-            cause = rules.registration(policy, self.nonce, uid, credential)
+            cause = rules.registration(policy, proofs, uid, credential)
             if cause is not None:
                 answers.answers.append((tid, handle, kind, uid, cause))
                 return
             stored = encode_group(PROFILE_SPEC, profile) if profile is not None else None
             answers.changes.append(Change(uid, True, stored))
         else:
-            verdict = rules.deregistration(policy, self.nonce, uid, credential)
+            verdict = rules.deregistration(policy, proofs, uid, credential)
             answers.changes.append(Change(uid, False, None, verdict))
         answers.answers.append((tid, handle, kind, uid, DECIDED))
 
