@@ -28,12 +28,11 @@ from .constants import (
     UE_SERVICE_ID_MAX,
     ErrorCause,
     FailureCause,
-    FrameFlag,
     MessageType,
     Result,
 )
 from .errors import EntryError, InvalidMessage, LocalProtocolError, UnknownMandatoryIE, WireError
-from .frames import FRAME_HEADER
+from .frames import encode_frame
 from .ies import (
     _CONTROL,
     FAST,
@@ -705,14 +704,6 @@ class BulkReader:
 # --- encoding --------------------------------------------------------------------------------
 
 
-def encode_frame(
-    message_type: int, transaction_id: int, body: bytes, *, more: bool = False
-) -> bytes:
-    flags = FrameFlag.MORE if more else 0
-    return (FRAME_HEADER.pack(PROTOCOL_VERSION, message_type, flags, transaction_id, len(body))
-            + body)
-
-
 def encode_group(spec: GroupSpec, obj: Any) -> bytes:
     """Encode a dataclass's IEs in its table's order (optional fields left out when None)."""
     parts: list[bytes] = []
@@ -828,7 +819,6 @@ def message_fields(message: Any) -> dict[str, Any]:
 __all__ = [
     "BULK_SPECS",
     "ENTRY_SPECS",
-    "FRAME_HEADER",
     "HEADER_SIZE",
     "MESSAGE_SPECS",
     "BulkMessage",
