@@ -108,8 +108,9 @@ def run_frames(data: bytes) -> None:
 
 
 def _message_kinds() -> list[tuple[str, Any]]:
+    from .bulk import BULK_SPECS
     from .ies import IE_VALUE
-    from .messages import BULK_SPECS, ENTRY_SPECS, MESSAGE_SPECS
+    from .messages import ENTRY_SPECS, MESSAGE_SPECS
 
     return ([("message", t) for t in MESSAGE_SPECS] + [("entry", i) for i in ENTRY_SPECS]
             + [("profile", None), ("split", None)] + [("ie", i) for i in IE_VALUE]
@@ -175,11 +176,12 @@ def _decode_single(wire: bytes) -> Any:
 
 
 def _run_bulk_reader(message_type: Any, body: bytes) -> None:
+    from .bulk import BulkReader
     from .errors import WireError
     from .ies import split_ies
-    from .messages import BulkReader
+    from .messages import ENTRY_DECODERS
 
-    reader = BulkReader(message_type)
+    reader = BulkReader(message_type, ENTRY_DECODERS)
     try:
         for iei, raw in split_ies(body):
             reader.feed_ie(iei, raw)

@@ -2,8 +2,10 @@
 
 `MESSAGE_SPECS` / `ENTRY_SPECS` hold each message's IE table (order and M/O/C) as data, in the
 manner of pycrate's MAND/OPT lists; one generic walker applies the rules of wire-v1 §3 to all of
-them. Bulk messages are not decoded here as a whole: their IEs are streamed through `BulkReader`
-(one per transaction), so a bulk request is never held in memory.
+them. Bulk messages are not decoded here as a whole: their IEs are streamed through
+`bulk.BulkReader` (one per transaction, decoding entries with `ENTRY_DECODERS`), so a bulk
+request is never held in memory; `BulkMessage`, `encode_bulk` and `decode_frames` are the
+whole-message forms for tests and tools.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, fields, make_dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
+from .bulk import BULK_SPECS, BulkReader, BulkWriter, EntryDecoder, bulk_header_ies
 from .constants import (
     APPLICATION_DATA_MAX,
     BULK_MESSAGES,
@@ -346,25 +349,6 @@ MESSAGE_SPECS: dict[MessageType, GroupSpec] = {
 MESSAGE_CLASSES: dict[type, MessageType] = {s.cls: t for t, s in MESSAGE_SPECS.items()}
 
 
-@dataclass(frozen=True)
-class BulkSpec:
-    """Bulk message layout (wire-v1 §5): indicator, Number of individual entries, entries."""
-
-    indicator: IEI
-    entry: IEI
-
-
-BULK_SPECS: dict[MessageType, BulkSpec] = {
-    MessageType.BULK_REGISTRATION_REQUEST: BulkSpec(
-        IEI.BULK_REGISTRATION_INDICATOR, IEI.REGISTRATION_ENTRY),
-    MessageType.BULK_REGISTRATION_RESPONSE: BulkSpec(
-        IEI.BULK_REGISTRATION_RESPONSE_INDICATOR, IEI.REGISTRATION_RESPONSE_ENTRY),
-    MessageType.BULK_DEREGISTRATION_REQUEST: BulkSpec(
-        IEI.BULK_DEREGISTRATION_INDICATOR, IEI.DEREGISTRATION_ENTRY),
-    MessageType.BULK_DEREGISTRATION_RESPONSE: BulkSpec(
-        IEI.BULK_DEREGISTRATION_RESPONSE_INDICATOR, IEI.DEREGISTRATION_RESPONSE_ENTRY),
-}
-
 # --- decoding --------------------------------------------------------------------------------
 
 
@@ -641,64 +625,9 @@ def _entry_decoder(entry_iei: IEI) -> Any:
     return decode
 
 
-_ENTRY_DECODERS = {iei: _entry_decoder(iei) for iei in ENTRY_SPECS}
-
-
-class BulkReader:
-    """Streams the IEs of one bulk message across its frames (wire-v1 §5 Fragmentation).
-
-    `start_frame()` is called for each frame, `feed_ie()` for each complete IE of it. It returns
-    ("count", n) once, then ("entry", obj) or ("entry", EntryError) per entry, or None for a
-    skipped unknown IE. A broken structure raises a MessageError, which ends the transaction.
-    Once the count is known (`phase == 2`), an IE whose IEI is `entry_iei` may instead be given
-    to `feed_entry()`, the session's hot path.
-    """
-
-    __slots__ = ("count", "decode_entry", "entries", "entry_iei", "first_frame",
-                 "message_type", "phase", "spec", "type_name")
-
-    def __init__(self, message_type: MessageType) -> None:
-        self.message_type = message_type
-        self.spec = BULK_SPECS[message_type]
-        self.entry_iei = int(self.spec.entry)
-        self.type_name = message_type.name
-        self.phase = 0  # 0: expect indicator, 1: expect number, 2: entries
-        self.count = -1
-        self.entries = 0
-        self.first_frame = True
-        # One entry's value -> the entry, or an EntryError (INVALID_ENTRY); never raises.
-        self.decode_entry = _ENTRY_DECODERS[self.spec.entry]
-
-    def start_frame(self, first: bool) -> None:
-        self.first_frame = first
-
-    def end_frame(self) -> None:
-        if self.phase < 2:
-            raise InvalidMessage(f"{self.type_name}: indicator and Number of entries missing")
-
-    def feed_entry(self, raw: bytes) -> Any:
-        """One entry's value: the decoded entry, or an EntryError (INVALID_ENTRY)."""
-        self.entries += 1
-        return self.decode_entry(raw)
-
-    def feed_ie(self, iei: int, raw: bytes) -> tuple[str, Any] | None:
-        if iei == self.entry_iei and self.phase == 2:
-            return ("entry", self.feed_entry(raw))
-        spec = self.spec
-        if self.phase == 0 and iei == spec.indicator and self.first_frame:
-            decode_value(iei, raw)
-            self.phase = 1
-            return None
-        if self.phase == 1 and iei == IEI.NUMBER_OF_INDIVIDUAL_ENTRIES:
-            self.count = decode_value(iei, raw)
-            self.phase = 2
-            return ("count", self.count)
-        if iei in KNOWN_IEIS:
-            raise InvalidMessage(
-                f"{self.type_name}: IE {IEI(iei).name} out of place (entry {self.entries})")
-        if iei & COMPREHENSION_REQUIRED:
-            raise UnknownMandatoryIE(f"{self.type_name}: unknown IEI 0x{iei:02x}")
-        return None
+# Per entry IEI: one entry's value -> the entry, or an EntryError (INVALID_ENTRY); never raises.
+# What a bulk.BulkReader decodes entries with.
+ENTRY_DECODERS: dict[IEI, EntryDecoder] = {iei: _entry_decoder(iei) for iei in ENTRY_SPECS}
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -785,12 +714,6 @@ def encode_message(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_
     return encode_frame(message_type, message.transaction_id, body)
 
 
-def bulk_header_ies(message_type: MessageType, count: int) -> bytes:
-    spec = BULK_SPECS[message_type]
-    return encode_ie(spec.indicator, b"\x01") + encode_ie(
-        IEI.NUMBER_OF_INDIVIDUAL_ENTRIES, count.to_bytes(4, "big"))
-
-
 def encode_bulk(
     message: BulkMessage, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
 ) -> Iterator[bytes]:
@@ -799,16 +722,13 @@ def encode_bulk(
         raise LocalProtocolError(f"{message.message_type!r} is not a bulk message")
     if len(message.entries) != message.count:
         raise LocalProtocolError("bulk count does not match its entries")
-    body = bytearray(bulk_header_ies(message.message_type, message.count))
+    writer = BulkWriter(message.message_type, message.transaction_id, message.count,
+                        max_frame_size)
     for entry in message.entries:
-        ie = encode_entry(entry)
-        if len(ie) > max_frame_size:
-            raise LocalProtocolError("one entry does not fit the maximum frame size")
-        if len(body) + len(ie) > max_frame_size:
-            yield encode_frame(message.message_type, message.transaction_id, bytes(body), more=True)
-            body = bytearray()
-        body += ie
-    yield encode_frame(message.message_type, message.transaction_id, bytes(body))
+        frame = writer.add(encode_entry(entry))
+        if frame is not None:
+            yield frame
+    yield writer.finish()
 
 
 def message_fields(message: Any) -> dict[str, Any]:
@@ -816,8 +736,11 @@ def message_fields(message: Any) -> dict[str, Any]:
     return {f.name: getattr(message, f.name) for f in fields(message)}
 
 
+# BULK_SPECS, BulkReader, bulk_header_ies (wire.bulk) and encode_frame (wire.frames) are
+# re-exported for the code that imported them from here before they moved.
 __all__ = [
     "BULK_SPECS",
+    "ENTRY_DECODERS",
     "ENTRY_SPECS",
     "HEADER_SIZE",
     "MESSAGE_SPECS",
@@ -883,7 +806,8 @@ def decode_frames(data: bytes, *, max_frame_size: int = 16_777_215) -> list[Mess
             out.append(decode_body(mtype, header.transaction_id, body))
             continue
         key = header.transaction_id
-        reader, entries, position = bulks.get(key, (BulkReader(mtype), [], len(out)))
+        reader, entries, position = bulks.get(
+            key, (BulkReader(mtype, ENTRY_DECODERS), [], len(out)))
         reader.start_frame(first=key not in bulks)
         if key not in bulks:
             out.append(None)  # type: ignore[arg-type]  # placeholder keeps message order

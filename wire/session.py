@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from .bulk import BULK_SPECS, BulkReader, BulkWriter
 from .constants import (
     BULK_MESSAGES,
     BULK_REQUESTS,
@@ -73,19 +74,16 @@ from .events import (
 )
 from .frames import FrameBuffer, FrameHeader
 from .messages import (
-    BULK_SPECS,
+    ENTRY_DECODERS,
     ENTRY_IEI_OF,
-    BulkReader,
     Error,
     Goodbye,
     Hello,
     HelloAck,
     Keepalive,
     KeepaliveAck,
-    bulk_header_ies,
     decode_body,
     encode_entry,
-    encode_frame,
     encode_message,
 )
 
@@ -211,8 +209,8 @@ class _Txn:
 
     * in: `in_reader` decodes fragments; `in_count` is the announced number, `in_delivered` the
       entries handed out as events; `in_done` once the last fragment was seen (or skipped).
-    * out: `out_buf` collects entries not yet framed; `out_frames` counts frames sent;
-      `out_final` once the fragment without MORE was sent.
+    * out: `writer` frames the entries (`out_sent` of them so far, `out_count` announced) until
+      the fragment without MORE is sent (`out_final`).
     * failure: `failed` holds the peer's (or our user's) error. The server sends the ERROR only
       once every delivered entry has been answered (`error_sent`), and its response then never
       gets a final fragment (wire-v1 §5 Count).
@@ -225,8 +223,7 @@ class _Txn:
 
     __slots__ = (
         "error_sent", "failed", "in_count", "in_delivered", "in_done", "in_reader", "is_bulk",
-        "out_buf", "out_count", "out_final", "out_frames", "out_sent", "request_type",
-        "retry_after", "tid",
+        "out_count", "out_final", "out_sent", "request_type", "retry_after", "tid", "writer",
     )
 
     def __init__(self, tid: int, request_type: MessageType) -> None:
@@ -237,10 +234,9 @@ class _Txn:
         self.in_count = -1
         self.in_delivered = 0
         self.in_done = False
-        self.out_buf: bytearray | None = None
+        self.writer: BulkWriter | None = None
         self.out_count = -1
         self.out_sent = 0
-        self.out_frames = 0
         self.out_final = False
         self.failed: WireError | None = None
         self.retry_after: int | None = None
@@ -666,7 +662,7 @@ class Session:
             if header.more:
                 self._discard(tid, mtype)
             return
-        txn.in_reader = BulkReader(mtype)
+        txn.in_reader = BulkReader(mtype, ENTRY_DECODERS)
         self._frame = _Frame(header, txn, mtype)
 
     def _discard(self, tid: int, mtype: MessageType) -> None:
@@ -800,7 +796,7 @@ class Session:
         if self._is_server:
             # Answered entries go first, in a fragment with MORE: the response never ends.
             self._flush_bulk(txn, final=False)
-        txn.out_buf = None
+        txn.writer = None
         txn.error_sent = True
         self._dirty.discard(txn)
         diagnostic = _clip(exc.diagnostic)
@@ -825,14 +821,15 @@ class Session:
         self._dirty.discard(txn)
         if self._receiving_bulk is txn:
             self._receiving_bulk = None
-        if (not self._is_server and txn.is_bulk and txn.out_frames and not txn.out_final
+        writer = txn.writer
+        if (not self._is_server and writer is not None and not txn.out_final
                 and not txn.error_sent and self.state is not SessionState.CLOSED):
-            # The server ended our bulk request while fragments were still to come: end the
-            # fragment train with an empty last fragment, so the server stops discarding
-            # (docs/protocol.md, "Ending a bulk early").
-            self._out.append(encode_frame(txn.request_type, txn.tid, b"", more=False))
-            txn.out_final = True
-        txn.out_buf = None
+            # The server ended our bulk request while fragments were still to come.
+            frame = writer.end_early()
+            if frame is not None:
+                self._out.append(frame)
+                txn.out_final = True
+        txn.writer = None
 
     # --- errors -----------------------------------------------------------------------------
 
@@ -992,8 +989,8 @@ class Session:
         self._discarding.pop(tid, None)
 
     def _begin_bulk_out(self, txn: _Txn) -> None:
-        out_type = self._outgoing_type(txn)
-        txn.out_buf = bytearray(bulk_header_ies(out_type, txn.out_count))
+        txn.writer = BulkWriter(self._outgoing_type(txn), txn.tid, txn.out_count,
+                                self.peer_max_frame_size)
         if txn.out_count == 0:
             self._flush_bulk(txn, final=True)
 
@@ -1022,7 +1019,7 @@ class Session:
                 raise LocalProtocolError("answering a bulk before its count arrived")
             if txn.out_sent >= txn.in_delivered:
                 raise LocalProtocolError("more response entries than request entries")
-            if txn.out_buf is None:
+            if txn.writer is None:
                 txn.out_count = txn.in_count
                 self._begin_bulk_out(txn)
         elif txn.out_sent >= txn.out_count:
@@ -1030,16 +1027,11 @@ class Session:
         expected = BULK_SPECS[self._outgoing_type(txn)].entry
         if ENTRY_IEI_OF.get(type(entry)) is not expected:
             raise LocalProtocolError(f"{type(entry).__name__} does not belong in this bulk")
-        ie = encode_entry(entry)
-        buf = txn.out_buf
-        assert buf is not None
-        if len(buf) + len(ie) > self.peer_max_frame_size:
-            if len(ie) > self.peer_max_frame_size:
-                raise LocalProtocolError("one entry does not fit the peer's maximum frame size")
-            self._flush_bulk(txn, final=False)
-            buf = txn.out_buf
-            assert buf is not None
-        buf += ie
+        writer = txn.writer
+        assert writer is not None
+        frame = writer.add(encode_entry(entry))
+        if frame is not None:
+            self._out.append(frame)
         sent = txn.out_sent = txn.out_sent + 1
         if self._is_server:
             if txn.failed is not None:
@@ -1065,25 +1057,25 @@ class Session:
         return True
 
     def _finish_response(self, txn: _Txn) -> None:
-        if txn.out_buf is None:
+        if txn.writer is None:
             txn.out_count = txn.in_count
             self._begin_bulk_out(txn)
         if not txn.out_final:
             self._flush_bulk(txn, final=True)
 
     def _flush_bulk(self, txn: _Txn, *, final: bool) -> None:
-        buf = txn.out_buf
-        if buf is None or (not final and not buf):
+        writer = txn.writer
+        if writer is None:
             return
-        self._out.append(encode_frame(self._outgoing_type(txn), txn.tid, bytes(buf),
-                                      more=not final))
-        txn.out_frames += 1
         if final:
-            txn.out_buf = None
+            self._out.append(writer.finish())
+            txn.writer = None
             txn.out_final = True
             self._dirty.discard(txn)
         else:
-            txn.out_buf = bytearray()
+            frame = writer.flush()
+            if frame is not None:
+                self._out.append(frame)
 
     def send_response(self, response: Any, handle: object = None) -> bool:
         """Server: answer a single request. False if its transaction has ended meanwhile, or

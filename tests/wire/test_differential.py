@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tests.wire import strategies as ws
 from tests.wire.test_fuzz import mutated
+from wire.bulk import BULK_SPECS, BulkReader
 from wire.constants import IEI
 from wire.errors import WireError
 from wire.ies import (
@@ -28,10 +29,10 @@ from wire.ies import (
 )
 from wire.messages import (
     _FAST_ENTRY,
+    ENTRY_DECODERS,
     ENTRY_SPECS,
     MESSAGE_SPECS,
     PROFILE_SPEC,
-    BulkReader,
     decode_body,
     decode_entry,
     decode_group,
@@ -154,18 +155,12 @@ def test_entries(item: tuple[IEI, bytes]) -> None:
         if hit is not None:
             assert reference == ("ok", hit)
     # The session's reader gives the same.
-    reader = BulkReader(next(t for t, s in _bulk_specs().items() if s.entry == iei))
+    reader = BulkReader(next(t for t, s in BULK_SPECS.items() if s.entry == iei), ENTRY_DECODERS)
     got = reader.feed_entry(raw)
     if reference[0] == "ok":
         assert got == reference[1]
     else:
         assert isinstance(got, WireError)
-
-
-def _bulk_specs() -> dict[Any, Any]:
-    from wire.messages import BULK_SPECS
-
-    return BULK_SPECS
 
 
 @DIFF
