@@ -59,7 +59,6 @@ from .events import (
     NEED_DATA,
     PAUSED,
     BulkEnded,
-    BulkEntryReceived,
     BulkStarted,
     ConnectionClosed,
     ErrorReceived,
@@ -71,7 +70,7 @@ from .events import (
     RequestReceived,
     ResponseReceived,
     TransactionFailed,
-    _BulkEntryReceivedTwin,
+    _build_bulk_entry_received,
 )
 from .frames import FrameBuffer, FrameHeader
 from .messages import (
@@ -501,10 +500,9 @@ class Session:
             txn.in_delivered = index + 1
             value = reader.decode_entry(raw)  # type: ignore[union-attr]
             if value.__class__ is EntryError:
-                event = _BulkEntryReceivedTwin(txn.tid, index, None, value)
+                event = _build_bulk_entry_received(txn.tid, index, None, value)
             else:
-                event = _BulkEntryReceivedTwin(txn.tid, index, value, None)
-            event.__class__ = BulkEntryReceived
+                event = _build_bulk_entry_received(txn.tid, index, value, None)
             self._events.append(event)
             return True
         self._on_bulk_ie(frame, txn, iei, raw)
