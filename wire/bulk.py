@@ -119,15 +119,18 @@ class BulkWriter:
     a frame (MORE set) whenever the next entry would not fit `max_frame_size`; `flush()` cuts a
     frame (MORE set) from whatever is queued, so a streamed bulk need not wait for a full frame;
     `finish()` gives the last frame (MORE clear), and `end_early()` an empty one when the peer
-    ended the transaction first. `frames` counts the frames handed out. Entries are not counted
-    against the announced number here: the writer's user does that.
+    ended the transaction first. `frames` counts the frames handed out; `entry_iei` is the IEI
+    of the entries this message carries. Entries are not counted against the announced number
+    here, nor checked: the writer's user does that.
     """
 
-    __slots__ = ("_buf", "frames", "max_frame_size", "message_type", "transaction_id")
+    __slots__ = ("_buf", "entry_iei", "frames", "max_frame_size", "message_type",
+                 "transaction_id")
 
     def __init__(self, message_type: MessageType, transaction_id: int, count: int,
                  max_frame_size: int) -> None:
         self.message_type = message_type
+        self.entry_iei = BULK_SPECS[message_type].entry
         self.transaction_id = transaction_id
         self.max_frame_size = max_frame_size
         self.frames = 0

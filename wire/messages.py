@@ -37,12 +37,12 @@ from .constants import (
 from .errors import EntryError, InvalidMessage, LocalProtocolError, UnknownMandatoryIE, WireError
 from .frames import encode_frame
 from .ies import (
-    _CONTROL,
     FAST,
     IE_VALUE,
     KNOWN_IEIS,
     decode_value,
     encode_ie,
+    octets_or_none,
     reference_split,
     reference_value,
     split_ies,
@@ -470,7 +470,6 @@ assert IE_VALUE[IEI.TRIGGERING_PORT].sizeof() == 2
 assert IE_VALUE[IEI.MAXIMUM_SEGMENT_SIZE].sizeof() == 4
 assert IE_VALUE[IEI.COMMUNICATION_AVAILABILITY].sizeof() == _TWO_U32.size
 assert IE_VALUE[IEI.UE_CREDENTIAL].sizeof() == CREDENTIAL_SIZE
-_search_control = _CONTROL.search
 _UID, _CREDENTIAL, _PROFILE_IEI, _FIRST_SUB_IE = (
     int(IEI.UE_SERVICE_ID), int(IEI.UE_CREDENTIAL), int(IEI.NON_MSGIN5G_UE_PROFILE),
     int(IEI.UE_TYPE))
@@ -527,63 +526,41 @@ def _fast_profile(raw: bytes) -> Profile | None:
     return _PROFILE(ue_type, identifier, port, protocol, availability, segment, data)
 
 
-def _fast_registration_entry(raw: bytes) -> Any:
-    """Registration entry: UE Service ID, optional credential, optional profile. (The ID and
-    credential checks are written out here and below rather than shared: this is the hottest
-    code of a bulk, and a call costs as much as the checks.)"""
-    n = len(raw)
-    if n < 4 or raw[0] != _UID:
-        return None
-    pos = 3 + ((raw[1] << 8) | raw[2])
-    if pos > n or pos == 3 or pos > 3 + UE_SERVICE_ID_MAX:
-        return None
-    try:
-        uid = raw[3:pos].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if not uid.isprintable() and _search_control(uid):
-        return None
-    credential = profile = None
-    if pos < n and raw[pos] == _CREDENTIAL:
-        end = pos + 3 + CREDENTIAL_SIZE
-        if end > n or raw[pos + 1] != 0 or raw[pos + 2] != CREDENTIAL_SIZE:
-            return None
-        credential = raw[pos + 3 : end]
-        pos = end
-    if pos < n:
-        if n - pos < 3 or raw[pos] != _PROFILE_IEI:
-            return None
-        start = pos + 3
-        if start + ((raw[pos + 1] << 8) | raw[pos + 2]) != n or n - start > PROFILE_MAX:
-            return None
-        profile = _fast_profile(raw[start:])
-        if profile is None:
-            return None
-    return _REGISTRATION_ENTRY(uid, credential, profile)
+def _fast_entry_decoder(build: Callable[..., Any], with_profile: bool) -> Callable[[bytes], Any]:
+    """The shortcut for one entry IEI: UE Service ID, optional credential, then (Registration
+    entry, `with_profile`) an optional profile; `build` makes the entry."""
 
-
-def _fast_deregistration_entry(raw: bytes) -> Any:
-    """De-registration entry: UE Service ID, optional credential."""
-    n = len(raw)
-    if n < 4 or raw[0] != _UID:
-        return None
-    pos = 3 + ((raw[1] << 8) | raw[2])
-    if pos > n or pos == 3 or pos > 3 + UE_SERVICE_ID_MAX:
-        return None
-    try:
-        uid = raw[3:pos].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if not uid.isprintable() and _search_control(uid):
-        return None
-    credential = None
-    if pos < n:
-        end = pos + 3 + CREDENTIAL_SIZE
-        if (end != n or raw[pos] != _CREDENTIAL or raw[pos + 1] != 0
-                or raw[pos + 2] != CREDENTIAL_SIZE):
+    def decode(raw: bytes) -> Any:
+        n = len(raw)
+        if n < 4 or raw[0] != _UID:
             return None
-        credential = raw[pos + 3 : end]
-    return _DEREGISTRATION_ENTRY(uid, credential)
+        pos = 3 + ((raw[1] << 8) | raw[2])
+        if pos > n:
+            return None
+        uid = text_or_none(raw, 3, pos, 1, UE_SERVICE_ID_MAX)
+        if uid is None:
+            return None
+        credential = profile = None
+        if pos < n and raw[pos] == _CREDENTIAL:
+            end = pos + 3 + CREDENTIAL_SIZE
+            if end > n or raw[pos + 1] != 0 or raw[pos + 2] != CREDENTIAL_SIZE:
+                return None
+            credential = raw[pos + 3 : end]
+            pos = end
+        if pos < n:
+            if not with_profile or n - pos < 3 or raw[pos] != _PROFILE_IEI:
+                return None
+            start = pos + 3
+            if start + ((raw[pos + 1] << 8) | raw[pos + 2]) != n or n - start > PROFILE_MAX:
+                return None
+            profile = _fast_profile(raw[start:])
+            if profile is None:
+                return None
+        if with_profile:
+            return build(uid, credential, profile)
+        return build(uid, credential)
+
+    return decode
 
 
 def _entry_ue_service_id(raw: bytes) -> str:
@@ -604,8 +581,8 @@ def _entry_ue_service_id(raw: bytes) -> str:
 
 
 _FAST_ENTRY = {
-    IEI.REGISTRATION_ENTRY: _fast_registration_entry,
-    IEI.DEREGISTRATION_ENTRY: _fast_deregistration_entry,
+    IEI.REGISTRATION_ENTRY: _fast_entry_decoder(_REGISTRATION_ENTRY, True),
+    IEI.DEREGISTRATION_ENTRY: _fast_entry_decoder(_DEREGISTRATION_ENTRY, False),
 }
 
 
@@ -679,10 +656,9 @@ def encode_entry(entry: Any) -> bytes:
     fast = _FAST_RESPONSE.get(entry.__class__)
     if fast is not None and entry.retry_after is None:
         # The hot encode path of a bulk response: UE Service ID, result, optional cause.
-        text = entry.ue_service_id
-        uid = text.encode("utf-8")
-        n = len(uid)
-        if 0 < n <= UE_SERVICE_ID_MAX and (text.isprintable() or not _search_control(text)):
+        uid = octets_or_none(entry.ue_service_id, 1, UE_SERVICE_ID_MAX)
+        if uid is not None:
+            n = len(uid)
             iei, success, failure = fast
             result = entry.result
             cause = entry.failure_cause

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .bulk import BULK_SPECS, BulkReader, BulkWriter
+from .bulk import BulkReader, BulkWriter
 from .constants import (
     BULK_MESSAGES,
     BULK_REQUESTS,
@@ -1128,11 +1128,10 @@ class Session:
                 self._begin_bulk_out(txn)
         elif txn.out_sent >= txn.out_count:
             raise LocalProtocolError("more entries than the bulk announced")
-        expected = BULK_SPECS[self._outgoing_type(txn)].entry
-        if ENTRY_IEI_OF.get(type(entry)) is not expected:
-            raise LocalProtocolError(f"{type(entry).__name__} does not belong in this bulk")
         writer = txn.writer
         assert writer is not None
+        if ENTRY_IEI_OF.get(type(entry)) is not writer.entry_iei:
+            raise LocalProtocolError(f"{type(entry).__name__} does not belong in this bulk")
         frame = writer.add(encode_entry(entry))
         if frame is not None:
             self._out.append(frame)

@@ -134,6 +134,9 @@ def entry_inputs(draw: Any) -> tuple[IEI, bytes]:
 @example((IEI.REGISTRATION_ENTRY, b"\x01\x00\x01a\x03\x00\x04\xff\x00\x01\x00"))
 @example((IEI.REGISTRATION_ENTRY, b"\x01\x00\x01a\x03\x00\x08\x32\x00\x02\x00\x01\x30\x00\x01"))
 @example((IEI.DEREGISTRATION_ENTRY, b"\x01\x00\x00"))
+@example((IEI.DEREGISTRATION_ENTRY, b"\x01\x00\x01a\x03\x00\x04\x30\x00\x01\x01"))  # a profile
+@example((IEI.DEREGISTRATION_ENTRY,
+          b"\x01\x00\x01a\x02\x00\x20" + bytes(32) + b"\x03\x00\x04\x30\x00\x01\x01"))
 @example((IEI.DEREGISTRATION_ENTRY, b"\x01\x00\x02a\x00"))
 @example((IEI.REGISTRATION_RESPONSE_ENTRY, b"\x01\x00\x00\x04\x00\x01\x01\x06\x00\x01\x06"))
 def test_entries(item: tuple[IEI, bytes]) -> None:
