@@ -336,7 +336,16 @@ class _Frame:
 
 
 class Session:
-    """One wire-v1 connection, either role, driven by bytes, calls and `now`."""
+    """One wire-v1 connection, either role, driven by bytes, calls and `now`.
+
+    Long on purpose (~950 lines), as h11's Connection and aioquic's QuicConnection are: the
+    receive path, the send calls and the timers share one connection's state (the
+    transactions, the frame being read, the output), and Rule 1 wants every transition applied
+    here. Mixins would only spread that state over several classes, and a helper object would
+    put an attribute hop on the per-entry paths. The framing of bulk messages lives in
+    `bulk` (BulkReader, BulkWriter); the sections below are the session's parts: state
+    machines, bytes in, single messages, bulk messages, errors, messages out, timers.
+    """
 
     def __init__(self, role: Role, now: float, limits: Limits | None = None) -> None:
         self.role = role
@@ -397,7 +406,8 @@ class Session:
             self._receiving_bulk = None
         writer = txn.writer
         if cut_short and writer is not None and self.state is not SessionState.CLOSED:
-            # The server ended our bulk request while fragments of it were still to come.
+            # The server ended our bulk request while fragments of it were still to come: it
+            # discards them up to the last one, so it learns from an empty one that none follow.
             frame = writer.end_early()
             if frame is not None:
                 self._out.append(frame)
@@ -891,7 +901,8 @@ class Session:
         if not self._is_server:
             self._send_txn_error(txn)
             if not last:
-                # Response fragments still on their way are dropped.
+                # Fragments the server sent before our ERROR reached it answer a transaction
+                # that no longer exists: dropped, not answered as unknown.
                 self._discard(txn.tid, RESPONSE_TO[txn.request_type])
             return
         self._advance(txn, TxnInput.FAIL)

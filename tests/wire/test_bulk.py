@@ -176,3 +176,13 @@ def test_every_bulk_message_type_has_a_layout() -> None:
     assert set(BULK_SPECS) == BULK_MESSAGES
     for mtype, spec in BULK_SPECS.items():
         assert BulkReader(mtype, ENTRY_DECODERS).entry_iei == spec.entry
+
+
+def test_the_package_exports_what_frames_a_bulk_without_a_session() -> None:
+    import wire
+
+    assert len(set(wire.__all__)) == len(wire.__all__)
+    assert all(hasattr(wire, name) for name in wire.__all__)
+    assert {"BulkReader", "BulkWriter", "ENTRY_DECODERS", "TxnState"} <= set(wire.__all__)
+    reader = wire.BulkReader(REG, wire.ENTRY_DECODERS)
+    assert reader.decode_entry(_ies(1)[0][3:]) == RegistrationEntry("ue-0".ljust(14, "x"))
