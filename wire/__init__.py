@@ -3,13 +3,17 @@
 What a user of the protocol needs is here; the submodules hold the details:
 
 * `session`: `Session` in the SERVER or GATEWAY role, driven by `receive_data(data, now)`,
-  `next_event()`, the `send_*` calls, `data_to_send()` and the timer pair;
+  `next_event()`, the `send_*` calls, `data_to_send()` and the timer pair; its two state
+  machines (`SessionState`, and `TxnState` for each transaction) are tables in that module;
 * `events`: what `next_event()` returns;
 * `messages`: one dataclass per message and entry, `encode_message` / `decode_body`;
+* `bulk`: bulk messages across frames, `BulkReader` (given `ENTRY_DECODERS`) and `BulkWriter`,
+  for framing a bulk without a session;
 * `constants`: message types, IEIs, causes, limits; `errors`: one exception base per kind;
 * `credential`: the UE credential of wire-v1 §6; `frames`, `ies`: the layers below messages.
 """
 
+from .bulk import BulkReader, BulkWriter
 from .constants import ErrorCause, FailureCause, MessageType, Operation, Result
 from .credential import compute_proof, verify_proof
 from .errors import LocalProtocolError, WireError
@@ -31,6 +35,7 @@ from .events import (
     TransactionFailed,
 )
 from .messages import (
+    ENTRY_DECODERS,
     DeregistrationEntry,
     DeregistrationResponseEntry,
     Error,
@@ -49,14 +54,17 @@ from .messages import (
     decode_body,
     encode_message,
 )
-from .session import Limits, Role, Session, SessionState
+from .session import Limits, Role, Session, SessionState, TxnState
 
 __all__ = [
+    "ENTRY_DECODERS",
     "NEED_DATA",
     "PAUSED",
     "BulkEnded",
     "BulkEntryReceived",
+    "BulkReader",
     "BulkStarted",
+    "BulkWriter",
     "ConnectionClosed",
     "DeregistrationEntry",
     "DeregistrationResponseEntry",
@@ -88,6 +96,7 @@ __all__ = [
     "Session",
     "SessionState",
     "TransactionFailed",
+    "TxnState",
     "UeDeregistrationRequest",
     "UeDeregistrationResponse",
     "UeRegistrationRequest",

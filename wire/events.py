@@ -7,7 +7,7 @@ from typing import Any
 
 from .constants import ErrorCause, MessageType
 from .errors import EntryError, WireError
-from .messages import Error, Goodbye, Hello, HelloAck, frozen_twin
+from .messages import Error, Goodbye, Hello, HelloAck, frozen_builder
 
 
 class Event:
@@ -64,8 +64,8 @@ class BulkEntryReceived(Event):
     error: EntryError | None = None
 
 
-# Built on the session's hot path without the frozen __init__ (see messages.frozen_twin).
-_BulkEntryReceivedTwin = frozen_twin(BulkEntryReceived)
+# Built on the session's hot path without the frozen __init__ (see messages.frozen_builder).
+_build_bulk_entry_received = frozen_builder(BulkEntryReceived)
 
 
 @dataclass(frozen=True, slots=True)

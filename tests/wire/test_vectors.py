@@ -10,13 +10,13 @@ from tests.vectors import VALID, VECTORS
 from wire.constants import MESSAGE_NAMES, ErrorCause, MessageType
 from wire.credential import ProofChecker, compute_proof, verify_proof
 from wire.events import NEED_DATA, BulkEntryReceived, ConnectionClosed, HelloReceived
+from wire.frames import encode_frame
 from wire.ies import split_ies
 from wire.messages import (
     BulkMessage,
     RegistrationResponseEntry,
     decode_frames,
     encode_bulk,
-    encode_frame,
     encode_message,
     message_fields,
 )
