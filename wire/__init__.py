@@ -52,7 +52,9 @@ from .messages import (
     UeRegistrationRequest,
     UeRegistrationResponse,
     decode_body,
+    decode_profile,
     encode_message,
+    profile_octets,
 )
 from .session import Limits, Role, Session, SessionState, TxnState
 
@@ -104,6 +106,8 @@ __all__ = [
     "WireError",
     "compute_proof",
     "decode_body",
+    "decode_profile",
     "encode_message",
+    "profile_octets",
     "verify_proof",
 ]

@@ -10,6 +10,7 @@ whole-message forms for tests and tools.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
@@ -67,6 +68,7 @@ def frozen_builder(cls: type) -> Callable[..., Any]:
     object with object.__new__ and stores each field with its slot's own descriptor, which the
     frozen __setattr__ does not stand in front of: the result is an ordinary instance of `cls`,
     equal, hashable and frozen like one made by `cls(...)`, and no object ever changes class.
+    Fields left out of the constructor (init=False, e.g. Profile.octets) are taken too, last.
     The body is generated straight-line code, as dataclasses generates __init__: the same
     stores in a loop take 0.46 µs. No __post_init__ runs, so classes with one are refused.
     docs/protocol.md §5 has the measurements.
@@ -84,7 +86,7 @@ def frozen_builder(cls: type) -> Callable[..., Any]:
     build = namespace["build"]
     build.__qualname__ = build.__name__ = f"build_{cls.__name__}"
     probe = build(*(None for _ in names))
-    assert probe == cls(*(None for _ in names)) and type(probe) is cls
+    assert probe == cls(*(None for f in fields(cls) if f.init)) and type(probe) is cls
     return build
 
 
@@ -99,6 +101,11 @@ class Profile:
     communication_availability: tuple[int, int] | None = None
     maximum_segment_size: int | None = None
     application_data: bytes | None = None
+    # The canonical value octets (`profile_octets`), when the decoder already holds them: a
+    # profile read by the fast path *is* its canonical form, so the server stores the octets
+    # it received instead of encoding them again. Not a field of the profile's meaning: left
+    # out of equality, repr, the constructor and message_fields.
+    octets: bytes | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,7 +530,9 @@ def _fast_profile(raw: bytes) -> Profile | None:
             if length > APPLICATION_DATA_MAX:
                 return None
             data = raw[start:pos]
-    return _PROFILE(ue_type, identifier, port, protocol, availability, segment, data)
+    # Known sub-IEs, each once, in IEI order, bit 7 clear, every value valid: `raw` is the
+    # canonical value (tests/wire/test_profile_octets.py holds it to encode_group).
+    return _PROFILE(ue_type, identifier, port, protocol, availability, segment, data, raw)
 
 
 def _fast_entry_decoder(build: Callable[..., Any], with_profile: bool) -> Callable[[bytes], Any]:
@@ -713,8 +722,21 @@ def encode_bulk(
 
 
 def message_fields(message: Any) -> dict[str, Any]:
-    """The dataclass's fields as a dict (for logs, JSON and tests)."""
-    return {f.name: getattr(message, f.name) for f in fields(message)}
+    """The dataclass's fields as a dict (for logs, JSON and tests); derived fields (not in the
+    constructor, like Profile.octets) are left out."""
+    return {f.name: getattr(message, f.name) for f in fields(message) if f.init}
+
+
+def profile_octets(profile: Profile) -> bytes:
+    """The canonical value octets of a profile (docs/protocol.md §6.1): its known sub-IEs in
+    the spec's order. The one form a profile is stored in, listed in, and hashed for sync."""
+    octets = profile.octets
+    return octets if octets is not None else encode_group(PROFILE_SPEC, profile)
+
+
+def decode_profile(octets: bytes) -> Profile:
+    """A stored profile (profile_octets) back as a Profile; raises WireError if invalid."""
+    return decode_group(PROFILE_SPEC, octets)  # type: ignore[no-any-return]
 
 
 # BULK_SPECS, BulkReader, bulk_header_ies (wire.bulk) and encode_frame (wire.frames) are
@@ -748,10 +770,12 @@ __all__ = [
     "decode_body",
     "decode_entry",
     "decode_group",
+    "decode_profile",
     "encode_bulk",
     "encode_entry",
     "encode_frame",
     "encode_message",
+    "profile_octets",
 ]
 
 

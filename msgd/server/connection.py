@@ -42,10 +42,7 @@ from wire.events import (
     RequestReceived,
     TransactionFailed,
 )
-from wire.messages import (
-    PROFILE_SPEC,
-    encode_group,
-)
+from wire.messages import profile_octets
 from wire.session import Role, Session
 
 if TYPE_CHECKING:
@@ -421,7 +418,7 @@ class GatewayConnection(asyncio.Protocol):
             if cause is not None:
                 answers.answers.append((tid, handle, kind, uid, cause))
                 return
-            stored = encode_group(PROFILE_SPEC, profile) if profile is not None else None
+            stored = profile_octets(profile) if profile is not None else None
             answers.changes.append(Change(uid, True, stored))
         else:
             verdict = rules.deregistration(policy, proofs, uid, credential)
