@@ -69,6 +69,22 @@ _build_bulk_entry_received = frozen_builder(BulkEntryReceived)
 
 
 @dataclass(frozen=True, slots=True)
+class BulkEntriesReceived(Event):
+    """Consecutive entries of a bulk message whose octets were complete together, from a
+    session made with `batch_entries=True`: `entries[i]` is entry number `first_index + i`,
+    decoded, or an EntryError for a malformed one (FailureCause.INVALID_ENTRY for that entry
+    only). What BulkEntryReceived is one at a time, for a user that decides entries in
+    batches (the server: one registry call per batch)."""
+
+    transaction_id: int
+    first_index: int
+    entries: list[Any]
+
+
+_build_bulk_entries_received = frozen_builder(BulkEntriesReceived)
+
+
+@dataclass(frozen=True, slots=True)
 class BulkEnded(Event):
     """The last fragment arrived and the count matched."""
 

@@ -155,6 +155,33 @@ class FrameBuffer:
             self._pos = end
         return item
 
+    def read_run(self, limit: int, iei: int, most: int) -> tuple[list[bytes], int]:
+        """Up to `most` consecutive complete IEs with IEI `iei` within `limit` octets: their
+        values and the octets they took. Stops, consuming nothing of it, at the first IE that
+        is incomplete, another IEI, or would run past `limit` (read_ie then says which)."""
+        buf = self._buf
+        pos = start = self._pos
+        size = len(buf)
+        values: list[bytes] = []
+        append = values.append
+        end_limit = pos + limit
+        while len(values) < most:
+            if size - pos < 3 or buf[pos] != iei:
+                break
+            end = pos + 3 + ((buf[pos + 1] << 8) | buf[pos + 2])
+            if end > size or end > end_limit:
+                break
+            append(bytes(buf[pos + 3 : end]))
+            pos = end
+        used = pos - start
+        if used:
+            if pos >= _COMPACT_AT or pos == size:
+                del buf[:pos]
+                self._pos = 0
+            else:
+                self._pos = pos
+        return values, used
+
     def clear(self) -> None:
         """Forget everything buffered (the connection is closed)."""
         self._buf = bytearray()

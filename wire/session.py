@@ -70,6 +70,7 @@ from .events import (
     RequestReceived,
     ResponseReceived,
     TransactionFailed,
+    _build_bulk_entries_received,
     _build_bulk_entry_received,
 )
 from .frames import FrameBuffer, FrameHeader
@@ -92,6 +93,11 @@ log = logging.getLogger("wire.session")
 # Smallest maximum frame size a peer may announce: one maximal entry (a 255-octet UE Service
 # ID, credential and a 2 048-octet profile) must fit. wire-v1 is silent; see docs/protocol.md.
 MIN_FRAME_SIZE = 4096
+
+
+# Entries handed out in one BulkEntriesReceived at most (batch_entries=True): a batch is
+# decided in one go by its user, and a connection's turn should stay short.
+ENTRIES_PER_EVENT = 256
 
 
 class Role(Enum):
@@ -347,8 +353,14 @@ class Session:
     machines, bytes in, single messages, bulk messages, errors, messages out, timers.
     """
 
-    def __init__(self, role: Role, now: float, limits: Limits | None = None) -> None:
+    def __init__(
+        self, role: Role, now: float, limits: Limits | None = None, *,
+        batch_entries: bool = False,
+    ) -> None:
         self.role = role
+        # Bulk entries complete together come as one BulkEntriesReceived (at most
+        # ENTRIES_PER_EVENT), instead of a BulkEntryReceived each.
+        self._batch_entries = batch_entries
         self.limits = limits or Limits()
         if not MIN_FRAME_SIZE <= self.limits.max_frame_size <= MAX_FRAME_SIZE_LIMIT:
             raise LocalProtocolError("max_frame_size outside 4096..16777215")
@@ -507,8 +519,20 @@ class Session:
                 and state is not _FAILED_RECEIVING and state is not _DISCARDING):
             # The hot path: one entry (wire-v1 §5 Streaming: delivered as soon as complete).
             index = txn.in_delivered
+            decode = reader.decode_entry  # type: ignore[union-attr]
+            value = decode(raw)
+            if self._batch_entries:
+                values = [value]
+                most = min(txn.in_count - index, ENTRIES_PER_EVENT) - 1
+                if most > 0:
+                    raws, used = self._buf.read_run(frame.remaining, iei, most)
+                    if used:
+                        frame.remaining -= used
+                        values += map(decode, raws)
+                txn.in_delivered = index + len(values)
+                self._events.append(_build_bulk_entries_received(txn.tid, index, values))
+                return True
             txn.in_delivered = index + 1
-            value = reader.decode_entry(raw)  # type: ignore[union-attr]
             if value.__class__ is EntryError:
                 event = _build_bulk_entry_received(txn.tid, index, None, value)
             else:

@@ -28,11 +28,12 @@ from msgd.server.ports import Refusal
 from msgd.tls.contexts import negotiated_alpn_ok, peer_identity
 from wire.constants import ErrorCause, FailureCause, MessageType
 from wire.credential import ProofChecker
+from wire.errors import EntryError
 from wire.events import (
     NEED_DATA,
     PAUSED,
     BulkEnded,
-    BulkEntryReceived,
+    BulkEntriesReceived,
     BulkStarted,
     ConnectionClosed,
     ErrorReceived,
@@ -145,7 +146,7 @@ class GatewayConnection(asyncio.Protocol):
         now = self.loop.time()
         self.connected_at = now
         started = now if self.accepted_at is None else min(self.accepted_at, now)
-        self.session = Session(Role.SERVER, started, limits)
+        self.session = Session(Role.SERVER, started, limits, batch_entries=True)
         transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
         self.server.connection_started(self)
         self.log.info("connection.open")
@@ -248,8 +249,9 @@ class GatewayConnection(asyncio.Protocol):
                 self._backlog = False
                 break
             kind = type(event)
-            if kind is BulkEntryReceived:
-                self._on_bulk_entry(event)
+            if kind is BulkEntriesReceived:
+                budget -= len(event.entries) - 1  # fairness counts entries, not events
+                self._on_bulk_entries(event)
             elif kind is RequestReceived:
                 server.metrics.message(type(event.request).message_type.name)
                 self._on_request(event.request)
@@ -387,19 +389,17 @@ class GatewayConnection(asyncio.Protocol):
             getattr(request, "profile", None),
         )
 
-    def _on_bulk_entry(self, event: BulkEntryReceived) -> None:
+    def _on_bulk_entries(self, event: BulkEntriesReceived) -> None:
         tid = event.transaction_id
-        entry = event.entry
         kind, handle = self._bulk_kinds[tid]
-        if entry is None:
-            error = event.error
-            uid = error.ue_service_id if error is not None else ""
-            self._answers.answers.append((tid, handle, kind, uid, FailureCause.INVALID_ENTRY))
-            return
-        self._decide(
-            kind, tid, handle, entry.ue_service_id, entry.credential,
-            getattr(entry, "profile", None),
-        )
+        decide = self._decide
+        for entry in event.entries:
+            if entry.__class__ is EntryError:
+                self._answers.answers.append(
+                    (tid, handle, kind, entry.ue_service_id or "", FailureCause.INVALID_ENTRY))
+                continue
+            decide(kind, tid, handle, entry.ue_service_id, entry.credential,
+                   getattr(entry, "profile", None))
 
     def _decide(
         self, kind: Procedure, tid: int, handle: object, uid: str, credential: bytes | None,

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from msgd.config import GatewayPolicy
 from msgd.errors import RegistryError
-from msgd.registry.provisioning import ProvisionedUe
 from wire.constants import FailureCause, Operation
 from wire.credential import ProofChecker
 
@@ -22,9 +21,9 @@ __all__ = ["UeRules"]
 
 _REGISTRATION, _DEREGISTRATION = int(Operation.REGISTRATION), int(Operation.DEREGISTRATION)
 
-# The provisioned subscriber of a UE Service ID, None when not provisioned. May raise
-# RegistryError when the provisioning store cannot answer.
-ProvisioningLookup = Callable[[str], ProvisionedUe | None]
+# K_ue and the gateways allowed to serve a UE Service ID, None when it is not provisioned. May
+# raise RegistryError when the provisioning store cannot answer.
+ProvisioningLookup = Callable[[str], "tuple[bytes, frozenset[str]] | None"]
 
 
 class UeRules:
@@ -44,12 +43,13 @@ class UeRules:
             return FailureCause.STORAGE_FAILURE
         if provisioned is None:
             return FailureCause.UE_NOT_PROVISIONED
-        if gateway.identity not in provisioned.gateways:
+        key, gateways = provisioned
+        if gateway.identity not in gateways:
             return FailureCause.GATEWAY_NOT_AUTHORIZED
         # wire-v1 §6: a credential that is present is always verified.
         if (credential is not None or gateway.ue_authentication) and (
             credential is None
-            or not proofs.check(provisioned.key, _REGISTRATION, ue_service_id, credential)
+            or not proofs.check(key, _REGISTRATION, ue_service_id, credential)
         ):
             return FailureCause.AUTHENTICATION_FAILED
         return None
@@ -68,7 +68,7 @@ class UeRules:
             return FailureCause.STORAGE_FAILURE
         # A UE removed from provisioning has no key left to check a proof against.
         if provisioned is None or not proofs.check(
-            provisioned.key, _DEREGISTRATION, ue_service_id, credential
+            provisioned[0], _DEREGISTRATION, ue_service_id, credential
         ):
             return FailureCause.AUTHENTICATION_FAILED
         return None
