@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -1148,29 +1149,41 @@ class Session:
         """Queue the next entry of a bulk message (request or response, by role). False when
         the transaction has ended meanwhile (the peer's ERROR, our own, or the connection), or
         `handle` (from transaction()) is given and no longer names the live transaction."""
+        return self.send_bulk_entries(transaction_id, (entry,), handle)
+
+    def send_bulk_entries(
+        self, transaction_id: int, entries: Sequence[Any], handle: object = None
+    ) -> bool:
+        """send_bulk_entry for several entries in order, with the transaction's checks and
+        state change done once (the server answers a batch of entries in one call)."""
         txn = self._txns.get(transaction_id)
         if txn is None or txn.state is _DISCARDING or (handle is not None and txn is not handle):
             return False
         if not txn.is_bulk:
             raise LocalProtocolError(f"transaction {transaction_id} is not a bulk")
+        count = len(entries)
         if self._is_server:
             if txn.in_count < 0:
                 raise LocalProtocolError("answering a bulk before its count arrived")
-            if txn.out_sent >= txn.in_delivered:
+            if txn.out_sent + count > txn.in_delivered:
                 raise LocalProtocolError("more response entries than request entries")
             if txn.writer is None:
                 txn.out_count = txn.in_count
                 self._begin_bulk_out(txn)
-        elif txn.out_sent >= txn.out_count:
+        elif txn.out_sent + count > txn.out_count:
             raise LocalProtocolError("more entries than the bulk announced")
         writer = txn.writer
         assert writer is not None
-        if ENTRY_IEI_OF.get(type(entry)) is not writer.entry_iei:
-            raise LocalProtocolError(f"{type(entry).__name__} does not belong in this bulk")
-        frame = writer.add(encode_entry(entry))
-        if frame is not None:
-            self._out.append(frame)
-        sent = txn.out_sent = txn.out_sent + 1
+        entry_iei = writer.entry_iei
+        add = writer.add
+        out = self._out
+        for entry in entries:
+            if ENTRY_IEI_OF.get(type(entry)) is not entry_iei:
+                raise LocalProtocolError(f"{type(entry).__name__} does not belong in this bulk")
+            frame = add(encode_entry(entry))
+            if frame is not None:
+                out.append(frame)
+        sent = txn.out_sent = txn.out_sent + count
         if self._is_server:
             state = txn.state
             if state is _FAILED_RECEIVING or state is _FAILED_ANSWERING:

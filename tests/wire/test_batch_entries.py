@@ -110,3 +110,43 @@ def test_a_run_stops_at_the_announced_count_and_the_frame_end() -> None:
     assert [e.first_index for e in runs] == [0, ENTRIES_PER_EVENT]
     assert runs[1].entries[-1].ue_service_id == f"ue-{ENTRIES_PER_EVENT + 9}"
     assert IEI.REGISTRATION_ENTRY  # the entries above are Registration entries
+
+
+def _server_with_entries(n: int) -> tuple[Session, int]:
+    session = Session(Role.SERVER, 0.0, batch_entries=True)
+    entries = [reg_entry(f"ue-{i}") for i in range(n)]
+    session.receive_data(HELLO + bulk_frame(BULK, 4, entries, count=n), 0.0)
+    while (event := session.next_event()) is not NEED_DATA:
+        if isinstance(event, HelloReceived):
+            session.accept_hello(server_nonce=NONCE, bulk_allowed=True,
+                                 ue_authentication_required=False)
+    session.data_to_send()
+    return session, 4
+
+
+def test_send_bulk_entries_is_send_bulk_entry_in_a_loop() -> None:
+    from wire.messages import RegistrationResponseEntry
+
+    answers = [RegistrationResponseEntry(f"ue-{i}", 0 if i % 3 else 1, None if i % 3 else 6)
+               for i in range(2000)]
+    one, tid = _server_with_entries(2000)
+    for answer in answers:
+        assert one.send_bulk_entry(tid, answer)
+    many, _ = _server_with_entries(2000)
+    assert many.send_bulk_entries(tid, answers[:700])
+    assert many.send_bulk_entries(tid, answers[700:])
+    assert many.data_to_send() == one.data_to_send()  # same frames, MORE flags, last fragment
+    assert many.in_progress() == one.in_progress() == []
+
+
+def test_send_bulk_entries_refuses_more_than_were_received() -> None:
+    import pytest
+
+    from wire.errors import LocalProtocolError
+    from wire.messages import RegistrationResponseEntry
+
+    session, tid = _server_with_entries(3)
+    with pytest.raises(LocalProtocolError):
+        session.send_bulk_entries(tid, [RegistrationResponseEntry(f"ue-{i}", 0) for i in range(4)])
+    assert session.send_bulk_entries(tid, [RegistrationResponseEntry(f"ue-{i}", 0)
+                                           for i in range(3)])
