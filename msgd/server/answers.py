@@ -20,6 +20,7 @@ from wire.messages import (
     RegistrationResponseEntry,
     UeDeregistrationResponse,
     UeRegistrationResponse,
+    frozen_builder,
 )
 from wire.session import Session
 
@@ -32,9 +33,10 @@ _RESPONSE = {
     Procedure.REGISTRATION: UeRegistrationResponse,
     Procedure.DEREGISTRATION: UeDeregistrationResponse,
 }
+# Built without the frozen __init__ (one per answered entry; wire.messages.frozen_builder).
 _ENTRY = {
-    Procedure.BULK_REGISTRATION: RegistrationResponseEntry,
-    Procedure.BULK_DEREGISTRATION: DeregistrationResponseEntry,
+    Procedure.BULK_REGISTRATION: frozen_builder(RegistrationResponseEntry),
+    Procedure.BULK_DEREGISTRATION: frozen_builder(DeregistrationResponseEntry),
 }
 _FIRST_BULK = Procedure.BULK_REGISTRATION
 
