@@ -255,28 +255,3 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
             log.info("registry %s: migrated schema %d -> %d", path, from_version, target)
     # An interrupted replace_provisioning() leaves its staging table; it was never live.
     conn.execute("DROP TABLE IF EXISTS provisioning_load")
-
-
-def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == 0:
-        steps: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [(0, _create_schema)]
-    else:
-        steps = [(v, MIGRATIONS[v]) for v in range(version, SCHEMA_VERSION)]
-    for from_version, step in steps:
-        target = SCHEMA_VERSION if from_version == 0 else from_version + 1
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            step(conn)
-            conn.execute(f"PRAGMA user_version = {target}")
-            conn.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (target,)
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        if from_version:
-            log.info("registry %s: migrated schema %d -> %d", path, from_version, target)
-    # An interrupted replace_provisioning() leaves its staging table; it was never live.
-    conn.execute("DROP TABLE IF EXISTS provisioning_load")
