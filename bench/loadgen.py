@@ -17,8 +17,9 @@ Modes:
   connect  N connections (mutual TLS + HELLO/HELLO ACK), `concurrency` at a time; handshakes/s;
            then holds them open (answering KEEPALIVE) until a line on stdin, for memory use.
   churn    G gateways, each changing its own registered UEs for `duration` seconds: single
-           de-registrations and re-registrations (a quarter of its UEs) and bulk pairs (a
-           BULK DE-REGISTRATION of k UEs, then a BULK REGISTRATION of the same k), paced at
+           re-registrations, and de-registrations each followed by the UE's registration
+           (on a quarter of its UEs), and bulk pairs (a BULK DE-REGISTRATION of k UEs, then
+           a BULK REGISTRATION of the same k), so that nearly all stay registered; paced at
            a total `rate` of changes/s (or as fast as the server answers: closed loop). A
            {"event": "tick"} line every `report_every` seconds. At the end every UE is
            registered again (the next run starts from there), and the result says how many
@@ -565,6 +566,7 @@ class _Churn:
         self.tid = 1
         self.singles: dict[int, tuple[int, int, float]] = {}  # tid -> (index, op, sent)
         self.busy: set[int] = set()
+        self.back: list[int] = []  # de-registered by a single: registered again next
         self.bulk: dict[str, Any] | None = None
         self.tokens_single = 0.0
         self.tokens_bulk = 0.0
@@ -576,15 +578,23 @@ class _Churn:
         return self.tid
 
     def single(self) -> bytes | None:
-        """The frame of one single change of a UE not in flight (None: none found)."""
-        for _ in range(8):
-            index = self.rng.randrange(self.split)
-            if index not in self.busy:
-                break
+        """The frame of one single change of a UE not in flight (None: none found): the
+        registration of one a single de-registered, else a re-registration or (one in
+        three) a de-registration of a random one."""
+        if self.back:
+            index = self.back.pop()
         else:
-            return None
+            for _ in range(8):
+                index = self.rng.randrange(self.split)
+                if index not in self.busy:
+                    break
+            else:
+                return None
         uid = self.ids[index]
-        op = Operation.DEREGISTRATION if self.registered[index] else Operation.REGISTRATION
+        if self.registered[index] and self.rng.random() < 1 / 3:
+            op = Operation.DEREGISTRATION
+        else:
+            op = Operation.REGISTRATION
         body = single_body(uid, proof(ue_key(self.secret, uid), self.nonce, op, uid))
         mtype = (MT.UE_DEREGISTRATION_REQUEST if op is Operation.DEREGISTRATION
                  else MT.UE_REGISTRATION_REQUEST)
@@ -634,6 +644,8 @@ class _Churn:
                 stats.ok += 1
             else:
                 stats.causes[body[3 + ulen + 4 + 3]] += 1
+            if not self.registered[index] and not self.stopped:
+                self.back.append(index)
             stats.latencies.append(now - sent)
             return
         bulk = self.bulk

@@ -265,6 +265,8 @@ class Compactor:
         self._started = time.monotonic()
         self._job = self._run(self._report, fold=trigger != "cleanup")
         self.running = True
+        log.info("registry %s: online compaction (%s) started: %d changes in %d journal rows",
+                 self.path, trigger, self.journal.changes, self.journal.rows)
         return True
 
     def _end(self, error: str | None) -> None:
