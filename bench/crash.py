@@ -9,10 +9,11 @@ round, at the same time (bench/crash_load.py, its own process): a BULK REGISTRAT
 
   bulk_register, bulk_deregister, singles   after a random number of that stream's answers
                (up to half the bulk, or of 3 000 singles: most of the round is in flight)
-  compaction   a random time into `msgctl registry compact` (registry.compact, asked at go),
-               from the moment msgd logs its start, within the last compaction's duration
-  reload       likewise into a reload (SIGHUP at go: configuration, TLS, and the 100 000+
-               UEs of the provisioning file re-read)
+  compaction   a random time into `msgctl registry compact` (registry.compact, asked after a
+               random number of answers, up to a quarter of the bulk), from the moment msgd
+               logs its start, within the last compaction's duration
+  reload       likewise into a reload (SIGHUP: configuration, TLS, and the 100 000+ UEs of
+               the provisioning file re-read)
 
 Online compactions also start on their own ([registry] compact_journal_changes is low), so
 other kills land in them too; the log says which kills did (a compaction or reload that
@@ -314,6 +315,8 @@ def run_campaign(camp: Campaign, work: Path, out_json: Path | None = None) -> di
                 plan["after_answers"] = target
                 plan["before_end"] = load.wait_until(stream, target)
             else:
+                # Some changes answered first, so that acknowledged ones are at stake too.
+                load.wait_until("register", rng.randint(1, max(1, camp.bulk // 4)))
                 if focus == "compaction":
                     compactor = threading.Thread(target=_compact_now, args=(sock_dir / "ctl",),
                                                  daemon=True)
