@@ -1,5 +1,9 @@
 """`python -m bench [--quick] [--scenarios ...] [--json PATH] [--profile]`: msgd's numbers.
 
+`--scenarios soak` runs the soak instead (bench/soak.py: 1,000,000 UEs, then 30 minutes of
+churn at half capacity; `--size soak_s=300` for five minutes); it is never part of the
+default run.
+
 Starts real msgd processes (mutual TLS, SQLite file, per-UE authentication), drives them from
 a load generator process (bench/loadgen.py), measures the machine's ceilings in the same run
 (bench/ceilings.py), prints a table of results, ratios and targets, and writes them as JSON.
@@ -19,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import scenarios
+from bench import scenarios, soak
 
-SCENARIOS = ("ceilings", "connections", "bulk", "registered")
+DEFAULT_SCENARIOS = ("ceilings", "connections", "bulk", "registered")
+SCENARIOS = (*DEFAULT_SCENARIOS, "soak")
 MB = 1e6
 
 
@@ -160,8 +165,9 @@ def render(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (the smoke run)")
-    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
-                        help="which parts to run (default: all)")
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS,
+                        default=list(DEFAULT_SCENARIOS),
+                        help="which parts to run (default: all but soak)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile", action="store_true",
                         help="record py-spy profiles of the server (beside the JSON)")
@@ -201,20 +207,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {name} done in {time.perf_counter() - t:.1f} s", file=sys.stderr,
               flush=True)
 
+    others = [name for name in args.scenarios if name != "soak"]
     try:
-        step("setup", scenarios.setup)
+        if others:
+            step("setup", scenarios.setup)
         if "ceilings" in args.scenarios:
             step("ceilings", scenarios.run_ceilings)
-        step("first_start", scenarios.first_start)
+        if others:
+            step("first_start", scenarios.first_start)
         if "connections" in args.scenarios:
             step("connections", scenarios.connections)
         if "bulk" in args.scenarios or "registered" in args.scenarios:
             step("bulk_register", scenarios.bulk_register)
         if "registered" in args.scenarios:
             step("registered", scenarios.registered)
+        if "soak" in args.scenarios:
+            step("soak", soak.run_soak)
         results["elapsed_s"] = time.perf_counter() - started
-        results["derived"] = derive(results)
-        print(render(results))
+        if others:
+            results["derived"] = derive(results)
+            print(render(results))
+        if "soak" in args.scenarios:
+            print(soak.render_soak(results["soak"]))
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")

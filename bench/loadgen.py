@@ -16,6 +16,14 @@ Modes:
            hidden by the sender waiting for it); registrations/s and latency percentiles.
   connect  N connections (mutual TLS + HELLO/HELLO ACK), `concurrency` at a time; handshakes/s;
            then holds them open (answering KEEPALIVE) until a line on stdin, for memory use.
+  churn    G gateways, each changing its own registered UEs for `duration` seconds: single
+           re-registrations, and de-registrations each followed by the UE's registration
+           (on a quarter of its UEs), and bulk pairs (a BULK DE-REGISTRATION of k UEs, then
+           a BULK REGISTRATION of the same k), so that nearly all stay registered; paced at
+           a total `rate` of changes/s (or as fast as the server answers: closed loop). A
+           {"event": "tick"} line every `report_every` seconds. At the end every UE is
+           registered again (the next run starts from there), and the result says how many
+           UEs the answers left registered (the soak checks the server against it).
 
 Every response is checked: a UE whose answer is not SUCCESS is counted with its cause.
 """
@@ -534,7 +542,268 @@ async def run_connect(params: dict[str, Any]) -> dict[str, Any]:
     return {**holding, "alive_at_end": alive}
 
 
-MODES = {"bulk": run_bulk, "singles": run_singles, "connect": run_connect}
+# --- churn ---------------------------------------------------------------------------------------
+
+
+class _Churn:
+    """One gateway's churn over its own UEs (bench/soak.py): singles on the first quarter,
+    bulk pairs on the rest, so that no UE has two changes in flight at once."""
+
+    def __init__(self, gw: Gw, ids: list[str], secret: bytes, stats: _ChurnStats,
+                 bulk_size: int, seed: str) -> None:
+        self.gw = gw
+        self.ids = ids
+        self.secret = secret
+        self.stats = stats
+        self.nonce = gw.hello_ack.server_nonce
+        self.frame_max = gw.hello_ack.max_frame_size
+        # Leave one outstanding transaction for the bulk in flight.
+        self.window = max(1, gw.hello_ack.max_outstanding - 1)
+        self.bulk_size = bulk_size
+        self.split = max(1, len(ids) // 4)
+        self.registered = bytearray(b"\x01") * len(ids)  # the soak registers them all first
+        self.rng = random.Random(seed)
+        self.tid = 1
+        self.singles: dict[int, tuple[int, int, float]] = {}  # tid -> (index, op, sent)
+        self.busy: set[int] = set()
+        self.back: list[int] = []  # de-registered by a single: registered again next
+        self.bulk: dict[str, Any] | None = None
+        self.tokens_single = 0.0
+        self.tokens_bulk = 0.0
+        self.stopped = False
+        gw.on_frame = self.on_frame
+
+    def _next_tid(self) -> int:
+        self.tid = self.tid + 1 if self.tid < 0x7FFF_FFFF else 2
+        return self.tid
+
+    def single(self) -> bytes | None:
+        """The frame of one single change of a UE not in flight (None: none found): the
+        registration of one a single de-registered, else a re-registration or (one in
+        three) a de-registration of a random one."""
+        if self.back:
+            index = self.back.pop()
+        else:
+            for _ in range(8):
+                index = self.rng.randrange(self.split)
+                if index not in self.busy:
+                    break
+            else:
+                return None
+        uid = self.ids[index]
+        if self.registered[index] and self.rng.random() < 1 / 3:
+            op = Operation.DEREGISTRATION
+        else:
+            op = Operation.REGISTRATION
+        body = single_body(uid, proof(ue_key(self.secret, uid), self.nonce, op, uid))
+        mtype = (MT.UE_DEREGISTRATION_REQUEST if op is Operation.DEREGISTRATION
+                 else MT.UE_REGISTRATION_REQUEST)
+        tid = self._next_tid()
+        self.singles[tid] = (index, op, time.perf_counter())
+        self.busy.add(index)
+        return HEADER.pack(1, mtype, 0, tid, len(body)) + body
+
+    def start_pair(self) -> None:
+        """A bulk de-registration of k UEs; their re-registration follows when it ends."""
+        indices = self.rng.sample(range(self.split, len(self.ids)),
+                                  min(self.bulk_size, len(self.ids) - self.split))
+        self._send_bulk(Operation.DEREGISTRATION, indices)
+
+    def _send_bulk(self, op: Operation, indices: list[int]) -> None:
+        if op is Operation.REGISTRATION:
+            rtype, iei = MT.BULK_REGISTRATION_REQUEST, IEI.REGISTRATION_ENTRY
+        else:
+            rtype, iei = MT.BULK_DEREGISTRATION_REQUEST, IEI.DEREGISTRATION_ENTRY
+        tid = self._next_tid()
+        frames = []
+        body = bytearray(bulk_header_ies(rtype, len(indices)))
+        for index in indices:
+            uid = self.ids[index]
+            ie = entry_ie(iei, uid, proof(ue_key(self.secret, uid), self.nonce, op, uid))
+            if len(body) + len(ie) > self.frame_max:
+                frames.append(HEADER.pack(1, rtype, 1, tid, len(body)) + body)
+                body = bytearray()
+            body += ie
+        frames.append(HEADER.pack(1, rtype, 0, tid, len(body)) + body)
+        self.bulk = {"tid": tid, "op": op, "indices": indices,
+                     "by_uid": {self.ids[i]: i for i in indices}}
+        assert self.gw.transport is not None
+        self.gw.transport.write(b"".join(frames))
+
+    def on_frame(self, mtype: int, flags: int, tid: int, body: bytes) -> None:
+        now = time.perf_counter()
+        single = self.singles.pop(tid, None)
+        stats = self.stats
+        if single is not None:
+            index, op, sent = single
+            self.busy.discard(index)
+            ulen = (body[1] << 8) | body[2]
+            result = body[3 + ulen + 3]
+            if result == 0:
+                self.registered[index] = op is Operation.REGISTRATION
+                stats.ok += 1
+            else:
+                stats.causes[body[3 + ulen + 4 + 3]] += 1
+            if not self.registered[index] and not self.stopped:
+                self.back.append(index)
+            stats.latencies.append(now - sent)
+            return
+        bulk = self.bulk
+        if bulk is None or tid != bulk["tid"]:
+            return
+        p, end = 0, len(body)
+        while p < end:
+            ie_type = body[p]
+            length = (body[p + 1] << 8) | body[p + 2]
+            if ie_type == 0x0D or ie_type == 0x0F:
+                ulen = (body[p + 4] << 8) | body[p + 5]
+                uid = body[p + 6 : p + 6 + ulen].decode()
+                result_at = p + 3 + 3 + ulen + 3
+                if body[result_at] == 0:
+                    self.registered[bulk["by_uid"][uid]] = bulk["op"] is Operation.REGISTRATION
+                    stats.ok += 1
+                else:
+                    stats.causes[body[result_at + 4]] += 1
+            p += 3 + length
+        if not flags & 1:  # the last response frame of the bulk
+            self.bulk = None
+            stats.bulks += 1
+            if bulk["op"] is Operation.DEREGISTRATION:  # a pair always completes
+                self._send_bulk(Operation.REGISTRATION, bulk["indices"])
+
+    def pace(self, dt: float, single_rate: float | None, bulk_rate: float | None) -> None:
+        """Send what is due after `dt` seconds (None rates: fill the window, closed loop)."""
+        if self.stopped:
+            return
+        out = []
+        if single_rate is None:
+            room = self.window - len(self.singles)
+        else:
+            self.tokens_single = min(self.tokens_single + single_rate * dt, self.window)
+            room = min(int(self.tokens_single), self.window - len(self.singles))
+        for _ in range(max(0, room)):
+            frame = self.single()
+            if frame is None:
+                break
+            out.append(frame)
+            if single_rate is not None:
+                self.tokens_single -= 1
+        if out:
+            assert self.gw.transport is not None
+            self.gw.transport.write(b"".join(out))
+        pair = 2 * self.bulk_size
+        if bulk_rate is not None:
+            self.tokens_bulk = min(self.tokens_bulk + bulk_rate * dt, 2 * pair)
+        if self.bulk is None and (bulk_rate is None or self.tokens_bulk >= pair):
+            self.start_pair()
+            if bulk_rate is not None:
+                self.tokens_bulk -= pair
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.singles) + (self.bulk is not None)
+
+    def restore(self) -> None:
+        """Register again, as singles within the window, the UEs the churn left
+        de-registered (after stop: nothing else is in flight for them)."""
+        out = []
+        room = self.window - len(self.singles)
+        for index in range(self.split):
+            if room <= 0:
+                break
+            if self.registered[index] or index in self.busy:
+                continue
+            uid = self.ids[index]
+            op = Operation.REGISTRATION
+            body = single_body(uid, proof(ue_key(self.secret, uid), self.nonce, op, uid))
+            tid = self._next_tid()
+            self.singles[tid] = (index, op, time.perf_counter())
+            self.busy.add(index)
+            out.append(HEADER.pack(1, MT.UE_REGISTRATION_REQUEST, 0, tid, len(body)) + body)
+            room -= 1
+        if out:
+            assert self.gw.transport is not None
+            self.gw.transport.write(b"".join(out))
+
+    def restored(self) -> bool:
+        return not self.in_flight and all(self.registered)
+
+
+class _ChurnStats:
+    def __init__(self) -> None:
+        self.ok = 0
+        self.bulks = 0
+        self.causes: Counter[int] = Counter()
+        self.latencies: list[float] = []
+
+
+async def run_churn(params: dict[str, Any]) -> dict[str, Any]:
+    secret = bytes.fromhex(params["secret"])
+    identities: list[str] = params["identities"]
+    per_gw: int = params["n"]
+    rate = params.get("rate")  # total changes/s, or None: closed loop
+    share = params.get("single_share", 0.3)
+    gws = await asyncio.gather(
+        *(open_gw(params, client_context(params["pki"], identity)) for identity in identities))
+    stats = _ChurnStats()
+    churns = [_Churn(gw, ue_ids(f"{params['seed']}-{i}", per_gw), secret, stats,
+                     params.get("bulk_size", 500), f"churn-{i}") for i, gw in enumerate(gws)]
+    await asyncio.to_thread(_await_go)
+    single_rate = None if rate is None else rate * share / len(churns)
+    bulk_rate = None if rate is None else rate * (1 - share) / len(churns)
+    cpu0 = _cpu()
+    t0 = last = tick_at = time.perf_counter()
+    every = params.get("report_every", 60.0)
+    end = t0 + params["duration"]
+    ticked_ok, ticked_causes = 0, Counter()
+    while (now := time.perf_counter()) < end:
+        for churn in churns:
+            churn.pace(now - last, single_rate, bulk_rate)
+        last = now
+        if now - tick_at >= every:
+            lat = sorted(stats.latencies)
+            stats.latencies.clear()
+            print(json.dumps({
+                "event": "tick", "t": now - t0, "changes": stats.ok - ticked_ok,
+                "per_s": (stats.ok - ticked_ok) / (now - tick_at),
+                "singles_p99_ms": percentile(lat, 0.99) * 1000 if lat else None,
+                "failures": _causes(stats.causes - ticked_causes)}), flush=True)
+            ticked_ok, ticked_causes, tick_at = stats.ok, Counter(stats.causes), now
+        await asyncio.sleep(0.002)
+    wall = time.perf_counter() - t0
+    cpu = _cpu() - cpu0
+    for churn in churns:
+        churn.stopped = True
+    # Every change sent gets its answer (a bulk de-registration's re-registration too), and
+    # the UEs left de-registered are registered again.
+    changes = stats.ok
+    deadline = time.perf_counter() + 120
+    while not all(c.restored() for c in churns) and time.perf_counter() < deadline:
+        for churn in churns:
+            churn.restore()
+        await asyncio.sleep(0.005)
+    unanswered = sum(c.in_flight for c in churns)
+    errors: Counter[str] = Counter()
+    for gw in gws:
+        errors.update(gw.errors)
+        assert gw.transport is not None
+        gw.transport.close()
+    return {
+        "gateways": len(gws),
+        "rate_target": rate,
+        "wall_s": wall,
+        "changes": changes,
+        "per_s": changes / wall,
+        "bulks": stats.bulks,
+        "failures": _causes(stats.causes),
+        "unanswered_at_end": unanswered,
+        "registered": sum(sum(c.registered) for c in churns),
+        "loadgen_cpu_s": cpu,
+        "errors": dict(errors),
+    }
+
+
+MODES = {"bulk": run_bulk, "singles": run_singles, "connect": run_connect, "churn": run_churn}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,18 @@ class Sizes:
     connect_concurrency: int = 64
     tls_stream_s: float = 3.0
     tls_handshake_s: float = 5.0
+    # The soak (bench/soak.py; `--scenarios soak`, not part of the default run).
+    soak_n: int = 1_000_000  # UEs registered before the churn
+    soak_gateways: int = 8
+    soak_s: float = 1800.0  # seconds of churn
+    soak_sample_s: float = 60.0
+    soak_calibrate_s: float = 20.0  # closed-loop churn that measures capacity
+    soak_load: float = 0.5  # the churn's rate as a share of that capacity
+    soak_bulk: int = 500  # UEs per bulk (a pair: de-register them, register them again)
+    soak_single_share: float = 0.3  # share of the changes sent as single procedures
+    soak_compact_changes: int = 100_000  # [registry] compact_journal_changes
+    soak_compact_ratio: float = 0.5
+    soak_compact_interval: float = 60.0
 
     @classmethod
     def quick(cls) -> Sizes:

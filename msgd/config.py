@@ -54,6 +54,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 TLS_VERSIONS = ("1.2", "1.3")
 SYNCHRONOUS_MODES = ("full", "normal")
 MAX_SECONDS = 3600
+MAX_RATIO = 1000.0  # registry.compact_journal_ratio
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,12 @@ class TlsConfig:
 class RegistryConfig:
     path: Path
     synchronous: str = "full"
+    # Online compaction (msgd/registry/compaction.py): fold the journal into the snapshot
+    # once it holds this many changes and this share of the registered UEs, at most once
+    # per compact_min_interval seconds. 0 changes: only `msgctl registry compact`.
+    compact_journal_changes: int = 100_000
+    compact_journal_ratio: float = 0.5
+    compact_min_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -267,6 +274,15 @@ class _Reader:
             raise self.bad(key, f"a number of seconds {span}", value)
         return float(value)
 
+    def number(
+        self, table: Mapping[str, Any], key: str, name: str, default: float, hi: float
+    ) -> float:
+        value = table.get(name, default)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not 0 <= value <= hi:
+            raise self.bad(key, f"a number from 0 to {hi:g}", value)
+        return float(value)
+
     def boolean(self, table: Mapping[str, Any], key: str, name: str, default: bool) -> bool:
         value = table.get(name, default)
         if not isinstance(value, bool):
@@ -390,7 +406,7 @@ class _Reader:
         return TlsConfig(crl=crl, min_version=min_version, **files)
 
     def registry(self, data: Mapping[str, Any]) -> RegistryConfig:
-        table = self.table(data, "registry", ("path", "synchronous"))
+        table = self.table(data, "registry", _REGISTRY_KEYS)
         path = self.path(table, "registry.path", "path", required=True)
         assert path is not None  # required
         if self.check_files and not path.parent.is_dir():
@@ -398,7 +414,20 @@ class _Reader:
         synchronous = self.choice(
             table, "registry.synchronous", "synchronous", "full", SYNCHRONOUS_MODES
         )
-        return RegistryConfig(path=path, synchronous=synchronous)
+        d = RegistryConfig(path=path)
+        return RegistryConfig(
+            path=path,
+            synchronous=synchronous,
+            compact_journal_changes=self.integer(
+                table, "registry.compact_journal_changes", "compact_journal_changes",
+                d.compact_journal_changes, 0, U32_MAX),
+            compact_journal_ratio=self.number(
+                table, "registry.compact_journal_ratio", "compact_journal_ratio",
+                d.compact_journal_ratio, MAX_RATIO),
+            compact_min_interval=self.seconds(
+                table, "registry.compact_min_interval", "compact_min_interval",
+                d.compact_min_interval, zero_ok=True),
+        )
 
     def provisioning(self, data: Mapping[str, Any]) -> ProvisioningConfig:
         table = self.table(data, "provisioning", ("file",))
@@ -504,6 +533,7 @@ _SECTIONS = (
     "gateways",
 )
 _LIMIT_KEYS = tuple(LimitsConfig.__dataclass_fields__)
+_REGISTRY_KEYS = tuple(RegistryConfig.__dataclass_fields__)
 
 
 def _is_control(ch: str) -> bool:

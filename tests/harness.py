@@ -21,8 +21,8 @@ from pathlib import Path
 from msgd.config import Config, load_config
 from msgd.gateway import GatewayClient, GatewayUe, client_context
 from msgd.registry.provisioning import read_provisioning_csv
-from msgd.registry.store import Registry
 from msgd.server.daemon import Server
+from msgd.server.main import open_registry
 from msgd.tls.contexts import load_server_tls
 from tests.pki import Pki
 
@@ -130,7 +130,7 @@ def demo_deployment(state_dir: Path) -> Deployment:
 async def running_server(dep: Deployment) -> AsyncIterator[Server]:
     """msgd in this event loop (the same code path as the daemon, minus signals)."""
     config = dep.config()
-    registry = Registry.open(config.registry.path, synchronous=config.registry.synchronous)
+    registry = open_registry(config.registry)
     registry.replace_provisioning(read_provisioning_csv(config.provisioning.file))
     loop = asyncio.get_running_loop()
     registry.start(loop)

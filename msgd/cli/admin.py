@@ -5,6 +5,8 @@
     msgctl registry count                 registered / provisioned / pending
     msgctl registry show UE               one UE (its registration and provisioning)
     msgctl registry list [--gateway G]    registered UEs, optionally of one gateway
+    msgctl registry compact               fold the journal into the snapshot now (online
+                                          compaction; msgd keeps serving meanwhile)
     msgctl provision import FILE          add or replace the UEs of a provisioning CSV (all
                                           of them in one transaction, or none)
     msgctl provision remove UE            remove one UE's provisioning
@@ -196,6 +198,8 @@ def add_parsers(commands: Any) -> None:
     listing = add(registry_commands, "list", "registered UEs", _list)
     listing.add_argument("--gateway", metavar="G", help="only UEs registered through G")
     listing.add_argument("--limit", type=int, metavar="N", help="at most N UEs")
+    add(registry_commands, "compact", "fold the journal into the snapshot now, while msgd "
+        "serves (it also runs on its own: [registry] compact_*)", _compact)
     provision = commands.add_parser(
         "provision", help="change provisioning at once",
         description="Change provisioning at once. " + ADMIN_RULE)
@@ -277,6 +281,8 @@ def _render_status(status: dict[str, Any], out: TextIO) -> None:
         f"{reg['pending']} pending ({reg['path']})",
         f"provisioning {reg['admin_overrides']} admin changes kept over the provisioning file",
     ]
+    if "journal" in reg:
+        lines.append(_journal_line(reg))
     for cert in status["tls"]["certificates"]:
         lines.append(f"certificate  {cert['role']}: {cert['subject']}, expires "
                      f"{cert['not_after']} ({cert['days_left']} days)")
@@ -324,6 +330,42 @@ def _count(args: argparse.Namespace) -> int:
 def _render_count(result: dict[str, Any], out: TextIO) -> None:
     out.write(f"{result['registered']} registered, {result['provisioned']} provisioned, "
               f"{result['pending']} pending\n")
+
+
+def _journal_line(reg: dict[str, Any]) -> str:
+    journal, files, compaction = reg["journal"], reg["file_bytes"], reg["compaction"]
+    text = (f"journal      {journal['changes']} changes in {journal['rows']} rows "
+            f"({_mib(journal['bytes'])}); file {_mib(files['main'])} + WAL "
+            f"{_mib(files['wal'])}")
+    last = compaction["last"]
+    if compaction["running"]:
+        text += "; compacting now"
+    elif last is not None:
+        outcome = "ok" if last["ok"] else f"FAILED: {last['error']}"
+        text += f"; last compaction {last['ended_at']} ({last['seconds']:g} s, {outcome})"
+    return text
+
+
+def _mib(octets: int) -> str:
+    return f"{octets / 2**20:.1f} MiB"
+
+
+def _compact(args: argparse.Namespace) -> int:
+    return _request(args, "registry.compact", _render_compact)
+
+
+def _render_compact(result: dict[str, Any], out: TextIO) -> None:
+    before, after = result["before"], result["after"]
+    if not result["changes_folded"]:
+        out.write("nothing to fold: the journal was empty")
+    else:
+        out.write(f"folded {result['changes_folded']} changes ({result['journal_rows_folded']} "
+                  f"journal rows) into a snapshot of {result['registrations']} registrations "
+                  f"in {result['seconds']:.2f} s")
+    out.write(f"\njournal      {before['journal']['changes']} -> "
+              f"{after['journal']['changes']} changes\n")
+    out.write(f"file         {_mib(sum(before['file_bytes'].values()))} -> "
+              f"{_mib(sum(after['file_bytes'].values()))} (with the WAL)\n")
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -21,6 +21,8 @@ and is answered by one line, {"ok": true, "result": {...}} or {"ok": false, "err
     registry.count                       registered / provisioned / pending counts
     registry.show     {"ue"}             one UE's registration and provisioning (never its key)
     registry.list     {"gateway"?, "limit"?}
+    registry.compact                     fold the journal into the snapshot now (online
+                                         compaction); answers when done, with what it did
     provision.import  {"rows": [{"ue_service_id", "key": hex, "gateways": [...]}]}
                                          all rows in one transaction, or none of them
     provision.remove  {"ue"}
@@ -112,6 +114,7 @@ class ControlServer:
             "gateways": self._gateways,
             "registry.count": self._registry_count,
             "registry.show": self._registry_show,
+            "registry.compact": self._registry_compact,
             "provision.import": self._provision_import,
             "provision.remove": self._provision_remove,
             "provision.forget": self._provision_forget,
@@ -310,6 +313,7 @@ class ControlServer:
                 "provisioned": registry.provisioned_count(),
                 "pending": registry.pending(),
                 "admin_overrides": registry.provisioning.provisioning_overrides(),
+                **_registry_file(registry),
             },
             "tls": {
                 "certificate": str(config.tls.certificate),
@@ -393,6 +397,13 @@ class ControlServer:
                 await writer.drain()  # a slow reader holds this request, not the daemon
                 await asyncio.sleep(0)
         return {"count": count, "gateway": gateway}
+
+    async def _registry_compact(self, _request: dict[str, Any], clog: Any) -> dict[str, Any]:
+        registry = self.server.registry
+        before = _registry_file(registry)
+        clog.info("registry.compact", journal_changes=registry.journal.changes)
+        report = await registry.compact()  # RegistryError: the file keeps what it had
+        return {**report.as_dict(), "before": before, "after": _registry_file(registry)}
 
     async def _provision_import(self, request: dict[str, Any], clog: Any) -> Any:
         raw = request.get("rows")
@@ -489,8 +500,31 @@ class _Failed:
 
 
 _KNOWN = frozenset({"status", "gateways", "registry.count", "registry.show", "registry.list",
-                    "provision.import", "provision.remove", "provision.forget", "drain",
-                    "undrain", "reload", "debug.block"})
+                    "registry.compact", "provision.import", "provision.remove",
+                    "provision.forget", "drain", "undrain", "reload", "debug.block"})
+
+
+def _registry_file(registry: Any) -> dict[str, Any]:
+    """The registry file, its journal and online compaction, as `status` shows them."""
+    journal = registry.journal
+    main, wal = registry.file_sizes()
+    compaction = registry.compaction
+    last = compaction.last
+    return {
+        "journal": {"changes": journal.changes, "rows": journal.rows, "bytes": journal.octets},
+        "file_bytes": {"main": main, "wal": wal},
+        "compaction": {
+            "running": compaction.running,
+            "succeeded": compaction.ok_count,
+            "failed": compaction.failed_count,
+            "last": None if last is None else {
+                "ok": last.ok, "error": last.error, "trigger": last.trigger,
+                "ended_at": _iso(dt.datetime.fromtimestamp(last.started_at + last.seconds,
+                                                           dt.UTC)),
+                "seconds": round(last.seconds, 3), "changes_folded": last.changes_folded,
+                "registrations": last.registrations},
+        },
+    }
 
 
 def _ue_param(request: dict[str, Any]) -> str:

@@ -23,15 +23,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from msgd.procedures import Procedure
 from wire.constants import ErrorCause, FailureCause
+
+if TYPE_CHECKING:
+    from msgd.registry.store import Registry
 
 __all__ = ["PROCEDURES", "Metrics", "certificate_inventory"]
 
@@ -121,6 +124,13 @@ class Metrics:
         )
         self.loop_lag = Gauge(
             "msgd_event_loop_lag_seconds", "Lateness of the last event-loop probe", registry=r
+        )
+        self.loop_lag_samples = Histogram(
+            "msgd_event_loop_lag_sample_seconds",
+            "Lateness of a timer probing the event loop every 100 ms (its p99 is the loop's "
+            "responsiveness; the watchdog's once-a-second probe feeds the gauges)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
         )
         self.loop_lag_max = Gauge(
             "msgd_event_loop_lag_max_seconds",
@@ -280,6 +290,11 @@ class Metrics:
         if pending is not None:
             self.pending.set_function(pending)
 
+    def bind_registry(self, registry: Registry) -> None:
+        """Journal size, file size and online compaction, read from `registry` at scrape time
+        (plain attribute reads and a stat(); nothing that waits for the writer)."""
+        self.registry.register(_RegistryCollector(registry))
+
     def set_certificates(self, items: Iterable[tuple[str, str, dt.datetime]]) -> None:
         """The configured certificates: (role, subject, not_after); see certificate_inventory."""
         self.certificates.configured = list(items)
@@ -384,6 +399,61 @@ class _CertificateCollector(Collector):
         for identity, not_after in sorted(soonest.items()):
             gateways.add_metric((identity,), _days(not_after, now))
         yield gateways
+
+
+class _RegistryCollector(Collector):
+    """The registry file and its online compaction, computed at scrape time."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+    def collect(self) -> Iterator[Any]:
+        registry = self._registry
+        journal = registry.journal
+        for name, help_text, value in (
+            ("msgd_registry_journal_changes",
+             "Changes in the registry journal not yet folded into the snapshot", journal.changes),
+            ("msgd_registry_journal_rows", "Rows (group commits) in the registry journal",
+             journal.rows),
+            ("msgd_registry_journal_bytes", "Octets of the registry journal's rows",
+             journal.octets),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        files = GaugeMetricFamily("msgd_registry_file_bytes",
+                                  "Size of the registry file and of its WAL on disk",
+                                  labels=("file",))
+        main, wal = registry.file_sizes()
+        files.add_metric(("main",), main)
+        files.add_metric(("wal",), wal)
+        yield files
+        compaction = registry.compaction
+        runs = CounterMetricFamily("msgd_registry_compactions",
+                                   "Online compactions of the registry, by result",
+                                   labels=("result",))
+        runs.add_metric(("success",), compaction.ok_count)
+        runs.add_metric(("failure",), compaction.failed_count)
+        yield runs
+        yield GaugeMetricFamily("msgd_registry_compaction_running",
+                                "1 while an online compaction runs",
+                                value=1 if compaction.running else 0)
+        last = compaction.last
+        ended = GaugeMetricFamily(
+            "msgd_registry_last_compaction_timestamp_seconds",
+            "Unix time the last online compaction ended (absent before the first)")
+        took = GaugeMetricFamily("msgd_registry_last_compaction_duration_seconds",
+                                 "How long the last online compaction took")
+        folded = GaugeMetricFamily("msgd_registry_last_compaction_changes",
+                                   "Changes the last online compaction folded into the snapshot")
+        if last is not None:
+            ended.add_metric((), last.started_at + last.seconds)
+            took.add_metric((), last.seconds)
+            folded.add_metric((), last.changes_folded)
+        yield ended
+        yield took
+        yield folded
 
 
 def _days(when: dt.datetime, now: dt.datetime) -> float:

@@ -16,7 +16,7 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeAlias
 
 from msgd.errors import MsgdError
@@ -27,9 +27,11 @@ __all__ = [
     "Value",
     "apply_journal",
     "decode_gateway_names",
+    "decode_snapshot_chunk",
     "encode_batch",
     "encode_gateway_names",
     "encode_snapshot_chunk",
+    "fold_journal",
     "load_snapshot_chunk",
 ]
 
@@ -199,8 +201,10 @@ def encode_batch(
     return _seal(parts), n_names
 
 
-def apply_journal(blob: object, regs: dict[str, Value], names: list[str]) -> int:
-    """Replay one journal row into `regs`; returns the number of ops."""
+def _read_journal(
+    blob: object, names: list[str]
+) -> tuple[int, bytes, array[int], list[str], list[bytes]]:
+    """Decode one journal row, extending `names` with the gateways it introduces."""
     reader = _open_blob(blob)
     n_ops, first_new, n_new, n_profiles = reader.unpack(_JOURNAL_HEAD)
     new_names = reader.strs(n_new)
@@ -212,6 +216,12 @@ def apply_journal(blob: object, regs: dict[str, Value], names: list[str]) -> int
     ues = reader.strs(n_ops)
     profiles = reader.blobs(n_profiles)
     reader.end()
+    return n_ops, kinds, gws, ues, profiles
+
+
+def apply_journal(blob: object, regs: dict[str, Value], names: list[str]) -> int:
+    """Replay one journal row into `regs`; returns the number of ops."""
+    n_ops, kinds, gws, ues, profiles = _read_journal(blob, names)
     next_profile = 0
     try:
         for kind, gw, ue in zip(kinds, gws, ues, strict=True):
@@ -226,26 +236,66 @@ def apply_journal(blob: object, regs: dict[str, Value], names: list[str]) -> int
                 raise BlobFormatError(f"unknown op {kind}")
     except IndexError:
         raise BlobFormatError("index out of range") from None
-    if next_profile != n_profiles:
+    if next_profile != len(profiles):
         raise BlobFormatError("profile count mismatch")
     return n_ops
 
 
-def encode_snapshot_chunk(items: list[tuple[str, Value]], gw_index: dict[str, int]) -> bytes:
-    keys: list[str] = []
+def fold_journal(
+    blob: object, changes: dict[str, Value | None], names: list[str], *, slice_ops: int = 2_048
+) -> Iterator[int]:
+    """Fold one journal row into `changes`: each UE's latest value, None where de-registered.
+
+    apply_journal() with tombstones: online compaction merges the changes into the old
+    snapshot, where a de-registration must remove an entry that `changes` never held. A row
+    can hold 20 000 ops, so this yields the number of ops folded after every `slice_ops`,
+    and the caller may pause between slices (the row is decoded once, up front).
+    """
+    n_ops, kinds, gws, ues, profiles = _read_journal(blob, names)
+    next_profile = 0
+    for start in range(0, n_ops, slice_ops):
+        stop = min(n_ops, start + slice_ops)
+        try:
+            for kind, gw, ue in zip(kinds[start:stop], gws[start:stop], ues[start:stop],
+                                    strict=True):
+                if kind == _REGISTER:
+                    changes[ue] = names[gw]
+                elif kind == _REGISTER_PROFILE:
+                    changes[ue] = (names[gw], profiles[next_profile])
+                    next_profile += 1
+                elif kind == _DEREGISTER:
+                    changes[ue] = None
+                else:
+                    raise BlobFormatError(f"unknown op {kind}")
+        except IndexError:
+            raise BlobFormatError("index out of range") from None
+        yield stop - start
+    if next_profile != len(profiles):
+        raise BlobFormatError("profile count mismatch")
+
+
+def encode_snapshot_chunk(
+    keys: list[str], values: Iterable[Value], gw_index: dict[str, int]
+) -> bytes:
+    """One snapshot chunk of the registrations keys[i] -> values[i].
+
+    Parallel lists rather than (key, value) pairs: online compaction builds them while msgd
+    runs, and a million short-lived pair tuples would only feed the garbage collector.
+    """
     gws: list[int] = []
     positions: list[int] = []
     profiles: list[bytes] = []
-    for position, (ue, value) in enumerate(items):
-        keys.append(ue)
+    for position, value in enumerate(values):
         if value.__class__ is str:
             gws.append(gw_index[value])  # type: ignore[index]
         else:
             gws.append(gw_index[value[0]])
             positions.append(position)
             profiles.append(value[1])  # type: ignore[arg-type]
+    if len(gws) != len(keys):
+        raise ValueError("keys and values differ in length")
     parts = [
-        _SNAPSHOT_HEAD.pack(len(items), len(profiles)),
+        _SNAPSHOT_HEAD.pack(len(keys), len(profiles)),
         *_pack_strs(keys),
         _u32s(gws),
         _u32s(positions),
@@ -255,7 +305,9 @@ def encode_snapshot_chunk(items: list[tuple[str, Value]], gw_index: dict[str, in
     return _seal(parts)
 
 
-def load_snapshot_chunk(blob: object, regs: dict[str, Value], names: list[str]) -> None:
+def _read_snapshot_chunk(
+    blob: object, names: list[str]
+) -> tuple[list[str], array[int], array[int], list[bytes]]:
     reader = _open_blob(blob)
     count, n_profiles = reader.unpack(_SNAPSHOT_HEAD)
     keys = reader.strs(count)
@@ -267,14 +319,28 @@ def load_snapshot_chunk(blob: object, regs: dict[str, Value], names: list[str]) 
         raise BlobFormatError("gateway index out of range")
     if positions and max(positions) >= count:
         raise BlobFormatError("profile position out of range")
+    return keys, gws, positions, profiles
+
+
+def load_snapshot_chunk(blob: object, regs: dict[str, Value], names: list[str]) -> None:
+    keys, gws, positions, profiles = _read_snapshot_chunk(blob, names)
     before = len(regs)
     # The bulk of a start: dict built from zip/map without a Python-level loop.
     regs.update(zip(keys, map(names.__getitem__, gws), strict=True))
     for position, profile in zip(positions, profiles, strict=True):
         regs[keys[position]] = (names[gws[position]], profile)
-    if len(regs) - before != count:
+    if len(regs) - before != len(keys):
         raise BlobFormatError("a registration appears twice")
 
+
+def decode_snapshot_chunk(blob: object, names: list[str]) -> tuple[list[str], list[Value]]:
+    """A snapshot chunk as parallel lists of UE ids and values (online compaction reads the
+    old snapshot through it without building a dict of it)."""
+    keys, gws, positions, profiles = _read_snapshot_chunk(blob, names)
+    values: list[Value] = list(map(names.__getitem__, gws))
+    for position, profile in zip(positions, profiles, strict=True):
+        values[position] = (names[gws[position]], profile)
+    return keys, values
 
 
 def encode_gateway_names(names: list[str]) -> bytes:

@@ -33,7 +33,7 @@ __all__ = [
 
 log = logging.getLogger("msgd.registry")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x4D534744  # "MSGD": tells our files from other SQLite databases
 SYNCHRONOUS_MODES = ("full", "normal")
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -97,10 +97,27 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
     conn.execute(_ADMIN_TABLE)
 
 
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    """Schema 4 names the live snapshot chunks in `meta` (snapshot_chunk_first/_end).
+
+    Online compaction writes a new snapshot beside the live one and switches to it by
+    changing these two keys, so a reader must know which chunks are live. A schema 3 file
+    holds only live chunks (compaction replaced them all in one transaction). The version
+    bump also keeps an older msgd, which would read every chunk, off a schema 4 file.
+    """
+    first, end = conn.execute(
+        "SELECT coalesce(min(chunk), 0), coalesce(max(chunk) + 1, 0) FROM snapshot").fetchone()
+    conn.executemany(
+        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+        [("snapshot_chunk_first", first), ("snapshot_chunk_end", end)],
+    )
+
+
 # from-version -> function that upgrades a database at that version to from-version + 1
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
 }
 
 
@@ -230,31 +247,6 @@ def _check_file(path: Path) -> int:
             f"{SCHEMA_VERSION}; refusing to start, the file is left untouched"
         )
     return version if tables else 0
-
-
-def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == 0:
-        steps: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [(0, _create_schema)]
-    else:
-        steps = [(v, MIGRATIONS[v]) for v in range(version, SCHEMA_VERSION)]
-    for from_version, step in steps:
-        target = SCHEMA_VERSION if from_version == 0 else from_version + 1
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            step(conn)
-            conn.execute(f"PRAGMA user_version = {target}")
-            conn.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (target,)
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        if from_version:
-            log.info("registry %s: migrated schema %d -> %d", path, from_version, target)
-    # An interrupted replace_provisioning() leaves its staging table; it was never live.
-    conn.execute("DROP TABLE IF EXISTS provisioning_load")
 
 
 def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:

@@ -13,7 +13,8 @@ process at any instant). `Registry` keeps that promise:
   rolled back here to the last durable state.
 * The durable state is a snapshot plus the journal rows after it (`snapshot`, encoded by
   `blobs`); `schema` opens, checks and migrates the file; compaction rewrites the snapshot at
-  open (large journal) and at close.
+  open (large journal) and at close, and online, on the writer thread, while msgd serves
+  (`compaction`).
 * The provisioned subscriber store (`provisioning_store`) is in the same file and writes
   through the same writer; `Registry.provisioning` is it.
 
@@ -39,10 +40,11 @@ from typing import TypeAlias
 
 from msgd.errors import RegistryError
 from msgd.registry.blobs import Op, Value
+from msgd.registry.compaction import CompactionPolicy, CompactionReport, Compactor
 from msgd.registry.provisioning import ProvisionedUe
 from msgd.registry.provisioning_store import ProvisioningStore
 from msgd.registry.schema import SYNCHRONOUS_MODES, open_file
-from msgd.registry.snapshot import State, compact, worth_compacting
+from msgd.registry.snapshot import JournalSize, State, compact, worth_compacting
 from msgd.registry.sql import one_line
 from msgd.registry.writer import Writer
 
@@ -82,18 +84,28 @@ class Registry:
         *,
         commit_interval: float,
         max_batch: int,
+        compaction: CompactionPolicy,
+        synchronous: str = "full",
     ) -> None:
         """Internal: use Registry.open()."""
-        regs, names, journal_seq, _ops = state
+        regs, names = state.regs, state.names
         self._path = path
         self._lock_fd = lock_fd
         self._regs = regs
         self._names = names  # append-only while running; the index is the journal's reference
         self._gw_canon = {name: name for name in names}
         self._gw_index = {name: index for index, name in enumerate(names)}
-        self._writer = Writer(path, conn, names, self._gw_index, journal_seq,
-                              commit_interval=commit_interval, max_batch=max_batch)
+        self._writer = Writer(path, conn, names, self._gw_index, state.journal_seq,
+                              state.journal, commit_interval=commit_interval,
+                              max_batch=max_batch)
         self._ops = self._writer.ops  # submit_* append here; the writer takes from it
+        writer = self._writer
+        self._compactor = Compactor(
+            conn, path, journal_seq=lambda: writer.journal_seq, journal=writer.journal,
+            registered=regs.__len__, policy=compaction, wake=writer.wake,
+            garbage=state.garbage, synchronous=synchronous,
+            changes_waiting=writer.ops.__len__)
+        writer.compactor = self._compactor
 
         # Loop-thread state.
         self._next_seq = 0  # last seq handed out
@@ -118,11 +130,14 @@ class Registry:
         synchronous: str = "full",
         commit_interval: float = 0.001,
         max_batch: int = 20000,
+        compaction: CompactionPolicy | None = None,
     ) -> Registry:
         """Open (create, migrate, check, load) the registry at `path`; blocking.
 
         `synchronous` is SQLite's PRAGMA synchronous: "full" (default) syncs the WAL on every
         commit and so survives power loss; "normal" survives a process crash only.
+        `compaction` says when the writer folds the journal into the snapshot while running
+        (default: CompactionPolicy()).
         Raises RegistryCorruptError for a file that fails its check (it is never modified) and
         RegistryError when the file cannot be opened or is in use by another process.
         """
@@ -136,7 +151,8 @@ class Registry:
         lock_fd, conn, state = open_file(path, mode)
         try:
             registry = cls(
-                path, conn, lock_fd, state, commit_interval=commit_interval, max_batch=max_batch
+                path, conn, lock_fd, state, commit_interval=commit_interval, max_batch=max_batch,
+                compaction=compaction or CompactionPolicy(), synchronous=mode,
             )
         except BaseException as exc:
             conn.close()
@@ -144,7 +160,7 @@ class Registry:
             if isinstance(exc, sqlite3.Error):
                 raise RegistryError(f"registry {path}: {one_line(exc)}") from None
             raise
-        regs, _names, _seq, journal_ops = state
+        regs, journal_ops = state.regs, state.journal.changes
         if worth_compacting(journal_ops, len(regs)):
             registry._compact()
         log.info(
@@ -394,7 +410,41 @@ class Registry:
         """Rewrite the snapshot from memory; only when memory equals the durable state
         (nothing pending, the writer stopped or not started)."""
         writer = self._writer
-        compact(writer.conn, self._path, self._regs, self._names, writer.journal_seq)
+        if compact(writer.conn, self._path, self._regs, self._names, writer.journal_seq):
+            writer.journal.changes = writer.journal.rows = writer.journal.octets = 0
+            self._compactor.forget_garbage()
+
+    # -- online compaction --------------------------------------------------------------------
+
+    async def compact(self) -> CompactionReport:
+        """Fold the journal into the snapshot now, while changes go on (`msgctl registry
+        compact`); returns what it did. Raises RegistryError if it failed (the file keeps
+        the snapshot and journal it had) or the registry closed meanwhile."""
+        if self._closed or self._writer.refusal is not None:
+            raise RegistryError(f"registry {self._writer.refusal or 'is closed'}")
+        if not self._writer.started:
+            raise RuntimeError("registry not started")
+        return await asyncio.wrap_future(self._compactor.request())
+
+    @property
+    def compaction(self) -> Compactor:
+        """The online compaction's state (`running`, `phase`, `last`, counts): read-only."""
+        return self._compactor
+
+    @property
+    def journal(self) -> JournalSize:
+        """The live journal: changes, rows and octets not yet folded into the snapshot."""
+        return self._writer.journal
+
+    def file_sizes(self) -> tuple[int, int]:
+        """(main file, WAL) sizes in octets, as on disk now (any thread)."""
+        sizes = []
+        for suffix in ("", "-wal"):
+            try:
+                sizes.append(os.stat(f"{self._path}{suffix}").st_size)
+            except OSError:
+                sizes.append(0)
+        return sizes[0], sizes[1]
 
     async def close(self) -> None:
         """Flush pending changes, stop the writer, compact and close the file."""

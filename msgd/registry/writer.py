@@ -12,6 +12,10 @@ loop thread, which alone can roll memory back consistently, tells it where the f
 ends (`resume(cut)`). Jobs (provisioning writes, test hooks) run between batches on the same
 connection, also while a failed batch awaits its cut, so a caller blocked in a job cannot
 deadlock the writer. Before start() jobs run inline in the caller.
+
+Online compaction (`compaction.Compactor`) also runs here, one bounded step after each batch
+(or back to back while no change is queued), so a commit never waits behind a whole
+compaction, only behind one step of it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from typing import Any
 
 from msgd.errors import RegistryError
 from msgd.registry.blobs import Op, encode_batch
+from msgd.registry.checkpoint import Checkpointer
+from msgd.registry.compaction import Compactor
+from msgd.registry.snapshot import JournalSize
 from msgd.registry.sql import describe, one_line, rollback_quietly
 
 __all__ = ["Writer"]
@@ -59,6 +66,7 @@ class Writer:
         names: list[str],
         gw_index: dict[str, int],
         journal_seq: int,
+        journal: JournalSize,
         *,
         commit_interval: float,
         max_batch: int,
@@ -92,8 +100,11 @@ class Writer:
         self._taken = 0  # last seq taken from ops
         self._awaiting_cut = False
         self.journal_seq = journal_seq  # last journal row written durably
+        self.journal = journal  # the live journal's size (compaction takes from it)
         self._gw_durable = len(names)  # gateway names the journal holds durably
         self._failing = False
+        self.compactor: Compactor | None = None  # set by the registry before start()
+        self.checkpointer: Checkpointer | None = None  # while the thread runs
 
     @property
     def started(self) -> bool:
@@ -103,6 +114,12 @@ class Writer:
         """Start the thread; `notify()` is called (from it) after each posted completion."""
         with self._inline_lock:  # waits for an inline job to finish
             self._notify = notify
+            # Checkpoints move to their own thread (checkpoint.py): no commit waits for one.
+            self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+            page_size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+            self.checkpointer = Checkpointer(self.path, page_size)
+            if self.compactor is not None:
+                self.compactor.wrote = self.checkpointer.wrote
             self._thread = threading.Thread(
                 target=self._main, name="msgd-registry-writer", daemon=True
             )
@@ -120,6 +137,9 @@ class Writer:
             self._stopping = True
             self.wake.set()
             thread.join()
+        checkpointer, self.checkpointer = self.checkpointer, None
+        if checkpointer is not None:
+            checkpointer.close()
 
     def resume(self, cut: int) -> None:
         """Loop thread, after a failure: drop the queued changes up to `cut` and go on."""
@@ -186,6 +206,8 @@ class Writer:
                 self._jobs.clear()
             for _job, future in leftovers:
                 future.set_exception(RegistryError("registry is closed"))
+            if self.compactor is not None:
+                self.compactor.abandon("is closed")
 
     def _step(self) -> bool:
         """One round: apply a cut, commit a batch, step a job, or sleep. False = stop."""
@@ -205,6 +227,17 @@ class Writer:
         if self._jobs:  # provisioning goes on while a failed batch awaits its cut
             self._job_step()
             worked = True
+        checkpointer = self.checkpointer
+        if checkpointer is not None and checkpointer.finish_wanted:
+            checkpointer.finish_wanted = False
+            self._finish_checkpoint()
+            worked = True
+        compactor = self.compactor
+        # One bounded step per round, so batches and compaction steps alternate. Closing
+        # drops a compaction (the close compacts offline anyway).
+        if compactor is not None and not self._stopping and compactor.ready():
+            compactor.step()
+            worked = True
         if worked:
             return True
         if self._stopping and not self._awaiting_cut and not self.ops and not self._jobs:
@@ -219,14 +252,29 @@ class Writer:
             self.idle = False
         return True
 
+    def _finish_checkpoint(self) -> None:
+        """Copy what commits added during the background checkpoint, so that the next commit
+        rewinds the WAL (checkpoint.py says why only this thread can)."""
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:  # the background thread reports lasting failures
+            log.debug("registry %s: checkpoint on the writer failed: %s", self.path,
+                      one_line(exc))
+
     def _has_work(self) -> bool:
+        checkpointer = self.checkpointer
+        if checkpointer is not None and checkpointer.finish_wanted:
+            return True
+        compacting = self.compactor is not None and self.compactor.ready()
         if self._awaiting_cut:
-            return self._cut is not None or bool(self._jobs)
-        return bool(self.ops) or bool(self._jobs) or self._stopping
+            return self._cut is not None or bool(self._jobs) or compacting
+        return bool(self.ops) or bool(self._jobs) or self._stopping or compacting
 
     def _commit_batch(self) -> None:
         ops = self.ops
-        if len(ops) < self._gather_below and self._commit_interval and not self._stopping:
+        compacting = self.compactor is not None and self.compactor.running
+        if (len(ops) < self._gather_below and self._commit_interval and not self._stopping
+                and not compacting):  # (a compaction step just let the queue fill)
             time.sleep(self._commit_interval)  # a small queue: let it fill (group commit)
         batch = [ops.popleft() for _ in range(min(len(ops), self._max_batch))]
         first = self._taken + 1
@@ -254,6 +302,14 @@ class Writer:
             return
         self.journal_seq += 1
         self._gw_durable = n_names
+        journal = self.journal
+        journal.changes += len(batch)
+        journal.rows += 1
+        journal.octets += len(blob)
+        if self.checkpointer is not None:
+            self.checkpointer.wrote(len(blob))
+        if self.compactor is not None:
+            self.compactor.committed()
         if self._failing:
             self._failing = False
             log.warning("registry %s: commits succeed again", self.path)
@@ -268,6 +324,8 @@ class Writer:
             future.set_exception(exc)
         else:
             future.set_result(result)
+        if self.checkpointer is not None:
+            self.checkpointer.request()  # a provisioning write may be large
 
     def _post(self, message: tuple[Any, ...]) -> None:
         """Hand a completion to whoever drains the outbox (one wake per batch)."""

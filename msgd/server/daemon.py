@@ -88,6 +88,7 @@ class Server:
             registry.provisioned_count,
             registry.pending,
         )
+        self.metrics.bind_registry(registry)
         self._set_certificate_metrics(tls)
 
     @property

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from msgd.config import Config, load_config
+from msgd.config import Config, RegistryConfig, load_config
 from msgd.errors import (
     ConfigError,
     MsgdError,
@@ -28,13 +28,14 @@ from msgd.errors import (
 from msgd.log import get_logger, setup_logging
 from msgd.ops.control import ControlServer
 from msgd.ops.systemd import Notifier
-from msgd.ops.watchdog import run_watchdog
+from msgd.ops.watchdog import run_lag_probe, run_watchdog
+from msgd.registry.compaction import CompactionPolicy
 from msgd.registry.provisioning import read_provisioning_csv
 from msgd.registry.store import Registry
 from msgd.server.daemon import Server, fmt_address
 from msgd.tls.contexts import ServerTls, load_server_tls
 
-__all__ = ["main", "parse_args", "serve"]
+__all__ = ["main", "open_registry", "parse_args", "serve"]
 
 log = get_logger("msgd.server")
 
@@ -70,6 +71,7 @@ async def serve(
         await control.start()
     watchdog = loop.create_task(run_watchdog(
         notifier.watchdog_interval(), notifier, server.metrics, registry, server.refresh_status))
+    lag_probe = loop.create_task(run_lag_probe(server.metrics))
     # The listener is bound and the registry loaded: only now READY=1.
     server.mark_ready()
     await stop.wait()
@@ -79,8 +81,22 @@ async def serve(
     server.metrics.close()
     await registry.close()
     watchdog.cancel()
+    lag_probe.cancel()
     log.info("server.stopped")
     return 0
+
+
+def open_registry(config: RegistryConfig) -> Registry:
+    """Registry.open() with what [registry] says (the tests' in-process daemon uses it too)."""
+    return Registry.open(
+        config.path,
+        synchronous=config.synchronous,
+        compaction=CompactionPolicy(
+            journal_changes=config.compact_journal_changes,
+            journal_ratio=config.compact_journal_ratio,
+            min_interval=config.compact_min_interval,
+        ),
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -148,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"msgd: {exc}", file=sys.stderr)
         return 2
     try:
-        registry = Registry.open(config.registry.path, synchronous=config.registry.synchronous)
+        registry = open_registry(config.registry)
     except RegistryCorruptError as exc:
         print(f"msgd: {exc}", file=sys.stderr)
         return 3

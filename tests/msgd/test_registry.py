@@ -886,6 +886,7 @@ def test_migrates_schema_2(path: Path) -> None:
     reg.close_sync()
     conn = sqlite3.connect(path)  # make it what msgd with schema 2 left behind
     conn.execute("DROP TABLE provisioning_admin")
+    conn.execute("DELETE FROM meta WHERE key LIKE 'snapshot_chunk_%'")
     conn.execute("UPDATE meta SET value = 2 WHERE key = 'schema_version'")
     conn.execute("PRAGMA user_version = 2")
     conn.commit()
@@ -899,6 +900,6 @@ def test_migrates_schema_2(path: Path) -> None:
         assert reg.provisioning.provisioning_overrides() == 1
     finally:
         reg.close_sync()
-    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(3,)]
+    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(4,)]
     assert query(path, "SELECT ue_service_id, key, gateways FROM provisioning_admin") == [
         ("ue-new", bytes(32), "gw-b")]

@@ -1,0 +1,484 @@
+"""Online compaction: the journal folded into a new snapshot while msgd serves.
+
+The durable state is the live snapshot (chunks [snapshot_chunk_first, snapshot_chunk_end))
+plus the journal rows after snapshot_seq (`snapshot`). A compaction builds the state as of
+journal row `covered` (the last row committed when it begins) from the file alone, never
+from memory:
+
+1. it deletes what an earlier compaction or clean-up left unfinished (garbage);
+2. it folds the journal rows (snapshot_seq, covered] into `changes`, each UE's latest value
+   (None: de-registered); memory holds only those UEs, not the registry;
+3. it streams the live snapshot chunk by chunk, drops the UEs `changes` names, and writes the
+   rest as new chunks numbered after every chunk in the table, then the UEs `changes`
+   registers;
+4. in ONE transaction it points `meta` at the new chunks, with snapshot_seq = covered;
+5. it deletes the old chunks and the journal rows up to `covered` (now garbage).
+
+So the new snapshot is exactly what a load would compute from rows up to `covered`, whatever
+the daemon does meanwhile: later commits land in rows after `covered`, which stay and are
+replayed on top, and a commit that fails never reaches the rows it reads. A kill -9 at any
+instant leaves either the old `meta` (the new chunks are garbage) or the new one (the old
+chunks and rows are garbage), and loads ignore garbage.
+
+Every step runs on the writer thread between group commits (`Writer._step`: a batch, then one
+step) and is bounded: it stops after STEP_BUDGET seconds of work or one chunk written, and
+each write is its own short transaction, so a commit that arrives during a step waits for at
+most about one commit's time, and the event loop only for the GIL slices of that step.
+Policy (`CompactionPolicy`): begin when the live journal holds at least `journal_changes`
+changes and at least `journal_ratio` times the registered UEs, and `min_interval` seconds
+after the previous one ended. docs/registry.md ("Online compaction") has the measurements.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from msgd.errors import RegistryError
+from msgd.registry.blobs import (
+    Value,
+    decode_gateway_names,
+    decode_snapshot_chunk,
+    encode_gateway_names,
+    encode_snapshot_chunk,
+    fold_journal,
+)
+from msgd.registry.snapshot import JournalSize, live_range
+from msgd.registry.sql import describe, one_line, rollback_quietly
+
+__all__ = ["COMPACT_CHUNK", "STEP_BUDGET", "CompactionPolicy", "CompactionReport", "Compactor"]
+
+log = logging.getLogger("msgd.registry")
+
+COMPACT_CHUNK = 4_096  # registrations per chunk written online (~0.5 ms to encode)
+STEP_BUDGET = 0.001  # seconds of work after which a step ends (a commit may be waiting)
+DELETE_OCTETS = 1 << 20  # garbage deleted per step: freeing pages reads overflow chains
+FAILURE_BACKOFF = 10.0  # seconds before an automatic retry after a failed compaction
+_SLICE = 1_024  # entries filtered between budget checks
+
+
+@dataclass(frozen=True)
+class CompactionPolicy:
+    """When the writer begins a compaction on its own ([registry] compact_* keys)."""
+
+    journal_changes: int = 100_000  # 0: never on its own (msgctl registry compact still works)
+    journal_ratio: float = 0.5
+    min_interval: float = 60.0
+
+    def due(self, changes: int, registered: int) -> bool:
+        """Whether a journal of `changes` changes over `registered` UEs is worth folding.
+
+        A compaction rewrites every registration, so it pays for itself once the journal is
+        a fair share of the registry; replaying a change at start costs about what loading
+        a snapshot entry does, so the ratio also bounds the start time.
+        """
+        return (self.journal_changes > 0 and changes >= self.journal_changes
+                and changes >= self.journal_ratio * registered)
+
+
+@dataclass
+class CompactionReport:
+    """What one compaction did (`msgctl registry compact` shows it; metrics the last one)."""
+
+    trigger: str  # "journal" (the policy), "manual" (msgctl) or "cleanup" (garbage only)
+    started_at: float  # Unix time
+    ok: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+    covered_seq: int = 0  # journal rows up to this one are folded
+    registrations: int = 0  # in the new snapshot
+    changes_folded: int = 0
+    journal_rows_folded: int = 0
+    journal_octets_folded: int = 0
+    chunks_written: int = 0
+    garbage_rows_deleted: int = 0
+    garbage_octets_deleted: int = 0
+    steps: int = 0
+    longest_step_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Compactor:
+    """Runs online compactions on the writer thread, one bounded step at a time.
+
+    Threads: request() from any thread; the attributes shown to metrics (`running`, `phase`,
+    `last`, `ok_count`, `failed_count`) are read from any thread; everything else runs on
+    the writer thread, which owns the connection (`Writer` calls committed(), ready(),
+    step() and abandon()).
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        *,
+        journal_seq: Callable[[], int],
+        journal: JournalSize,
+        registered: Callable[[], int],
+        policy: CompactionPolicy,
+        wake: threading.Event,
+        garbage: bool,
+        synchronous: str = "full",
+        changes_waiting: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.conn = conn
+        self._synchronous = synchronous.upper()
+        # Told how much each step wrote (the writer points it at its checkpointer).
+        self.wrote: Callable[[int], None] = lambda octets: None
+        self.path = path
+        self.policy = policy
+        self._journal_seq = journal_seq
+        self.journal = journal
+        self._registered = registered
+        self._changes_waiting = changes_waiting
+        self._wake = wake
+        self._requests: list[concurrent.futures.Future[CompactionReport]] = []
+        self._requests_lock = threading.Lock()
+
+        # Writer-thread state.
+        self._job: Iterator[None] | None = None
+        self._report: CompactionReport | None = None
+        self._waiting: list[concurrent.futures.Future[CompactionReport]] = []
+        self._due: str | None = "cleanup" if garbage else None
+        self._not_before = 0.0  # monotonic: no automatic start before this
+        self._step_started = 0.0
+        self._started = 0.0
+
+        # Shown to other threads (each a single attribute store).
+        self.running = False
+        self.phase = "idle"
+        self.last: CompactionReport | None = None
+        self.ok_count = 0
+        self.failed_count = 0
+        self.steps_total = 0  # steps run, ever (tests kill msgd at a chosen one)
+
+    # -- any thread ---------------------------------------------------------------------------
+
+    def request(self) -> concurrent.futures.Future[CompactionReport]:
+        """Ask for a compaction now; the future gets its report (or RegistryError).
+
+        A compaction already running began before this request, so the request is served by
+        the next one: it folds every change committed before it was asked for.
+        """
+        future: concurrent.futures.Future[CompactionReport] = concurrent.futures.Future()
+        with self._requests_lock:
+            self._requests.append(future)
+        self._wake.set()
+        return future
+
+    # -- writer thread ------------------------------------------------------------------------
+
+    def committed(self) -> None:
+        """A group commit added a journal row (`journal` counts it): begin a compaction if
+        the policy says so."""
+        journal = self.journal
+        if (self._job is None and self._due is None
+                and time.monotonic() >= self._not_before
+                and self.policy.due(journal.changes, self._registered())):
+            self._due = "journal"
+
+    def forget_garbage(self) -> None:
+        """An offline compaction rewrote the file: nothing is left to clean (before start)."""
+        if self._due == "cleanup":
+            self._due = None
+
+    def ready(self) -> bool:
+        """Whether step() has work now."""
+        return self._job is not None or self._due is not None or bool(self._requests)
+
+    def step(self) -> None:
+        """One bounded step: begin a compaction, advance it, or end it."""
+        if self._job is None and not self._begin():
+            return
+        job = self._job
+        report = self._report
+        assert job is not None and report is not None
+        self._step_started = started = time.perf_counter()
+        conn = self.conn
+        # No fsync of its own: the next group commit syncs the WAL, and the WAL's frames
+        # before it with it; until then a power loss can only lose compaction work, and
+        # SQLite keeps the file consistent (a valid prefix of the WAL is replayed).
+        relaxed = self._synchronous == "FULL"
+        try:
+            if relaxed:
+                conn.execute("PRAGMA synchronous = NORMAL")
+            next(job)
+        except StopIteration:
+            self._end(None)
+        except sqlite3.Error as exc:
+            rollback_quietly(self.conn, self.path)
+            self._end(one_line(exc))
+        except Exception as exc:  # a bug must not take the writer (and every commit) down
+            rollback_quietly(self.conn, self.path)
+            log.error("registry %s: online compaction failed", self.path, exc_info=True)
+            self._end(describe(exc))
+        finally:
+            if relaxed:
+                # Group commits must sync again: if this fails, the writer's next commit
+                # fails too (same connection), and nothing is acknowledged unsynced.
+                conn.execute("PRAGMA synchronous = FULL")
+        took = time.perf_counter() - started
+        report.steps += 1
+        report.longest_step_ms = max(report.longest_step_ms, took * 1000)
+        self.steps_total += 1
+
+    def abandon(self, reason: str) -> None:
+        """The writer stops: drop the compaction in progress (its chunks are garbage that the
+        next compaction deletes) and fail whoever waits for one."""
+        if self._job is not None:
+            self._job.close()
+            rollback_quietly(self.conn, self.path)
+            self._job = None
+            self.running = False
+            self.phase = "idle"
+        with self._requests_lock:
+            waiting, self._requests = self._waiting + self._requests, []
+        self._waiting = []
+        for future in waiting:
+            if not future.done():
+                future.set_exception(RegistryError(f"registry {reason}"))
+
+    # -- the job ------------------------------------------------------------------------------
+
+    def _begin(self) -> bool:
+        with self._requests_lock:
+            requests, self._requests = self._requests, []
+        if requests:
+            trigger = "manual"
+        elif self._due is not None:
+            trigger = self._due
+        else:
+            return False
+        self._due = None
+        self._waiting = requests
+        self._report = CompactionReport(trigger=trigger, started_at=time.time())
+        self._started = time.monotonic()
+        self._job = self._run(self._report, fold=trigger != "cleanup")
+        self.running = True
+        log.info("registry %s: online compaction (%s) started: %d changes in %d journal rows",
+                 self.path, trigger, self.journal.changes, self.journal.rows)
+        return True
+
+    def _end(self, error: str | None) -> None:
+        report = self._report
+        assert report is not None
+        report.ok = error is None
+        report.error = error
+        report.seconds = time.monotonic() - self._started
+        self._job = None
+        self._report = None
+        self.running = False
+        self.phase = "idle"
+        self.last = report
+        now = time.monotonic()
+        if error is None:
+            self.ok_count += 1
+            self._not_before = now + self.policy.min_interval
+            if report.trigger != "cleanup" or report.garbage_rows_deleted:
+                log.info(
+                    "registry %s: online compaction (%s) folded %d changes (%d journal rows, "
+                    "%.1f MiB) into a snapshot of %d registrations in %.2f s; deleted %d old "
+                    "rows (%.1f MiB); %d steps, longest %.1f ms",
+                    self.path, report.trigger, report.changes_folded,
+                    report.journal_rows_folded, report.journal_octets_folded / 2**20,
+                    report.registrations, report.seconds, report.garbage_rows_deleted,
+                    report.garbage_octets_deleted / 2**20, report.steps,
+                    report.longest_step_ms)
+        else:
+            self.failed_count += 1
+            self._not_before = now + max(self.policy.min_interval, FAILURE_BACKOFF)
+            # What it wrote is garbage now; the next run deletes it first.
+            log.warning("registry %s: online compaction failed (%s); the snapshot and journal "
+                        "in use are unchanged", self.path, error)
+        waiting, self._waiting = self._waiting, []
+        for future in waiting:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(report)
+            else:
+                future.set_exception(RegistryError(f"registry compaction failed: {error}"))
+
+    def _spent(self) -> bool:
+        """Whether the step should end after the unit of work just done: its budget is used,
+        or changes wait to be committed (each step still does at least one unit)."""
+        return (time.perf_counter() - self._step_started >= STEP_BUDGET
+                or self._changes_waiting())
+
+    def _run(self, report: CompactionReport, *, fold: bool) -> Iterator[None]:
+        """The compaction as a generator: each `yield` ends a step (see the module doc)."""
+        conn = self.conn
+        self.phase = "cleanup"
+        yield from self._delete_garbage(report)
+        if not fold:
+            return
+        snapshot_seq, first, end = live_range(conn)
+        covered = self._journal_seq()  # every row up to it is committed; later ones come after
+        report.covered_seq = covered
+        if covered <= snapshot_seq:
+            return  # nothing to fold
+        (names_blob,) = conn.execute(
+            "SELECT value FROM meta WHERE key = 'snapshot_gateways'").fetchone()
+        names = decode_gateway_names(names_blob)
+
+        # 2. Fold the journal rows the new snapshot will cover.
+        self.phase = "fold"
+        changes: dict[str, Value | None] = {}
+        seq = snapshot_seq
+        while seq < covered:
+            row = conn.execute(
+                "SELECT seq, ops FROM journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT 1",
+                (seq, covered)).fetchone()
+            if row is None:
+                break
+            seq, blob = row
+            for folded in fold_journal(blob, changes, names):
+                report.changes_folded += folded
+                if self._spent():
+                    yield
+            report.journal_rows_folded += 1
+            report.journal_octets_folded += len(blob)
+        # Rows committed after `covered` name gateways from index len(names) on: the new
+        # snapshot's table is exactly the one a load has after replaying up to `covered`.
+        gw_index = {name: index for index, name in enumerate(names)}
+
+        # 3. The live snapshot without the UEs folded, then the UEs the fold registers.
+        self.phase = "write"
+        (base,) = conn.execute("SELECT coalesce(max(chunk) + 1, 0) FROM snapshot").fetchone()
+        out = _Chunk(self, base, gw_index, report)
+        for chunk in range(first, end):
+            (blob,) = conn.execute("SELECT data FROM snapshot WHERE chunk = ?",
+                                   (chunk,)).fetchone()
+            keys, values = decode_snapshot_chunk(blob, names)
+            yield
+            for at in range(0, len(keys), _SLICE):
+                part = keys[at:at + _SLICE]
+                kept = [key not in changes for key in part]
+                out.keys.extend(itertools.compress(part, kept))
+                out.values.extend(itertools.compress(values[at:at + _SLICE], kept))
+                if out.full():
+                    yield  # the encoding and the insert get a step of their own
+                    out.flush()
+                    yield
+                elif self._spent():
+                    yield
+        for key, value in changes.items():
+            if value is not None:
+                out.keys.append(key)
+                out.values.append(value)
+                if out.full():
+                    yield
+                    out.flush()
+                    yield
+        if out.keys:
+            yield
+            out.flush()
+        chunk_no = out.next_chunk
+        yield
+
+        # 4. The switch: one transaction makes the new snapshot the live one.
+        self.phase = "switch"
+        conn.execute("BEGIN IMMEDIATE")
+        if live_range(conn) != (snapshot_seq, first, end):  # nobody else writes these
+            raise RegistryError("the live snapshot changed under the compaction")
+        conn.executemany(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+            [
+                ("snapshot_seq", covered),
+                ("snapshot_count", report.registrations),
+                ("snapshot_gateways", encode_gateway_names(names)),
+                ("snapshot_chunk_first", base),
+                ("snapshot_chunk_end", chunk_no),
+            ],
+        )
+        conn.execute("COMMIT")
+        journal = self.journal
+        journal.changes -= report.changes_folded
+        journal.rows -= report.journal_rows_folded
+        journal.octets -= report.journal_octets_folded
+        del changes
+        yield
+
+        # 5. The old chunks and the folded rows are garbage now.
+        self.phase = "cleanup"
+        yield from self._delete_garbage(report)
+
+    def _delete_garbage(self, report: CompactionReport) -> Iterator[None]:
+        """Delete chunks outside the live range and journal rows the snapshot covers, a few
+        MiB per step (freeing a row's pages reads its overflow chain)."""
+        conn = self.conn
+        while True:
+            seq, first, end = live_range(conn)
+            found = conn.execute(
+                "SELECT chunk, length(data) FROM snapshot WHERE chunk < ? ORDER BY chunk "
+                "LIMIT 64", (first,)).fetchall()
+            found += conn.execute(
+                "SELECT chunk, length(data) FROM snapshot WHERE chunk >= ? ORDER BY chunk "
+                "LIMIT 64", (end,)).fetchall()
+            if found:
+                chosen = _within(found)
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("DELETE FROM snapshot WHERE chunk = ?",
+                                 [(chunk,) for chunk, _size in chosen])
+                conn.execute("COMMIT")
+            else:
+                found = conn.execute(
+                    "SELECT seq, length(ops) FROM journal WHERE seq <= ? ORDER BY seq LIMIT 256",
+                    (seq,)).fetchall()
+                if not found:
+                    return
+                chosen = _within(found)
+                conn.execute("DELETE FROM journal WHERE seq <= ?", (chosen[-1][0],))
+            report.garbage_rows_deleted += len(chosen)
+            freed = sum(size for _key, size in chosen)
+            report.garbage_octets_deleted += freed
+            self.wrote(freed // 64)  # the freelist pages and b-tree leaves it rewrote
+            yield
+
+
+class _Chunk:
+    """The registrations of the next new chunk, as parallel lists (no pair tuples)."""
+
+    def __init__(self, compactor: Compactor, first: int, gw_index: dict[str, int],
+                 report: CompactionReport) -> None:
+        self.compactor = compactor
+        self.next_chunk = first
+        self.gw_index = gw_index
+        self.report = report
+        self.keys: list[str] = []
+        self.values: list[Value] = []
+
+    def full(self) -> bool:
+        return len(self.keys) >= COMPACT_CHUNK
+
+    def flush(self) -> None:
+        """Write (at most COMPACT_CHUNK of) what is gathered as chunk `next_chunk`."""
+        keys, values = self.keys[:COMPACT_CHUNK], self.values[:COMPACT_CHUNK]
+        del self.keys[:COMPACT_CHUNK], self.values[:COMPACT_CHUNK]
+        data = encode_snapshot_chunk(keys, values, self.gw_index)
+        self.compactor.conn.execute("INSERT INTO snapshot(chunk, data) VALUES (?, ?)",
+                                    (self.next_chunk, data))
+        self.compactor.wrote(len(data))
+        self.next_chunk += 1
+        self.report.registrations += len(keys)
+        self.report.chunks_written += 1
+
+
+def _within(rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The first rows whose sizes add up to at most DELETE_OCTETS (at least one)."""
+    total = 0
+    for index, (_key, size) in enumerate(rows):
+        total += size
+        if total > DELETE_OCTETS and index:
+            return rows[:index]
+    return rows
