@@ -5,6 +5,8 @@
     msgctl registry count                 registered / provisioned / pending
     msgctl registry show UE               one UE (its registration and provisioning)
     msgctl registry list [--gateway G]    registered UEs, optionally of one gateway
+    msgctl registry migrate [--dry-run]   the PostgreSQL schema brought up to date (directly,
+                                          from [registry] dsn of --config; msgd/cli/migrate.py)
     msgctl provision import FILE          add or replace the UEs of a provisioning CSV (all
                                           of them in one transaction, or none)
     msgctl provision remove UE            remove one UE's provisioning
@@ -196,6 +198,16 @@ def add_parsers(commands: Any) -> None:
     listing = add(registry_commands, "list", "registered UEs", _list)
     listing.add_argument("--gateway", metavar="G", help="only UEs registered through G")
     listing.add_argument("--limit", type=int, metavar="N", help="at most N UEs")
+    migrate = registry_commands.add_parser(
+        "migrate", help="bring the PostgreSQL registry's schema up to date (msgd does it at "
+        "start too); reads [registry] of --config, not the daemon",
+        description="Bring the PostgreSQL registry's schema up to date.")
+    migrate.add_argument("--config", type=Path, default=DEFAULT_CONFIG, metavar="FILE",
+                         help=f"msgd.toml with [registry] dsn (default {DEFAULT_CONFIG})")
+    migrate.add_argument("--dry-run", action="store_true",
+                         help="show what would be applied, change nothing")
+    migrate.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    migrate.set_defaults(func=_migrate)
     provision = commands.add_parser(
         "provision", help="change provisioning at once",
         description="Change provisioning at once. " + ADMIN_RULE)
@@ -274,7 +286,9 @@ def _render_status(status: dict[str, Any], out: TextIO) -> None:
         f"listening    {status['listen']}",
         f"gateways     {gws['connected']} connected, {gws['configured']} configured",
         f"registry     {reg['registered']} registered, {reg['provisioned']} provisioned, "
-        f"{reg['pending']} pending ({reg['path']})",
+        f"{reg['pending']} pending ({reg.get('path') or reg.get('dsn')})",
+        *([f"registry     UNAVAILABLE since {reg['unavailable_since']}: {reg['problem']}"]
+          if reg.get("available") is False else []),
         f"provisioning {reg['admin_overrides']} admin changes kept over the provisioning file",
     ]
     for cert in status["tls"]["certificates"]:
@@ -324,6 +338,12 @@ def _count(args: argparse.Namespace) -> int:
 def _render_count(result: dict[str, Any], out: TextIO) -> None:
     out.write(f"{result['registered']} registered, {result['provisioned']} provisioned, "
               f"{result['pending']} pending\n")
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from msgd.cli.migrate import run_migrate
+
+    return run_migrate(args)
 
 
 def _show(args: argparse.Namespace) -> int:
