@@ -30,7 +30,7 @@ from msgd.ops.control import ControlServer
 from msgd.ops.systemd import Notifier
 from msgd.ops.watchdog import run_watchdog
 from msgd.registry.provisioning import read_provisioning_csv
-from msgd.registry.store import Registry
+from msgd.registry.service import RegistryService, open_registry
 from msgd.server.daemon import Server, fmt_address
 from msgd.tls.contexts import ServerTls, load_server_tls
 
@@ -40,7 +40,7 @@ log = get_logger("msgd.server")
 
 
 async def serve(
-    config: Config, registry: Registry, tls: ServerTls, notifier: Notifier
+    config: Config, registry: RegistryService, tls: ServerTls, notifier: Notifier
 ) -> int:
     loop = asyncio.get_running_loop()
     registry.start(loop)
@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"msgd: {exc}", file=sys.stderr)
         return 2
     try:
-        registry = Registry.open(config.registry.path, synchronous=config.registry.synchronous)
+        registry = open_registry(config.registry,
+                                 max_pending_writes=config.limits.max_pending_writes)
     except RegistryCorruptError as exc:
         print(f"msgd: {exc}", file=sys.stderr)
         return 3
