@@ -58,6 +58,9 @@ BUSY = Outcome(FailureCause.SERVER_BUSY, BUSY_RETRY_MS)
 _FAILED = {int(cause): Outcome(cause) for cause in FailureCause}
 DEADLOCK_RETRIES = 5
 COUNT_REFRESH = 5.0  # seconds between refreshes of the registered count (STATUS=, gauges)
+# Longest wait between reconnection attempts: a refused connection costs the database
+# nothing, and every second away is a second of SERVER_BUSY for the gateways.
+RECONNECT_MAX = 2.0
 
 _DECIDE = "SELECT entry, failure FROM msgd_decide_v1(%s, %s, %s, %s, %s, %s, %s)"
 
@@ -135,7 +138,8 @@ class PgRegistry:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._rconn: psycopg.AsyncConnection[Any] | None = None
         self._rlock = asyncio.Lock()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # a batch was queued, or close() began
+        self._closed_event = asyncio.Event()  # close() began
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -261,10 +265,12 @@ class PgRegistry:
                 except (psycopg.Error, OSError) as exc:
                     self._set_down(_error_text(exc))
                     self._fail_queued(busy=True)
+                    # Back off; close() ends the wait early. (Not _wake: new batches set it,
+                    # and while the database is away they are answered without the writer.)
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(backoff):
-                            await self._closing_event().wait()
-                    backoff = min(5.0, backoff * 2)
+                            await self._closed_event.wait()
+                    backoff = min(RECONNECT_MAX, backoff * 2)
                     continue
                 backoff = 0.2
                 self._set_up()
@@ -279,10 +285,6 @@ class PgRegistry:
                 continue
             group = self._take_group()
             await self._decide_group(self._conn, group)
-
-    def _closing_event(self) -> asyncio.Event:
-        # Woken by close() (and by new batches, harmlessly): the back-off wait ends early.
-        return self._wake
 
     def _take_group(self) -> list[_Batch]:
         queue = self._queue
@@ -413,13 +415,19 @@ class PgRegistry:
         if self._closed:
             raise RegistryError("registry is closed")
         async with self._rlock:
-            try:
-                conn = await self._read_conn()
-                cur = await conn.execute(query, params)
-                return await cur.fetchall()
-            except psycopg.Error as exc:
-                raise RegistryError(
-                    f"registry {self.dsn_shown}: {_error_text(exc)}") from None
+            # A read is safe to repeat: once more on a fresh connection when the one kept
+            # turned out dead (the database restarted or failed over since the last read).
+            for attempt in (1, 2):
+                try:
+                    conn = await self._read_conn()
+                    cur = await conn.execute(query, params)
+                    return await cur.fetchall()
+                except psycopg.Error as exc:
+                    if attempt == 1 and self._rconn is not None and self._rconn.broken:
+                        continue
+                    raise RegistryError(
+                        f"registry {self.dsn_shown}: {_error_text(exc)}") from None
+        raise AssertionError("unreachable")
 
     async def lookup(self, ue_service_id: str) -> Registration | None:
         """The committed registration of a UE, or None."""
@@ -443,6 +451,10 @@ class PgRegistry:
         async with self._rlock:
             try:
                 conn = await self._read_conn()
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute("SELECT 1")  # a dead connection is replaced first
+                if conn.broken:
+                    conn = await self._read_conn()
                 async with conn.transaction(), conn.cursor(name="msgd_scan") as cur:
                     await cur.execute(query, params)
                     while True:
@@ -521,6 +533,7 @@ class PgRegistry:
             return
         self._closing = True
         self._wake.set()
+        self._closed_event.set()
         if self._tasks:
             writer = self._tasks[0]
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,106 @@
+"""PostgreSQL away and back under a running msgd node (issue 14, "When PostgreSQL is away"):
+entries fail with STORAGE_FAILURE or SERVER_BUSY with Retry after, the node stays up and keeps
+its watchdog fed, STATUS= and `msgctl status` say what is wrong, and service resumes by
+itself when the database returns. The node has a cluster of its own: this test stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+from tests.harness import ChildServer, connect
+from tests.ops.conftest import Manager
+from tests.ops.msgctl import Msgctl, control_ready
+from tests.pgcluster import PgCluster, cluster_root
+from tests.postgres.conftest import pg_node
+from wire.constants import FailureCause
+
+GW1 = "gw1.example"
+BUSY, STORAGE = FailureCause.SERVER_BUSY, FailureCause.STORAGE_FAILURE
+
+
+async def status_line(manager: Manager, fragment: str, timeout: float = 30.0) -> str:
+    """The first STATUS= sent after the manager's cursor that contains `fragment`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for _when, lines in manager.messages[manager.cursor:]:
+            for line in lines:
+                if line.startswith("STATUS=") and fragment in line:
+                    return line
+        assert time.monotonic() < deadline, f"no STATUS= with {fragment!r}"
+        await asyncio.sleep(0.05)  # polling what systemd received for a condition, bounded
+
+
+async def test_database_away_then_back(tmp_path: Path, pki, sock_dir: Path, capsys) -> None:
+    root = cluster_root()
+    cluster = PgCluster(root)
+    manager = Manager(sock_dir / "notify")
+    child: ChildServer | None = None
+    try:
+        await asyncio.to_thread(lambda: cluster.init().start())
+        dsn = cluster.dsn(await asyncio.to_thread(cluster.create_database))
+        dep = pg_node(tmp_path, pki, dsn, name="node-a", control=sock_dir / "a.ctl",
+                      ues={f"ue-{i}@example": [GW1] for i in range(10)})
+        child = ChildServer(dep, env={"NOTIFY_SOCKET": str(manager.path),
+                                      "WATCHDOG_USEC": "2000000"}, provisioning_index=False)
+        await asyncio.to_thread(child.start)
+        await control_ready(child)
+        msgctl = Msgctl(sock_dir / "a.ctl", capsys)
+        gw = await connect(dep, child.address, GW1, busy_retries=0)
+        try:
+            assert (await gw.register(dep.ue("ue-0@example"))).ok
+
+            # PostgreSQL crashes (immediate stop: no goodbye to its clients).
+            await asyncio.to_thread(cluster.stop, "immediate")
+            first = await gw.register(dep.ue("ue-1@example"))
+            assert first.cause in (STORAGE, BUSY), first
+            # Once the writer found it cannot reconnect: SERVER_BUSY with a Retry after.
+            second = await gw.register(dep.ue("ue-2@example"))
+            assert second.cause == BUSY and second.retry_after and second.retry_after > 0
+            code, status = await msgctl.json("status")
+            assert code == 0 and status["registry"]["backend"] == "postgresql"
+            assert status["registry"]["available"] is False
+            assert status["registry"]["problem"] and status["registry"]["unavailable_since"]
+            assert cluster.password not in str(status)
+            human = await msgctl.ok("status")
+            assert "registry     UNAVAILABLE since" in human
+            assert "registry: database unavailable: " in await status_line(
+                manager, "registry: database unavailable")
+            # The node stays up and healthy for systemd: the watchdog keeps pinging (a
+            # restart would not bring the database back).
+            await manager.await_for("WATCHDOG=1")
+            await manager.await_for("WATCHDOG=1")
+            assert child.proc is not None and child.proc.poll() is None
+
+            # A gateway that keeps retrying SERVER_BUSY gets through once the database is
+            # back, without msgd being restarted.
+            patient = await connect(dep, child.address, GW1, busy_retries=30)
+            try:
+                waiting = asyncio.create_task(patient.register(dep.ue("ue-3@example")))
+                await asyncio.to_thread(cluster.start)
+                assert (await waiting).ok
+            finally:
+                await patient.close()
+            assert (await gw.register(dep.ue("ue-4@example"))).ok
+            code, status = await msgctl.json("status")
+            assert status["registry"]["available"] is True
+            assert status["registry"]["problem"] is None
+            code, shown = await msgctl.json("registry", "show", "ue-3@example")
+            assert code == 0 and shown["registered"]
+            manager.cursor = len(manager.messages)
+            assert "registry:" not in await status_line(manager, "UEs registered")
+        finally:
+            await gw.close()
+        assert child.terminate() == 0
+        log = child.log_text()
+        assert "event=registry.unavailable" in log and "event=registry.available" in log
+        assert "Traceback" not in log and cluster.password not in log
+    finally:
+        if child is not None and child.proc is not None and child.proc.poll() is None:
+            child.kill9()
+        manager.close()
+        await asyncio.to_thread(cluster.stop, "immediate")
+        shutil.rmtree(root, ignore_errors=True)
