@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,3 +183,32 @@ async def test_kill9_of_a_node_loses_nothing_acknowledged(nodes, pg_dsn) -> None
     finally:
         await gw1_b.close()
     assert all(r.ok for r in removed.values()) and len(removed) == len(acked)
+
+
+async def test_provisioning_is_the_csv_of_every_node(nodes, tmp_path: Path) -> None:
+    """Provisioning comes from [provisioning] file on every node (docs/scale-out.md): admin
+    changes, which would live on one node only, are refused with the reason; a UE added to
+    the file and reloaded on both nodes can register through either."""
+    node_a, node_b = nodes
+    rows = tmp_path / "import.csv"
+    rows.write_text("ue_service_id,key,gateways\nnew@example," + "ab" * 32 + ",gw1.example\n")
+    code, _out, err = await node_a.msgctl("provision", "import", str(rows))
+    assert code == 1 and "every node reads the same [provisioning] file" in err
+    code, _out, err = await node_b.msgctl("provision", "remove", "ue-0001@example")
+    assert code == 1 and "not available with [registry] backend" in err
+    # The operator's way: the same file on every node, then a reload of each.
+    fresh = {**{u: [GW1, GW2] for u in node_a.dep.keys}, "new@example": [GW1]}
+    node_a.dep.write_provisioning(
+        (u, node_a.dep.keys.get(u) or bytes(range(32)), gws) for u, gws in fresh.items())
+    shutil.copy(node_a.dep.dir / "ues.csv", node_b.dep.dir / "ues.csv")
+    for node in nodes:
+        assert "2001 UEs provisioned" in await node.msgctl.ok("reload")
+    ue = node_a.dep.ue("new@example")
+    gw_b = await node_b.gateway(GW1)
+    gw_a = await node_a.gateway(GW1)
+    try:
+        assert (await gw_b.register(ue)).ok
+        assert (await gw_a.deregister(ue)).ok
+    finally:
+        await gw_a.close()
+        await gw_b.close()
