@@ -84,7 +84,7 @@ class RegistryConfig:
     dsn: str | None = field(default=None, repr=False)
     statement_timeout: float = 5.0
     connect_timeout: float = 5.0
-    max_batch: int = 10_000
+    max_batch: int = 2_000  # a group in flight at most half a connection's bulk_window
 
 
 @dataclass(frozen=True)
@@ -434,7 +434,7 @@ class _Reader:
                                            "statement_timeout", 5.0, zero_ok=False),
             connect_timeout=self.seconds(table, "registry.connect_timeout", "connect_timeout",
                                          5.0, zero_ok=False),
-            max_batch=self.integer(table, "registry.max_batch", "max_batch", 10_000, 1,
+            max_batch=self.integer(table, "registry.max_batch", "max_batch", 2_000, 1,
                                    1_000_000),
         )
 

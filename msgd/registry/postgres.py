@@ -70,7 +70,10 @@ class PgSettings:
     dsn: str
     statement_timeout: float = 5.0  # seconds; a statement running longer fails its entries
     connect_timeout: float = 5.0  # seconds per connection attempt (libpq connect_timeout)
-    max_batch: int = 10_000  # entries per transaction (one group commit)
+    # Entries per transaction (one group commit). At most half of [limits] bulk_window (4096):
+    # a connection whose whole window is in the group in flight stops reading until it
+    # commits, so decoding and the database would take turns instead of overlapping.
+    max_batch: int = 2_000
     unavailable_retry_ms: int = 1_000  # Retry after of SERVER_BUSY while the database is away
     application_name: str = "msgd"
 
@@ -437,7 +440,7 @@ class PgRegistry:
         if not rows:
             return None
         gateway, profile = rows[0]
-        return Registration(ue_service_id, gateway, bytes(profile) if profile else None)
+        return Registration(ue_service_id, gateway, bytes(profile) if profile is not None else None)
 
     async def scan(self, gateway: str | None = None) -> AsyncGenerator[Registration, None]:
         """Every committed registration (of `gateway`), streamed through a server cursor."""
@@ -462,7 +465,8 @@ class PgRegistry:
                         if not rows:
                             break
                         for ue, gw, profile in rows:
-                            yield Registration(ue, gw, bytes(profile) if profile else None)
+                            yield Registration(
+                                ue, gw, bytes(profile) if profile is not None else None)
             except psycopg.Error as exc:
                 raise RegistryError(
                     f"registry {self.dsn_shown}: {_error_text(exc)}") from None

@@ -24,7 +24,7 @@ def test_postgresql_keys_and_defaults(conf_dir: Path) -> None:  # noqa: F811
     assert registry.backend == "postgresql" and registry.path is None
     assert registry.dsn is not None and registry.dsn.endswith("target_session_attrs=read-write")
     assert (registry.statement_timeout, registry.connect_timeout, registry.max_batch) == (
-        5.0, 5.0, 10_000)
+        5.0, 5.0, 2_000)
     assert "pw-in-dsn" not in repr(registry)
     path.write_text(PG.replace("[provisioning]", "statement_timeout = 2.5\nconnect_timeout = 1\n"
                                "max_batch = 500\n[provisioning]"))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from tests.harness import ChildServer, connect
+from tests.harness import ROOT, ChildServer, connect
 from tests.ops.conftest import Manager
 from tests.ops.msgctl import Msgctl, control_ready
 from tests.pgcluster import PgCluster, cluster_root
@@ -104,3 +106,20 @@ async def test_database_away_then_back(tmp_path: Path, pki, sock_dir: Path, caps
         manager.close()
         await asyncio.to_thread(cluster.stop, "immediate")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_node_that_cannot_reach_its_database_at_start_exits_1_naming_it_without_password(
+        tmp_path: Path, pki, pg_cluster) -> None:
+    """Exit code 1 (a runtime failure: systemd's Restart=on-failure tries again), one line,
+    the DSN shown without its password."""
+    from bench.pgcluster import free_port
+
+    dsn = pg_cluster.dsn("msgd").replace(f":{pg_cluster.port}/", f":{free_port()}/")
+    dep = pg_node(tmp_path, pki, dsn, name="node-a")
+    proc = subprocess.run([sys.executable, "-m", "msgd", "--config", str(dep.config_path)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("msgd: registry ") and "password=***" in last
+    assert "Connection refused" in last
+    assert pg_cluster.password not in proc.stderr + proc.stdout
