@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,24 +157,58 @@ async def test_two_gateways_on_two_nodes_racing_end_with_one_owner_per_ue(
     print(f"taken over before gw1 de-registered: {taken} of {len(uids)}")
 
 
+async def _node_waits_on_a_lock(dsn: str, timeout: float = 30.0) -> None:
+    """Until a msgd connection waits on a row lock in the database."""
+    deadline = time.monotonic() + timeout
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while True:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'msgd' "
+                "AND wait_event_type = 'Lock'")
+            row = await cur.fetchone()
+            if row and row[0]:
+                return
+            assert time.monotonic() < deadline, "no msgd connection waits on the lock"
+            await asyncio.sleep(0.02)  # polling the database for a condition, bounded
+
+
 async def test_kill9_of_a_node_loses_nothing_acknowledged(nodes, pg_dsn) -> None:
-    """A node is killed with SIGKILL in the middle of a bulk registration: every UE it
-    answered SUCCESS for is in the database, and the other node serves it at once."""
+    """A node is killed with SIGKILL in the middle of a bulk registration (while one of its
+    groups waits on a row lock the test holds, so the kill is sure to find changes in
+    flight): every UE it answered SUCCESS for is in the database, and the other node serves
+    them at once."""
     node_a, node_b = nodes
     uids = [f"ue-{i:04d}@example" for i in range(2000)]
+    blocker = uids[1900]
+    gw1_b = await node_b.gateway(GW1)
+    try:
+        assert (await gw1_b.register(node_b.dep.ue(blocker))).ok
+    finally:
+        await gw1_b.close()
+    lock = await psycopg.AsyncConnection.connect(pg_dsn)
+    await lock.execute("SELECT 1 FROM msgd_registration WHERE ue_service_id = %s FOR UPDATE",
+                       (blocker,))
     gw1 = await node_a.gateway(GW1)
     acked: set[str] = set()
+
+    async def bulk() -> None:
+        try:
+            async for result in gw1.bulk_register([node_a.dep.ue(u) for u in uids]):
+                assert result.ok, result
+                acked.add(result.ue_service_id)
+        except ConnectionLost:
+            pass
+
+    running = asyncio.create_task(bulk())
     try:
-        async for result in gw1.bulk_register([node_a.dep.ue(u) for u in uids]):
-            assert result.ok, result
-            acked.add(result.ue_service_id)
-            if len(acked) == 700:
-                node_a.child.kill9()
-    except ConnectionLost:
-        pass
+        await _node_waits_on_a_lock(pg_dsn)
+        node_a.child.kill9()
+        await running
     finally:
+        await lock.rollback()
+        await lock.close()
         await gw1.close()
-    assert 700 <= len(acked) < len(uids)
+    assert 0 < len(acked) < len(uids) and blocker not in acked
     final = owners(pg_dsn)
     assert acked <= set(final) and all(final[u] == GW1 for u in acked)
     # Node B answers for every acknowledged UE: its gateway de-registers them.
