@@ -189,3 +189,29 @@ async def test_a_killed_connection_fails_its_group_and_the_next_one_reconnects(
         assert set(await asyncio.to_thread(owners, pg_dsn)) == {"ue-1", "ue-3"}
     finally:
         await registry.close()
+
+
+async def test_groups_stay_fast_after_the_table_was_emptied_and_vacuumed(pg_dsn: str) -> None:
+    """A session's cached plans must not outlive the table's size: bulk-register, bulk
+    de-register, VACUUM ANALYZE (the table looks empty), then register again on the same
+    connection. With a plan cached while the table was empty, each group walked the whole
+    table per UE and failed with statement_timeout as the table grew back."""
+    import psycopg as pg
+
+    registry = await opened(pg_dsn, statement_timeout=1.0)
+    try:
+        ues = [f"vac-{i:06d}" for i in range(30_000)]
+
+        async def bulk(register: bool) -> None:
+            for first in range(0, len(ues), 2_000):
+                changes = [Change(u, register, None) for u in ues[first:first + 2_000]]
+                outcomes = await decide(registry, "gw-a", changes)
+                assert outcomes == [SUCCESS] * len(changes), set(outcomes)
+
+        await bulk(True)
+        await bulk(False)
+        async with await pg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            await conn.execute("VACUUM (ANALYZE) msgd_registration")
+        await bulk(True)
+    finally:
+        await registry.close()
