@@ -25,11 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from wire.bulk import BulkReader
 from wire.constants import IEI, MessageType
 from wire.events import NEED_DATA, BulkEntryReceived
 from wire.messages import (
+    ENTRY_DECODERS,
     BulkMessage,
-    BulkReader,
     Hello,
     Profile,
     RegistrationEntry,
@@ -133,7 +134,7 @@ def measure_decode(n: int, profile: Profile | None, repeat: int) -> dict[str, fl
     raws = [encode_entry(e)[3:] for e in items]
 
     def reader() -> None:
-        r = BulkReader(REG)
+        r = BulkReader(REG, ENTRY_DECODERS)
         r.phase = 2
         feed = r.feed_entry
         for raw in raws:
@@ -144,7 +145,7 @@ def measure_decode(n: int, profile: Profile | None, repeat: int) -> dict[str, fl
             floor_entry(raw)
 
     # Sanity: the floor and the codec see the same entries.
-    r = BulkReader(REG)
+    r = BulkReader(REG, ENTRY_DECODERS)
     r.phase = 2
     assert [r.feed_entry(raw) for raw in raws[:50]] == items[:50]
     assert floor_entry(raws[0])[0] == items[0].ue_service_id

@@ -3,13 +3,17 @@
 What a user of the protocol needs is here; the submodules hold the details:
 
 * `session`: `Session` in the SERVER or GATEWAY role, driven by `receive_data(data, now)`,
-  `next_event()`, the `send_*` calls, `data_to_send()` and the timer pair;
+  `next_event()`, the `send_*` calls, `data_to_send()` and the timer pair; its two state
+  machines (`SessionState`, and `TxnState` for each transaction) are tables in that module;
 * `events`: what `next_event()` returns;
 * `messages`: one dataclass per message and entry, `encode_message` / `decode_body`;
+* `bulk`: bulk messages across frames, `BulkReader` (given `ENTRY_DECODERS`) and `BulkWriter`,
+  for framing a bulk without a session;
 * `constants`: message types, IEIs, causes, limits; `errors`: one exception base per kind;
 * `credential`: the UE credential of wire-v1 §6; `frames`, `ies`: the layers below messages.
 """
 
+from .bulk import BulkReader, BulkWriter
 from .constants import ErrorCause, FailureCause, MessageType, Operation, Result
 from .credential import compute_proof, verify_proof
 from .errors import LocalProtocolError, WireError
@@ -17,6 +21,7 @@ from .events import (
     NEED_DATA,
     PAUSED,
     BulkEnded,
+    BulkEntriesReceived,
     BulkEntryReceived,
     BulkStarted,
     ConnectionClosed,
@@ -31,6 +36,7 @@ from .events import (
     TransactionFailed,
 )
 from .messages import (
+    ENTRY_DECODERS,
     DeregistrationEntry,
     DeregistrationResponseEntry,
     Error,
@@ -47,16 +53,22 @@ from .messages import (
     UeRegistrationRequest,
     UeRegistrationResponse,
     decode_body,
+    decode_profile,
     encode_message,
+    profile_octets,
 )
-from .session import Limits, Role, Session, SessionState
+from .session import Limits, Role, Session, SessionState, TxnState
 
 __all__ = [
+    "ENTRY_DECODERS",
     "NEED_DATA",
     "PAUSED",
     "BulkEnded",
+    "BulkEntriesReceived",
     "BulkEntryReceived",
+    "BulkReader",
     "BulkStarted",
+    "BulkWriter",
     "ConnectionClosed",
     "DeregistrationEntry",
     "DeregistrationResponseEntry",
@@ -88,6 +100,7 @@ __all__ = [
     "Session",
     "SessionState",
     "TransactionFailed",
+    "TxnState",
     "UeDeregistrationRequest",
     "UeDeregistrationResponse",
     "UeRegistrationRequest",
@@ -95,6 +108,8 @@ __all__ = [
     "WireError",
     "compute_proof",
     "decode_body",
+    "decode_profile",
     "encode_message",
+    "profile_octets",
     "verify_proof",
 ]

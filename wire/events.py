@@ -7,7 +7,7 @@ from typing import Any
 
 from .constants import ErrorCause, MessageType
 from .errors import EntryError, WireError
-from .messages import Error, Goodbye, Hello, HelloAck, frozen_twin
+from .messages import Error, Goodbye, Hello, HelloAck, frozen_builder
 
 
 class Event:
@@ -64,8 +64,24 @@ class BulkEntryReceived(Event):
     error: EntryError | None = None
 
 
-# Built on the session's hot path without the frozen __init__ (see messages.frozen_twin).
-_BulkEntryReceivedTwin = frozen_twin(BulkEntryReceived)
+# Built on the session's hot path without the frozen __init__ (see messages.frozen_builder).
+_build_bulk_entry_received = frozen_builder(BulkEntryReceived)
+
+
+@dataclass(frozen=True, slots=True)
+class BulkEntriesReceived(Event):
+    """Consecutive entries of a bulk message whose octets were complete together, from a
+    session made with `batch_entries=True`: `entries[i]` is entry number `first_index + i`,
+    decoded, or an EntryError for a malformed one (FailureCause.INVALID_ENTRY for that entry
+    only). What BulkEntryReceived is one at a time, for a user that decides entries in
+    batches (the server: one registry call per batch)."""
+
+    transaction_id: int
+    first_index: int
+    entries: list[Any]
+
+
+_build_bulk_entries_received = frozen_builder(BulkEntriesReceived)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,9 @@
 """The 12-octet frame header and the frame buffer of wire-v1 §2.
 
+The header's layout is declared once, `FrameHeaderStruct`; `FRAME_HEADER`, the `struct` the hot
+paths use, is derived from it, and nothing outside this module packs or unpacks a header
+(`encode_frame`, `decode_header`, `body_length_of`, `FrameBuffer`).
+
 `FrameBuffer` checks version, reserved flags and the announced maximum body size as soon as a
 header is complete, *before* any body octet is buffered for it (as h2's frame buffer does), so
 a peer cannot make us hold more than one maximum-size frame.
@@ -21,7 +25,7 @@ from .constants import (
 )
 from .errors import FrameTooLarge, InvalidFrame, UnsupportedVersion
 
-# The declaration; `FRAME_HEADER` below is the same layout for the hot path (tests hold them equal).
+# wire-v1 §2: the one declaration of the header's layout.
 FrameHeaderStruct = cs.Struct(
     "version" / cs.Int8ub,
     "message_type" / cs.Int8ub,
@@ -29,7 +33,10 @@ FrameHeaderStruct = cs.Struct(
     "transaction_id" / cs.Int32ub,
     "body_length" / cs.Int32ub,
 )
-FRAME_HEADER = struct.Struct(">BBHII")
+# The same layout as a `struct`, read off the declaration: construct takes ~11 µs to parse a
+# header, struct ~0.15 µs.
+FRAME_HEADER = struct.Struct(
+    ">" + "".join(sub.subcon.fmtstr.lstrip("<>=!") for sub in FrameHeaderStruct.subcons))
 assert FRAME_HEADER.size == FrameHeaderStruct.sizeof() == HEADER_SIZE
 
 # Compact the buffer once this many consumed octets sit at its front.
@@ -47,6 +54,15 @@ class FrameHeader:
     @property
     def more(self) -> bool:
         return bool(self.flags & FrameFlag.MORE)
+
+
+def encode_frame(
+    message_type: int, transaction_id: int, body: bytes, *, more: bool = False
+) -> bytes:
+    """One frame: the header (MORE set when `more`) followed by `body`."""
+    flags = FrameFlag.MORE if more else 0
+    return (FRAME_HEADER.pack(PROTOCOL_VERSION, message_type, flags, transaction_id, len(body))
+            + body)
 
 
 def body_length_of(header: bytes | bytearray) -> int:
@@ -138,6 +154,33 @@ class FrameBuffer:
         else:
             self._pos = end
         return item
+
+    def read_run(self, limit: int, iei: int, most: int) -> tuple[list[bytes], int]:
+        """Up to `most` consecutive complete IEs with IEI `iei` within `limit` octets: their
+        values and the octets they took. Stops, consuming nothing of it, at the first IE that
+        is incomplete, another IEI, or would run past `limit` (read_ie then says which)."""
+        buf = self._buf
+        pos = start = self._pos
+        size = len(buf)
+        values: list[bytes] = []
+        append = values.append
+        end_limit = pos + limit
+        while len(values) < most:
+            if size - pos < 3 or buf[pos] != iei:
+                break
+            end = pos + 3 + ((buf[pos + 1] << 8) | buf[pos + 2])
+            if end > size or end > end_limit:
+                break
+            append(bytes(buf[pos + 3 : end]))
+            pos = end
+        used = pos - start
+        if used:
+            if pos >= _COMPACT_AT or pos == size:
+                del buf[:pos]
+                self._pos = 0
+            else:
+                self._pos = pos
+        return values, used
 
     def clear(self) -> None:
         """Forget everything buffered (the connection is closed)."""

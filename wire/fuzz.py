@@ -108,8 +108,9 @@ def run_frames(data: bytes) -> None:
 
 
 def _message_kinds() -> list[tuple[str, Any]]:
+    from .bulk import BULK_SPECS
     from .ies import IE_VALUE
-    from .messages import BULK_SPECS, ENTRY_SPECS, MESSAGE_SPECS
+    from .messages import ENTRY_SPECS, MESSAGE_SPECS
 
     return ([("message", t) for t in MESSAGE_SPECS] + [("entry", i) for i in ENTRY_SPECS]
             + [("profile", None), ("split", None)] + [("ie", i) for i in IE_VALUE]
@@ -175,11 +176,12 @@ def _decode_single(wire: bytes) -> Any:
 
 
 def _run_bulk_reader(message_type: Any, body: bytes) -> None:
+    from .bulk import BulkReader
     from .errors import WireError
     from .ies import split_ies
-    from .messages import BulkReader
+    from .messages import ENTRY_DECODERS
 
-    reader = BulkReader(message_type)
+    reader = BulkReader(message_type, ENTRY_DECODERS)
     try:
         for iei, raw in split_ies(body):
             reader.feed_ie(iei, raw)
@@ -342,28 +344,34 @@ def _finish(session: Any) -> None:
 
 def check_sent(data: bytes) -> None:
     """Every frame we send is well-formed: a peer decodes it without error."""
-    from .constants import BULK_MESSAGES, RESERVED_FLAGS, MessageType
+    from .constants import BULK_MESSAGES, HEADER_SIZE, MAX_FRAME_SIZE_LIMIT, MessageType
     from .errors import WireError
-    from .frames import FRAME_HEADER
+    from .frames import check_header, decode_header
     from .ies import split_ies
     from .messages import decode_body
 
     pos = 0
     while pos < len(data):
-        if len(data) - pos < 12:
+        raw_header = data[pos : pos + HEADER_SIZE]
+        if len(raw_header) < HEADER_SIZE:
             raise FuzzFailure("we sent a truncated frame header")
-        version, mtype, flags, tid, length = FRAME_HEADER.unpack_from(data, pos)
-        body = data[pos + 12 : pos + 12 + length]
-        if version != 1 or flags & RESERVED_FLAGS or len(body) != length:
-            raise FuzzFailure(f"we sent a bad frame header {data[pos:pos + 12].hex()}")
+        header = decode_header(raw_header)
+        length = header.body_length
+        body = data[pos + HEADER_SIZE : pos + HEADER_SIZE + length]
         try:
-            if mtype in BULK_MESSAGES:
+            check_header(header, MAX_FRAME_SIZE_LIMIT)
+        except WireError as exc:
+            raise FuzzFailure(f"we sent a bad frame header {raw_header.hex()}: {exc}") from exc
+        if len(body) != length:
+            raise FuzzFailure(f"we sent a frame shorter than its header {raw_header.hex()}")
+        try:
+            if header.message_type in BULK_MESSAGES:
                 split_ies(body)
             else:
-                decode_body(MessageType(mtype), tid, body)
+                decode_body(MessageType(header.message_type), header.transaction_id, body)
         except (WireError, ValueError) as exc:
             raise FuzzFailure(f"we sent a frame the peer cannot decode: {exc}") from exc
-        pos += 12 + length
+        pos += HEADER_SIZE + length
 
 
 def run_session(role_name: str, data: bytes) -> None:

@@ -289,8 +289,9 @@ def _fast_fixed_bytes(name: str, length: int) -> FastCodec:
 def text_or_none(raw: bytes, start: int, end: int, min_len: int, max_len: int,
                  no_controls: bool = True) -> str | None:
     """raw[start:end] as text when it is min_len..max_len octets of UTF-8 (and, with
-    no_controls, holds no C0/C1 control: wire-v1 §3); else None. The one text check of the
-    codec: the IE decoders below and the hand-written entry shortcuts (messages) use it."""
+    no_controls, holds no C0/C1 control: wire-v1 §3); else None. With `octets_or_none`, the
+    one text check of the fast codec: the IE codecs below and the hand-written entry
+    shortcuts (messages) use them; the construct reference (`Utf8Text`) has its own."""
     if end - start < min_len or end - start > max_len:
         return None
     try:
@@ -303,9 +304,19 @@ def text_or_none(raw: bytes, start: int, end: int, min_len: int, max_len: int,
     return text
 
 
-def _fast_text(name: str, min_len: int, max_len: int, no_controls: bool) -> FastCodec:
-    search = _CONTROL.search
+def octets_or_none(text: str, min_len: int, max_len: int,
+                   no_controls: bool = True) -> bytes | None:
+    """`text` in UTF-8 when that is min_len..max_len octets and (with no_controls) `text`
+    holds no C0/C1 control; else None. text_or_none's rule, for encoding."""
+    data = text.encode("utf-8")
+    if len(data) < min_len or len(data) > max_len:
+        return None
+    if no_controls and not text.isprintable() and _CONTROL.search(text):
+        return None
+    return data
 
+
+def _fast_text(name: str, min_len: int, max_len: int, no_controls: bool) -> FastCodec:
     def decode(raw: bytes) -> str:
         text = text_or_none(raw, 0, len(raw), min_len, max_len, no_controls)
         if text is not None:
@@ -320,13 +331,13 @@ def _fast_text(name: str, min_len: int, max_len: int, no_controls: bool) -> Fast
         raise InvalidMessage(f"IE {name}: control character")
 
     def encode(value: str) -> bytes:
-        data = value.encode("utf-8")
-        n = len(data)
+        data = octets_or_none(value, min_len, max_len, no_controls)
+        if data is not None:
+            return data
+        n = len(value.encode("utf-8"))  # say what is wrong (the rare path)
         if n < min_len or n > max_len:
             raise ValueError(f"IE {name}: length {n} outside {min_len}..{max_len} octets")
-        if no_controls and search(value):
-            raise ValueError(f"IE {name}: control character")
-        return data
+        raise ValueError(f"IE {name}: control character")
 
     return FastCodec(decode, encode)
 

@@ -548,14 +548,14 @@ def _loggable(cmd: str, request: dict[str, Any]) -> dict[str, Any]:
 def _profile(raw: bytes | None) -> Any:
     if raw is None:
         return None
-    from wire.messages import PROFILE_SPEC, decode_group
+    from wire.messages import decode_profile, message_fields
 
     try:
-        profile = decode_group(PROFILE_SPEC, raw)
+        profile = decode_profile(raw)
     except Exception:  # stored as received; show the octets if they no longer decode
         return {"raw": raw.hex()}
     shown = {}
-    for name, value in dataclasses.asdict(profile).items():
+    for name, value in message_fields(profile).items():
         if value is None:
             continue
         shown[name] = value.hex() if isinstance(value, bytes) else value

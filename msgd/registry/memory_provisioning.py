@@ -37,6 +37,11 @@ class MemoryProvisioning:
     def provisioned(self, ue_service_id: str) -> ProvisionedUe | None:
         return self._rows.get(ue_service_id)
 
+    def key_and_gateways(self, ue_service_id: str) -> tuple[bytes, frozenset[str]] | None:
+        """What the per-UE rules need of a provisioned UE (server.rules), or None."""
+        row = self._rows.get(ue_service_id)
+        return None if row is None else (row.key, row.gateways)
+
     def provisioned_count(self) -> int:
         return len(self._rows)
 

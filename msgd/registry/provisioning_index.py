@@ -74,8 +74,12 @@ class ProvisioningIndex:
             self._request()
 
     def close(self) -> None:
-        """A build in progress gives up; none starts again."""
-        self._closed = True
+        """A build in progress gives up, none starts again, and lookups stop answering from
+        memory: a closed store refuses every lookup (RegistryError), whether or not its index
+        had been published by then (which depends on the builder thread's timing)."""
+        with self._lock:
+            self._closed = True
+            self.published = None
 
     def _request(self) -> None:
         """rebuild() for a caller that holds _lock."""

@@ -203,6 +203,18 @@ class ProvisioningStore:
             gateways = self._gwset_cache[text] = decode_gateways(text)
         return make_provisioned(ue_service_id, key, gateways)
 
+    def key_and_gateways(self, ue_service_id: str) -> tuple[bytes, frozenset[str]] | None:
+        """What the per-UE rules need of a provisioned UE (K_ue and the gateways allowed to
+        serve it), or None: provisioned() without building a row, for the hot path."""
+        index = self._index.published
+        if index is not None:
+            value = index[0].get(ue_service_id)
+            if value is None:
+                return None
+            return value[:32], index[1][(value[32] << 8) | value[33]]
+        row = self.provisioned(ue_service_id)
+        return None if row is None else (row.key, row.gateways)
+
     def provisioned_count(self) -> int:
         """Number of provisioned UEs (kept as a counter; counting rows would scan the table)."""
         return self._prov_count

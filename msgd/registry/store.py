@@ -257,7 +257,10 @@ class Registry:
         self._ops.append(op)
         self._next_seq = seq = self._next_seq + 1
         writer = self._writer
-        if writer.idle:  # see Writer._step for why this cannot miss a wake-up
+        # See Writer._step for why this cannot miss a wake-up. An event already set needs no
+        # second set(): it takes the event's lock, and a bulk would take it per change until
+        # the writer thread runs (2.5 % of the loop thread in a profile of a bulk).
+        if writer.idle and not writer.wake.is_set():
             writer.wake.set()
         return seq
 

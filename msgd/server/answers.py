@@ -20,6 +20,7 @@ from wire.messages import (
     RegistrationResponseEntry,
     UeDeregistrationResponse,
     UeRegistrationResponse,
+    frozen_builder,
 )
 from wire.session import Session
 
@@ -32,9 +33,10 @@ _RESPONSE = {
     Procedure.REGISTRATION: UeRegistrationResponse,
     Procedure.DEREGISTRATION: UeDeregistrationResponse,
 }
+# Built without the frozen __init__ (one per answered entry; wire.messages.frozen_builder).
 _ENTRY = {
-    Procedure.BULK_REGISTRATION: RegistrationResponseEntry,
-    Procedure.BULK_DEREGISTRATION: DeregistrationResponseEntry,
+    Procedure.BULK_REGISTRATION: frozen_builder(RegistrationResponseEntry),
+    Procedure.BULK_DEREGISTRATION: frozen_builder(DeregistrationResponseEntry),
 }
 _FIRST_BULK = Procedure.BULK_REGISTRATION
 
@@ -112,11 +114,15 @@ class AnswerQueue:
         count: Callable[[dict[tuple[Procedure, FailureCause | None], int]], None],
     ) -> None:
         """Encode into `session` the answers of the decided batches at the head, in order;
-        `count` those sent, by (procedure, cause actually sent), in one call."""
+        `count` those sent, by (procedure, cause actually sent), in one call. Consecutive
+        entries of one bulk go to the session in one call (send_bulk_entries)."""
         order = self._submitted
-        send_entry = session.send_bulk_entry
+        send_entries = session.send_bulk_entries
         send_response = session.send_response
         tally: dict[tuple[Procedure, FailureCause | None], int] = {}
+        run: list[Any] = []  # response entries of one bulk transaction, not yet handed over
+        run_tid = run_handle = run_kind = None
+        run_causes: list[FailureCause | None] = []
         while order:
             batch = order[0]
             outcomes = batch.outcomes
@@ -134,14 +140,23 @@ class AnswerQueue:
                 else:
                     result, cause_value = Result.FAILURE, int(cause)
                 if kind >= _FIRST_BULK:
-                    sent = send_entry(tid, _ENTRY[kind](uid, result, cause_value, retry), handle)
-                else:
-                    sent = send_response(
-                        _RESPONSE[kind](tid, uid, result, cause_value, retry), handle
-                    )
-                if sent:
+                    if run and (tid != run_tid or handle is not run_handle):
+                        _send_run(send_entries, run_tid, run, run_handle, run_kind, run_causes,
+                                  tally)
+                        run, run_causes = [], []
+                    run_tid, run_handle, run_kind = tid, handle, kind
+                    run.append(_ENTRY[kind](uid, result, cause_value, retry))
+                    run_causes.append(cause)
+                    continue
+                if run:
+                    _send_run(send_entries, run_tid, run, run_handle, run_kind, run_causes,
+                              tally)
+                    run, run_causes = [], []
+                if send_response(_RESPONSE[kind](tid, uid, result, cause_value, retry), handle):
                     key = (kind, cause)
                     tally[key] = tally.get(key, 0) + 1
+        if run:
+            _send_run(send_entries, run_tid, run, run_handle, run_kind, run_causes, tally)
         if tally:
             count(tally)
 
@@ -152,3 +167,15 @@ class AnswerQueue:
         self.answers = []
         self.changes = []
         self.unanswered = 0
+
+
+def _send_run(
+    send_entries: Callable[..., bool], tid: Any, run: list[Any], handle: Any, kind: Any,
+    causes: list[FailureCause | None], tally: dict[tuple[Procedure, FailureCause | None], int],
+) -> None:
+    """Hand one bulk transaction's consecutive response entries to the session; count them
+    if it took them (False: the transaction ended meanwhile, they are dropped)."""
+    if send_entries(tid, run, handle):
+        for cause in causes:
+            key = (kind, cause)
+            tally[key] = tally.get(key, 0) + 1

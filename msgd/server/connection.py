@@ -27,11 +27,13 @@ from msgd.server.frame_clock import FrameClock
 from msgd.server.ports import Refusal
 from msgd.tls.contexts import negotiated_alpn_ok, peer_identity
 from wire.constants import ErrorCause, FailureCause, MessageType
+from wire.credential import ProofChecker
+from wire.errors import EntryError
 from wire.events import (
     NEED_DATA,
     PAUSED,
     BulkEnded,
-    BulkEntryReceived,
+    BulkEntriesReceived,
     BulkStarted,
     ConnectionClosed,
     ErrorReceived,
@@ -41,10 +43,7 @@ from wire.events import (
     RequestReceived,
     TransactionFailed,
 )
-from wire.messages import (
-    PROFILE_SPEC,
-    encode_group,
-)
+from wire.messages import profile_octets
 from wire.session import Role, Session
 
 if TYPE_CHECKING:
@@ -97,6 +96,7 @@ class GatewayConnection(asyncio.Protocol):
         self.policy: GatewayPolicy | None = None
         self.peer = "?"
         self.nonce = b""
+        self.proofs: ProofChecker | None = None  # the UE credential check, once HELLO is done
         self.connected_at = 0.0
         self.entries_processed = 0
         self.log = _log
@@ -146,7 +146,7 @@ class GatewayConnection(asyncio.Protocol):
         now = self.loop.time()
         self.connected_at = now
         started = now if self.accepted_at is None else min(self.accepted_at, now)
-        self.session = Session(Role.SERVER, started, limits)
+        self.session = Session(Role.SERVER, started, limits, batch_entries=True)
         transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
         self.server.connection_started(self)
         self.log.info("connection.open")
@@ -249,8 +249,9 @@ class GatewayConnection(asyncio.Protocol):
                 self._backlog = False
                 break
             kind = type(event)
-            if kind is BulkEntryReceived:
-                self._on_bulk_entry(event)
+            if kind is BulkEntriesReceived:
+                budget -= len(event.entries) - 1  # fairness counts entries, not events
+                self._on_bulk_entries(event)
             elif kind is RequestReceived:
                 server.metrics.message(type(event.request).message_type.name)
                 self._on_request(event.request)
@@ -361,6 +362,7 @@ class GatewayConnection(asyncio.Protocol):
             return
         self.policy = policy
         self.nonce = os.urandom(32)
+        self.proofs = ProofChecker(self.nonce)
         session.accept_hello(
             server_nonce=self.nonce,
             bulk_allowed=policy.bulk_allowed,
@@ -387,19 +389,17 @@ class GatewayConnection(asyncio.Protocol):
             getattr(request, "profile", None),
         )
 
-    def _on_bulk_entry(self, event: BulkEntryReceived) -> None:
+    def _on_bulk_entries(self, event: BulkEntriesReceived) -> None:
         tid = event.transaction_id
-        entry = event.entry
         kind, handle = self._bulk_kinds[tid]
-        if entry is None:
-            error = event.error
-            uid = error.ue_service_id if error is not None else ""
-            self._answers.answers.append((tid, handle, kind, uid, FailureCause.INVALID_ENTRY))
-            return
-        self._decide(
-            kind, tid, handle, entry.ue_service_id, entry.credential,
-            getattr(entry, "profile", None),
-        )
+        decide = self._decide
+        for entry in event.entries:
+            if entry.__class__ is EntryError:
+                self._answers.answers.append(
+                    (tid, handle, kind, entry.ue_service_id or "", FailureCause.INVALID_ENTRY))
+                continue
+            decide(kind, tid, handle, entry.ue_service_id, entry.credential,
+                   getattr(entry, "profile", None))
 
     def _decide(
         self, kind: Procedure, tid: int, handle: object, uid: str, credential: bytes | None,
@@ -410,17 +410,18 @@ class GatewayConnection(asyncio.Protocol):
         rules = self.server.rules
         answers = self._answers
         policy = self.policy
-        assert policy is not None
+        proofs = self.proofs
+        assert policy is not None and proofs is not None
         self.entries_processed += 1
         if kind is SINGLE_REG or kind is BULK_REG:
-            cause = rules.registration(policy, self.nonce, uid, credential)
+            cause = rules.registration(policy, proofs, uid, credential)
             if cause is not None:
                 answers.answers.append((tid, handle, kind, uid, cause))
                 return
-            stored = encode_group(PROFILE_SPEC, profile) if profile is not None else None
+            stored = profile_octets(profile) if profile is not None else None
             answers.changes.append(Change(uid, True, stored))
         else:
-            verdict = rules.deregistration(policy, self.nonce, uid, credential)
+            verdict = rules.deregistration(policy, proofs, uid, credential)
             answers.changes.append(Change(uid, False, None, verdict))
         answers.answers.append((tid, handle, kind, uid, DECIDED))
 

@@ -55,7 +55,7 @@ class Server:
         self.metrics = Metrics()
         self.gateways: dict[str, GatewayPolicy] = dict(config.gateways)
         self.settings = ConnectionSettings.from_config(config)
-        self.rules = UeRules(registry.provisioned)
+        self.rules = UeRules(registry.provisioning.key_and_gateways)
         self.registrar = make_registrar(
             registry,
             max_pending_writes=config.limits.max_pending_writes,

@@ -14,15 +14,16 @@ from collections.abc import Callable
 
 from msgd.config import GatewayPolicy
 from msgd.errors import RegistryError
-from msgd.registry.provisioning import ProvisionedUe
 from wire.constants import FailureCause, Operation
-from wire.credential import verify_proof
+from wire.credential import ProofChecker
 
 __all__ = ["UeRules"]
 
-# The provisioned subscriber of a UE Service ID, None when not provisioned. May raise
-# RegistryError when the provisioning store cannot answer.
-ProvisioningLookup = Callable[[str], ProvisionedUe | None]
+_REGISTRATION, _DEREGISTRATION = int(Operation.REGISTRATION), int(Operation.DEREGISTRATION)
+
+# K_ue and the gateways allowed to serve a UE Service ID, None when it is not provisioned. May
+# raise RegistryError when the provisioning store cannot answer.
+ProvisioningLookup = Callable[[str], "tuple[bytes, frozenset[str]] | None"]
 
 
 class UeRules:
@@ -32,7 +33,8 @@ class UeRules:
         self._provisioned = provisioned
 
     def registration(
-        self, gateway: GatewayPolicy, nonce: bytes, ue_service_id: str, credential: bytes | None
+        self, gateway: GatewayPolicy, proofs: ProofChecker, ue_service_id: str,
+        credential: bytes | None,
     ) -> FailureCause | None:
         """Why `gateway` may not register the UE, or None when it may."""
         try:
@@ -41,20 +43,20 @@ class UeRules:
             return FailureCause.STORAGE_FAILURE
         if provisioned is None:
             return FailureCause.UE_NOT_PROVISIONED
-        if gateway.identity not in provisioned.gateways:
+        key, gateways = provisioned
+        if gateway.identity not in gateways:
             return FailureCause.GATEWAY_NOT_AUTHORIZED
         # wire-v1 §6: a credential that is present is always verified.
         if (credential is not None or gateway.ue_authentication) and (
             credential is None
-            or not verify_proof(
-                provisioned.key, nonce, Operation.REGISTRATION, ue_service_id, credential
-            )
+            or not proofs.check(key, _REGISTRATION, ue_service_id, credential)
         ):
             return FailureCause.AUTHENTICATION_FAILED
         return None
 
     def deregistration(
-        self, gateway: GatewayPolicy, nonce: bytes, ue_service_id: str, credential: bytes | None
+        self, gateway: GatewayPolicy, proofs: ProofChecker, ue_service_id: str,
+        credential: bytes | None,
     ) -> FailureCause | None:
         """The credential verdict of a de-registration (`port.Change.verdict`): None when
         none is present and none is required, or when it verifies."""
@@ -65,8 +67,8 @@ class UeRules:
         except RegistryError:
             return FailureCause.STORAGE_FAILURE
         # A UE removed from provisioning has no key left to check a proof against.
-        if provisioned is None or not verify_proof(
-            provisioned.key, nonce, Operation.DEREGISTRATION, ue_service_id, credential
+        if provisioned is None or not proofs.check(
+            provisioned[0], _DEREGISTRATION, ue_service_id, credential
         ):
             return FailureCause.AUTHENTICATION_FAILED
         return None

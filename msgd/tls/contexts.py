@@ -205,6 +205,8 @@ def client_context(
             ) from None
     if alpn_protocols:
         ctx.set_alpn_protocols(list(alpn_protocols))
+    if os.environ.get("SSLKEYLOGFILE"):  # as ssl.create_default_context: for Wireshark only
+        ctx.keylog_filename = os.environ["SSLKEYLOGFILE"]  # (docs/wireshark.md); unset: none
     restrict_groups(ctx)
     return ctx
 

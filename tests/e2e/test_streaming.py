@@ -148,12 +148,16 @@ async def test_gateway_that_never_reads_cannot_grow_server_memory(big_dep):
 
 
 async def _small_buffer_gateway(dep, address) -> RawGateway:
-    """A raw gw1 whose socket receive buffer is fixed at 64 KiB. With autotuning, loopback
-    buffers on both sides can grow to hold the whole response stream of the bulk (~9 MB), and
-    then the server never has a reason to stop reading: the test would measure the kernel's
-    buffers, not the server's back-pressure."""
+    """A raw gw1 whose socket buffers are fixed at 64 KiB. With autotuning, loopback buffers
+    can grow to hold the whole response stream of the bulk (~9 MB) and much of the request,
+    and then the server never has a reason to stop reading: the test would measure the
+    kernel's buffers, not the server's back-pressure. The send buffer counts too: the server's
+    own receive and send buffers still tune up to several MB, and with a tuned send buffer on
+    this side as well the 300,000 entries fitted in kernel buffers once, on a loaded machine."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect: no tuning
+    # Before connect: fixed sizes, no tuning.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, address)
     reader, writer = await asyncio.open_connection(

@@ -468,3 +468,17 @@ def test_import_that_fills_the_disk_stores_none_of_its_rows(tmp_path: Path) -> N
     finally:
         reg.close_sync()
 
+
+
+def test_a_closed_registry_refuses_lookups_even_with_its_index_built(tmp_path: Path) -> None:
+    """Once closed, lookups raise whether or not the in-memory index was published before:
+    test_provisioning_survives_reopen failed when the builder thread won that race."""
+    reg = Registry.open(tmp_path / "registry.sqlite")
+    reg.replace_provisioning(rows(5))
+    builder = reg.provisioning._index.thread
+    if builder is not None:
+        builder.join()
+    assert reg.provisioning._index.published is not None  # answered from memory now
+    reg.close_sync()
+    with pytest.raises(RegistryError):
+        reg.provisioned("ue-00000001")

@@ -5,8 +5,8 @@ Wired into tests/conftest.py:
 * install() (pytest_configure) adds a logging handler that writes every record of the test
   process, in the daemon's own logfmt, to a session log under pytest's basetemp (the
   in-process servers, clients and registries log there), and wraps
-  wire.credential.compute_proof / verify_proof so every key, nonce and proof computed or
-  checked anywhere in the test process is recorded. K_ue values
+  wire.credential.compute_proof / verify_proof / ProofChecker.check so every key, nonce and
+  proof computed or checked anywhere in the test process is recorded. K_ue values
   written by tests/harness.py (Deployment.write_provisioning) are recorded through
   harness.SECRETS, and every ChildServer's log file through harness.LOG_FILES.
 * finish() (pytest_sessionfinish) scans the session log, the ChildServer logs and every
@@ -192,14 +192,27 @@ def _wrap_credentials() -> None:
         remember(bytes(proof))
         return real_verify(key, nonce, op, ue_service_id, proof)
 
+    # The server checks proofs through ProofChecker (one per session): the proofs it is shown
+    # and the keys it checks them with are secrets as well.
+    real_check = credential.ProofChecker.check
+
+    def check(self: Any, key: bytes, op: Any, ue_service_id: str, proof: bytes) -> bool:
+        remember(bytes(proof))
+        if key is not last[0]:
+            last[0] = key
+            remember(bytes(key))
+        return real_check(self, key, op, ue_service_id, proof)
+
+    check.__doc__ = real_check.__doc__
+    credential.ProofChecker.check = check  # type: ignore[method-assign]
+
     compute_proof._msgd_recording = True  # type: ignore[attr-defined]
     compute_proof.__doc__ = real_compute.__doc__
     verify_proof.__doc__ = real_verify.__doc__
     credential.compute_proof = compute_proof  # type: ignore[assignment]
     credential.verify_proof = verify_proof  # type: ignore[assignment]
     # Modules that imported the names already (none should have, this runs first) get them too.
-    for name, attr, wrapper in (("msgd.gateway.scheduler", "compute_proof", compute_proof),
-                                ("msgd.server.rules", "verify_proof", verify_proof)):
+    for name, attr, wrapper in (("msgd.gateway.scheduler", "compute_proof", compute_proof),):
         module = sys.modules.get(name)
         if module is not None:
             setattr(module, attr, wrapper)

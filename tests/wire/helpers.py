@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from wire.bulk import BULK_SPECS, bulk_header_ies
 from wire.constants import BULK_MESSAGES, IEI, MessageType
 from wire.events import (
     NEED_DATA,
@@ -12,19 +13,14 @@ from wire.events import (
     Event,
     HelloReceived,
 )
+from wire.frames import encode_frame
 
 # Shared with the fuzz targets; re-exported for the tests.
 from wire.fuzz import NONCE as NONCE
 from wire.fuzz import answer as answer
 from wire.fuzz import normalize as normalize
 from wire.ies import encode_ie, split_ies
-from wire.messages import (
-    BULK_SPECS,
-    Hello,
-    bulk_header_ies,
-    decode_body,
-    encode_frame,
-)
+from wire.messages import Hello, decode_body
 from wire.session import Limits, Role, Session
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tests.wire import strategies as ws
 from tests.wire.test_fuzz import mutated
+from wire.bulk import BULK_SPECS, BulkReader
 from wire.constants import IEI
 from wire.errors import WireError
 from wire.ies import (
@@ -28,10 +29,10 @@ from wire.ies import (
 )
 from wire.messages import (
     _FAST_ENTRY,
+    ENTRY_DECODERS,
     ENTRY_SPECS,
     MESSAGE_SPECS,
     PROFILE_SPEC,
-    BulkReader,
     decode_body,
     decode_entry,
     decode_group,
@@ -133,6 +134,9 @@ def entry_inputs(draw: Any) -> tuple[IEI, bytes]:
 @example((IEI.REGISTRATION_ENTRY, b"\x01\x00\x01a\x03\x00\x04\xff\x00\x01\x00"))
 @example((IEI.REGISTRATION_ENTRY, b"\x01\x00\x01a\x03\x00\x08\x32\x00\x02\x00\x01\x30\x00\x01"))
 @example((IEI.DEREGISTRATION_ENTRY, b"\x01\x00\x00"))
+@example((IEI.DEREGISTRATION_ENTRY, b"\x01\x00\x01a\x03\x00\x04\x30\x00\x01\x01"))  # a profile
+@example((IEI.DEREGISTRATION_ENTRY,
+          b"\x01\x00\x01a\x02\x00\x20" + bytes(32) + b"\x03\x00\x04\x30\x00\x01\x01"))
 @example((IEI.DEREGISTRATION_ENTRY, b"\x01\x00\x02a\x00"))
 @example((IEI.REGISTRATION_RESPONSE_ENTRY, b"\x01\x00\x00\x04\x00\x01\x01\x06\x00\x01\x06"))
 def test_entries(item: tuple[IEI, bytes]) -> None:
@@ -154,18 +158,12 @@ def test_entries(item: tuple[IEI, bytes]) -> None:
         if hit is not None:
             assert reference == ("ok", hit)
     # The session's reader gives the same.
-    reader = BulkReader(next(t for t, s in _bulk_specs().items() if s.entry == iei))
+    reader = BulkReader(next(t for t, s in BULK_SPECS.items() if s.entry == iei), ENTRY_DECODERS)
     got = reader.feed_entry(raw)
     if reference[0] == "ok":
         assert got == reference[1]
     else:
         assert isinstance(got, WireError)
-
-
-def _bulk_specs() -> dict[Any, Any]:
-    from wire.messages import BULK_SPECS
-
-    return BULK_SPECS
 
 
 @DIFF

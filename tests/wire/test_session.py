@@ -46,6 +46,7 @@ from wire.events import (
     ResponseReceived,
     TransactionFailed,
 )
+from wire.frames import encode_frame
 from wire.ies import encode_ie
 from wire.messages import (
     BulkMessage,
@@ -63,7 +64,6 @@ from wire.messages import (
     UeRegistrationRequest,
     UeRegistrationResponse,
     encode_bulk,
-    encode_frame,
     encode_message,
 )
 from wire.session import Limits, Role, Session

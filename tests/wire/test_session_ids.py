@@ -11,6 +11,7 @@ from wire.events import (
     RequestReceived,
     TransactionFailed,
 )
+from wire.frames import encode_frame
 from wire.ies import encode_ie
 from wire.messages import (
     Error,
@@ -19,7 +20,6 @@ from wire.messages import (
     UeDeregistrationResponse,
     UeRegistrationRequest,
     UeRegistrationResponse,
-    encode_frame,
     encode_message,
 )
 

@@ -8,15 +8,15 @@ import pytest
 
 from tests.vectors import VALID, VECTORS
 from wire.constants import MESSAGE_NAMES, ErrorCause, MessageType
-from wire.credential import compute_proof, verify_proof
+from wire.credential import ProofChecker, compute_proof, verify_proof
 from wire.events import NEED_DATA, BulkEntryReceived, ConnectionClosed, HelloReceived
+from wire.frames import encode_frame
 from wire.ies import split_ies
 from wire.messages import (
     BulkMessage,
     RegistrationResponseEntry,
     decode_frames,
     encode_bulk,
-    encode_frame,
     encode_message,
     message_fields,
 )
@@ -174,3 +174,27 @@ def test_invalid_vector(vector: dict[str, Any]) -> None:
     assert len(entries) == answered
     if vector["name"] == "count_mismatch":
         assert answered == 2
+
+
+def test_proof_checker_agrees_with_verify_proof() -> None:
+    """ProofChecker (the server's per-session check) accepts exactly what verify_proof does:
+    the vector's proof, and not one with another op, UE, nonce, key or a flipped octet."""
+    key = bytes.fromhex(VECTORS["key_ue"])
+    nonce = bytes.fromhex(VECTORS["server_nonce"])
+    (req,) = decode_frames(bytes.fromhex(VALID["registration_request"]["hex"]))
+    proof, uid = req.credential, req.ue_service_id
+    checker = ProofChecker(nonce)
+    assert checker.check(key, 1, uid, proof)
+    assert not checker.check(key, 2, uid, proof)
+    assert not checker.check(key, 1, uid + "x", proof)
+    assert not ProofChecker(bytes(32)).check(key, 1, uid, proof)
+    assert not checker.check(bytes(32), 1, uid, proof)
+    assert not checker.check(key, 1, uid, proof[:-1] + bytes([proof[-1] ^ 1]))
+    assert not checker.check(key, 1, uid, proof[:-1])  # a short proof is simply wrong
+    assert not checker.check(key[:-1], 1, uid, proof)
+    for op in (1, 2):
+        made = compute_proof(key, nonce, op, "ue-ü@example.net")
+        assert checker.check(key, op, "ue-ü@example.net", made)
+        assert verify_proof(key, nonce, op, "ue-ü@example.net", made)
+    with pytest.raises(ValueError):
+        ProofChecker(bytes(31))
