@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,3 +54,21 @@ def start_node(dep: Deployment) -> ChildServer:
     child = ChildServer(dep, provisioning_index=False)
     child.start()
     return child
+
+
+async def node_waits_on_a_lock(dsn: str, timeout: float = 30.0) -> None:
+    """Until a msgd connection waits on a row lock in the database (a test holds it, so that
+    a crash or kill is sure to find a group of the node in flight)."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while True:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'msgd' "
+                "AND wait_event_type = 'Lock'")
+            row = await cur.fetchone()
+            if row and row[0]:
+                return
+            assert time.monotonic() < deadline, "no msgd connection waits on the lock"
+            await asyncio.sleep(0.02)  # polling the database for a condition, bounded

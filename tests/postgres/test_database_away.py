@@ -7,20 +7,24 @@ itself when the database returns. The node has a cluster of its own: this test s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psycopg
+
 from tests.harness import ROOT, ChildServer, connect
 from tests.ops.conftest import Manager
 from tests.ops.msgctl import Msgctl, control_ready
 from tests.pgcluster import PgCluster, cluster_root
-from tests.postgres.conftest import pg_node
+from tests.postgres.conftest import node_waits_on_a_lock, pg_node
 from wire.constants import FailureCause
 
 GW1 = "gw1.example"
+BULK = 4_000  # UEs of the bulk that the crash interrupts
 BUSY, STORAGE = FailureCause.SERVER_BUSY, FailureCause.STORAGE_FAILURE
 
 
@@ -45,7 +49,7 @@ async def test_database_away_then_back(tmp_path: Path, pki, sock_dir: Path, caps
         await asyncio.to_thread(lambda: cluster.init().start())
         dsn = cluster.dsn(await asyncio.to_thread(cluster.create_database))
         dep = pg_node(tmp_path, pki, dsn, name="node-a", control=sock_dir / "a.ctl",
-                      ues={f"ue-{i}@example": [GW1] for i in range(10)})
+                      ues={f"ue-{i}@example": [GW1] for i in range(BULK + 10)})
         child = ChildServer(dep, env={"NOTIFY_SOCKET": str(manager.path),
                                       "WATCHDOG_USEC": "2000000"}, provisioning_index=False)
         await asyncio.to_thread(child.start)
@@ -55,8 +59,38 @@ async def test_database_away_then_back(tmp_path: Path, pki, sock_dir: Path, caps
         try:
             assert (await gw.register(dep.ue("ue-0@example"))).ok
 
-            # PostgreSQL crashes (immediate stop: no goodbye to its clients).
-            await asyncio.to_thread(cluster.stop, "immediate")
+            # PostgreSQL crashes (immediate stop: no goodbye to its clients, no shutdown
+            # checkpoint) in the middle of a bulk registration: while a group of it waits on
+            # a row lock this test holds, so the crash is sure to find it in flight.
+            blocker = f"ue-{BULK}@example"
+            assert (await gw.register(dep.ue(blocker))).ok
+            lock = await psycopg.AsyncConnection.connect(dsn)
+            await lock.execute(
+                "SELECT 1 FROM msgd_registration WHERE ue_service_id = %s FOR UPDATE",
+                (blocker,))
+            acked: set[str] = set()
+            failed: set[FailureCause | int | None] = set()
+            bulk_gw = await connect(dep, child.address, GW1, busy_retries=0)
+
+            async def bulk() -> None:
+                async for result in bulk_gw.bulk_register(
+                        dep.ue(f"ue-{i}@example") for i in range(10, BULK + 10)):
+                    if result.ok:
+                        acked.add(result.ue_service_id)
+                    else:
+                        failed.add(result.cause)
+
+            running = asyncio.create_task(bulk())
+            try:
+                await node_waits_on_a_lock(dsn)
+                await asyncio.to_thread(cluster.stop, "immediate")
+                await running
+            finally:
+                await bulk_gw.close()
+                with contextlib.suppress(psycopg.Error):
+                    await lock.close()
+            assert 0 < len(acked) < BULK and blocker not in acked
+            assert failed and failed <= {STORAGE, BUSY}, failed
             first = await gw.register(dep.ue("ue-1@example"))
             assert first.cause in (STORAGE, BUSY), first
             # Once the writer found it cannot reconnect: SERVER_BUSY with a Retry after.
@@ -92,6 +126,11 @@ async def test_database_away_then_back(tmp_path: Path, pki, sock_dir: Path, caps
             assert status["registry"]["problem"] is None
             code, shown = await msgctl.json("registry", "show", "ue-3@example")
             assert code == 0 and shown["registered"]
+            # Nothing acknowledged before the crash was lost by it.
+            with psycopg.connect(dsn) as conn:
+                stored = {row[0] for row in conn.execute(
+                    "SELECT ue_service_id FROM msgd_registration").fetchall()}
+            assert acked | {"ue-0@example"} <= stored
             manager.cursor = len(manager.messages)
             assert "registry:" not in await status_line(manager, "UEs registered")
         finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from msgd.gateway import ConnectionLost, GatewayClient, UeResult
 from tests.harness import ChildServer, Deployment, connect
 from tests.ops.msgctl import Msgctl, control_ready
-from tests.postgres.conftest import pg_node, start_node
+from tests.postgres.conftest import node_waits_on_a_lock, pg_node, start_node
 from wire.constants import FailureCause
 
 GW1, GW2 = "gw1.example", "gw2.example"
@@ -157,21 +156,6 @@ async def test_two_gateways_on_two_nodes_racing_end_with_one_owner_per_ue(
     print(f"taken over before gw1 de-registered: {taken} of {len(uids)}")
 
 
-async def _node_waits_on_a_lock(dsn: str, timeout: float = 30.0) -> None:
-    """Until a msgd connection waits on a row lock in the database."""
-    deadline = time.monotonic() + timeout
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        while True:
-            cur = await conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'msgd' "
-                "AND wait_event_type = 'Lock'")
-            row = await cur.fetchone()
-            if row and row[0]:
-                return
-            assert time.monotonic() < deadline, "no msgd connection waits on the lock"
-            await asyncio.sleep(0.02)  # polling the database for a condition, bounded
-
-
 async def test_kill9_of_a_node_loses_nothing_acknowledged(nodes, pg_dsn) -> None:
     """A node is killed with SIGKILL in the middle of a bulk registration (while one of its
     groups waits on a row lock the test holds, so the kill is sure to find changes in
@@ -201,7 +185,7 @@ async def test_kill9_of_a_node_loses_nothing_acknowledged(nodes, pg_dsn) -> None
 
     running = asyncio.create_task(bulk())
     try:
-        await _node_waits_on_a_lock(pg_dsn)
+        await node_waits_on_a_lock(pg_dsn)
         node_a.child.kill9()
         await running
     finally:
