@@ -56,9 +56,9 @@ def start_node(dep: Deployment) -> ChildServer:
     return child
 
 
-async def node_waits_on_a_lock(dsn: str, timeout: float = 30.0) -> None:
-    """Until a msgd connection waits on a row lock in the database (a test holds it, so that
-    a crash or kill is sure to find a group of the node in flight)."""
+async def node_waits_on_a_lock(dsn: str, timeout: float = 30.0, count: int = 1) -> None:
+    """Until `count` msgd connections wait on a row lock in the database (a test holds it, so
+    that a crash or kill is sure to find a group of the node in flight)."""
     import psycopg
 
     deadline = time.monotonic() + timeout
@@ -68,7 +68,7 @@ async def node_waits_on_a_lock(dsn: str, timeout: float = 30.0) -> None:
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'msgd' "
                 "AND wait_event_type = 'Lock'")
             row = await cur.fetchone()
-            if row and row[0]:
+            if row and row[0] >= count:
                 return
             assert time.monotonic() < deadline, "no msgd connection waits on the lock"
             await asyncio.sleep(0.02)  # polling the database for a condition, bounded

@@ -215,3 +215,46 @@ async def test_groups_stay_fast_after_the_table_was_emptied_and_vacuumed(pg_dsn:
         await bulk(True)
     finally:
         await registry.close()
+
+
+async def test_a_deadlock_between_two_nodes_is_retried_and_both_groups_are_decided(
+        pg_dsn: str, pg_cluster, caplog) -> None:
+    """Node A de-registers X and registers Y; node B de-registers Y and registers X. Each
+    locks its de-registration's row first, then both wait for a row this test holds; once it
+    is released they need each other's rows: PostgreSQL aborts one of them as a deadlock,
+    that group is sent again and both are decided, as if one had run before the other."""
+    from tests.postgres.conftest import node_waits_on_a_lock
+
+    dbname = pg_dsn.rsplit("/", 1)[1]
+    pg_cluster.sql(f"ALTER DATABASE {dbname} SET deadlock_timeout = '100ms'")
+    node_a, node_b = await opened(pg_dsn), await opened(pg_dsn)
+    try:
+        assert await decide(node_a, "gw-a", [Change("x-ue", True, None),
+                                             Change("a-held", True, None)]) == [SUCCESS] * 2
+        assert await decide(node_b, "gw-b", [Change("y-ue", True, None)]) == [SUCCESS]
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as holder:
+            await holder.execute(
+                "SELECT 1 FROM msgd_registration WHERE ue_service_id = 'a-held' FOR UPDATE")
+            # "a-held" sorts first: each group's upserts start with it.
+            first = asyncio.create_task(decide(node_a, "gw-a", [
+                Change("x-ue", False, None), Change("a-held", True, b"a"),
+                Change("y-ue", True, b"a")]))
+            second = asyncio.create_task(decide(node_b, "gw-b", [
+                Change("y-ue", False, None), Change("a-held", True, b"b"),
+                Change("x-ue", True, b"b")]))
+            await node_waits_on_a_lock(pg_dsn, count=2)
+            await holder.rollback()
+        a, b = await first, await second
+    finally:
+        await node_a.close()
+        await node_b.close()
+    assert any(r.getMessage() == "registry.group_retried"
+               and getattr(r, "msgd_fields", {}).get("reason") == "DeadlockDetected"
+               for r in caplog.records)
+    final = await asyncio.to_thread(owners, pg_dsn)
+    if final["a-held"] == "gw-b":  # A ran first: B's de-registration found Y taken over
+        assert a == [SUCCESS] * 3 and b == [VIA_OTHER, SUCCESS, SUCCESS]
+        assert final == {"a-held": "gw-b", "x-ue": "gw-b", "y-ue": "gw-a"}
+    else:  # B ran first
+        assert b == [SUCCESS] * 3 and a == [VIA_OTHER, SUCCESS, SUCCESS]
+        assert final == {"a-held": "gw-a", "x-ue": "gw-b", "y-ue": "gw-a"}
