@@ -62,8 +62,10 @@ class Server:
             # Commit latency counts from the turn a change was submitted in.
             on_submit=lambda seq: self.metrics.submitted(seq, loop.time()),
         )
-        # What the admin socket reads, and the registry's health for STATUS=.
+        # What the admin socket reads, and the registry's health for STATUS= and metrics.
         self.reads = reads_for(registry, str(config.registry.path or ""))
+        self.metrics.registry_available.set_function(
+            lambda: 0.0 if self.reads.health() else 1.0)
         self.connections: set[GatewayConnection] = set()
         self._handshaking = 0
         self._lsock: socket.socket | None = None

@@ -32,10 +32,13 @@ def sock_dir() -> Iterator[Path]:
 
 def pg_node(tmp: Path, pki: Pki, dsn: str, *, name: str, control: Path | None = None,
             ues: dict[str, list[str]] | None = None, like: Deployment | None = None,
-            limits: dict[str, object] | None = None, registry_extra: str = "") -> Deployment:
+            limits: dict[str, object] | None = None, registry_extra: str = "",
+            metrics: bool = False) -> Deployment:
     """A deployment whose [registry] is PostgreSQL at `dsn`. `like`: the same provisioning
     file (and keys) as another node, as an operator gives every node the same CSV."""
     extra = f'[control]\nsocket = "{control}"\n' if control is not None else ""
+    if metrics:
+        extra += '[metrics]\nlisten = "127.0.0.1:0"\n'
     dep = make_deployment(tmp / name, pki, ues=None if like else ues,
                           gateways=(Gw("gw1.example"), Gw("gw2.example")), limits=limits,
                           extra=extra)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -26,6 +28,15 @@ from wire.constants import FailureCause
 GW1 = "gw1.example"
 BULK = 4_000  # UEs of the bulk that the crash interrupts
 BUSY, STORAGE = FailureCause.SERVER_BUSY, FailureCause.STORAGE_FAILURE
+
+
+async def scrape(child: ChildServer) -> str:
+    """The node's Prometheus metrics, from the address its log names."""
+    match = re.search(r"event=metrics\.listening address=(\S+)", child.log_text())
+    assert match is not None, "no metrics listener"
+    url = f"http://{match.group(1)}/metrics"
+    return await asyncio.to_thread(
+        lambda: urllib.request.urlopen(url, timeout=10).read().decode())
 
 
 async def status_line(manager: Manager, fragment: str, timeout: float = 30.0) -> str:
@@ -49,7 +60,7 @@ async def test_database_away_then_back(tmp_path: Path, pki, sock_dir: Path, caps
         await asyncio.to_thread(lambda: cluster.init().start())
         dsn = cluster.dsn(await asyncio.to_thread(cluster.create_database))
         dep = pg_node(tmp_path, pki, dsn, name="node-a", control=sock_dir / "a.ctl",
-                      ues={f"ue-{i}@example": [GW1] for i in range(BULK + 10)})
+                      ues={f"ue-{i}@example": [GW1] for i in range(BULK + 10)}, metrics=True)
         child = ChildServer(dep, env={"NOTIFY_SOCKET": str(manager.path),
                                       "WATCHDOG_USEC": "2000000"}, provisioning_index=False)
         await asyncio.to_thread(child.start)
@@ -103,6 +114,7 @@ async def test_database_away_then_back(tmp_path: Path, pki, sock_dir: Path, caps
             assert cluster.password not in str(status)
             human = await msgctl.ok("status")
             assert "registry     UNAVAILABLE since" in human
+            assert "msgd_registry_available 0.0" in await scrape(child)
             assert "registry: database unavailable: " in await status_line(
                 manager, "registry: database unavailable")
             # The node stays up and healthy for systemd: the watchdog keeps pinging (a
@@ -124,6 +136,7 @@ async def test_database_away_then_back(tmp_path: Path, pki, sock_dir: Path, caps
             code, status = await msgctl.json("status")
             assert status["registry"]["available"] is True
             assert status["registry"]["problem"] is None
+            assert "msgd_registry_available 1.0" in await scrape(child)
             code, shown = await msgctl.json("registry", "show", "ue-3@example")
             assert code == 0 and shown["registered"]
             # Nothing acknowledged before the crash was lost by it.
