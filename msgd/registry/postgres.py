@@ -24,6 +24,10 @@ changes of a UE, whichever node they come through.
 
 psycopg 3 drives libpq asynchronously on the event loop (docs/scale-out.md, "Driver"): no
 thread, and the DSN means exactly what it means to psql.
+
+Near 600 lines, one class: the writer, the admin reads and the status all turn on the same
+connection state (available or not, since when, why). The reads (lookup, scan, count; their
+own connection and lock) are the part to move out first if it grows.
 """
 
 from __future__ import annotations
