@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="record py-spy profiles of the server (beside the JSON)")
     parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
+    parser.add_argument("--registry", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="postgresql: msgd nodes on a throw-away PostgreSQL against the "
+                        "raw upsert ceiling of the same run (bench/postgres.py)")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
@@ -209,8 +212,16 @@ def main(argv: list[str] | None = None) -> int:
 
     others = [name for name in args.scenarios if name != "soak"]
     try:
-        if others:
+        if others or args.registry == "postgresql":
             step("setup", scenarios.setup)
+        if args.registry == "postgresql":
+            from bench import postgres
+
+            step("postgresql_registry", postgres.run_postgresql)
+            results["elapsed_s"] = time.perf_counter() - started
+            print(postgres.render(results))
+            _write(args, results, work)
+            return 0
         if "ceilings" in args.scenarios:
             step("ceilings", scenarios.run_ceilings)
         if others:
@@ -229,20 +240,24 @@ def main(argv: list[str] | None = None) -> int:
             print(render(results))
         if "soak" in args.scenarios:
             print(soak.render_soak(results["soak"]))
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-            if args.profile:
-                target = args.json.parent / f"{args.json.stem}-profiles"
-                target.mkdir(exist_ok=True)
-                for path in work.glob("profile-*.txt"):
-                    shutil.copy(path, target / path.name)
+        _write(args, results, work)
     finally:
         if args.keep:
             print(f"bench: work directory kept: {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _write(args: argparse.Namespace, results: dict[str, Any], work: Path) -> None:
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        if args.profile:
+            target = args.json.parent / f"{args.json.stem}-profiles"
+            target.mkdir(exist_ok=True)
+            for path in work.glob("profile-*.txt"):
+                shutil.copy(path, target / path.name)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,9 @@ async def run_bulk(params: dict[str, Any]) -> dict[str, Any]:
     secret = bytes.fromhex(params["secret"])
     started = time.perf_counter()
     ids = ue_ids(params["seed"], params["n"])
+    part = params.get("part")  # [k, parts]: every parts-th UE from the k-th (two nodes' share)
+    if part is not None:
+        ids = ids[part[0]::part[1]]
     gw = await open_gw(params, client_context(params["pki"], params["identity"]))
     ack = gw.hello_ack
     nonce = ack.server_nonce
@@ -428,7 +431,9 @@ async def run_singles(params: dict[str, Any]) -> dict[str, Any]:
     loops = []
     for index, gw in enumerate(gws):
         nonce = gw.hello_ack.server_nonce
-        ids = ue_ids(f"{params['seed']}-{index}", pool)
+        # A gateway's pool is named by its index among all bench gateways (first_index: where
+        # this load generator's share of them starts, when several share the gateways).
+        ids = ue_ids(f"{params['seed']}-{index + params.get('first_index', 0)}", pool)
         bodies = [single_body(uid, proof(ue_key(secret, uid), nonce, Operation.REGISTRATION, uid))
                   for uid in ids]
         if index == 0:

@@ -15,7 +15,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ CN_MAX = 64
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 TLS_VERSIONS = ("1.2", "1.3")
 SYNCHRONOUS_MODES = ("full", "normal")
+REGISTRY_BACKENDS = ("sqlite", "postgresql")
 MAX_SECONDS = 3600
 MAX_RATIO = 1000.0  # registry.compact_journal_ratio
 
@@ -76,7 +77,7 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    path: Path
+    path: Path | None  # the SQLite file; None with backend "postgresql" (not used there)
     synchronous: str = "full"
     # Online compaction (msgd/registry/compaction.py): fold the journal into the snapshot
     # once it holds this many changes and this share of the registered UEs, at most once
@@ -84,6 +85,13 @@ class RegistryConfig:
     compact_journal_changes: int = 100_000
     compact_journal_ratio: float = 0.5
     compact_min_interval: float = 60.0
+    backend: str = "sqlite"
+    # backend "postgresql" (msgd.registry.postgres; docs/scale-out.md). The DSN may hold a
+    # password: it is shown only through postgres.redact_dsn, never as is.
+    dsn: str | None = field(default=None, repr=False)
+    statement_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    max_batch: int = 2_000  # a group in flight at most half a connection's bulk_window
 
 
 @dataclass(frozen=True)
@@ -407,6 +415,12 @@ class _Reader:
 
     def registry(self, data: Mapping[str, Any]) -> RegistryConfig:
         table = self.table(data, "registry", _REGISTRY_KEYS)
+        backend = self.choice(table, "registry.backend", "backend", "sqlite", REGISTRY_BACKENDS)
+        if backend == "postgresql":
+            return self.postgresql_registry(table)
+        for name in ("dsn", "statement_timeout", "connect_timeout", "max_batch"):
+            if name in table:
+                raise self.error(f'registry.{name} is only used with backend = "postgresql"')
         path = self.path(table, "registry.path", "path", required=True)
         assert path is not None  # required
         if self.check_files and not path.parent.is_dir():
@@ -427,6 +441,29 @@ class _Reader:
             compact_min_interval=self.seconds(
                 table, "registry.compact_min_interval", "compact_min_interval",
                 d.compact_min_interval, zero_ok=True),
+        )
+
+    def postgresql_registry(self, table: Mapping[str, Any]) -> RegistryConfig:
+        for name in ("path", "synchronous", "compact_journal_changes", "compact_journal_ratio",
+                     "compact_min_interval"):
+            if name in table:
+                raise self.error(f'registry.{name} is not used with backend = "postgresql" '
+                                 "(remove it)")
+        dsn = table.get("dsn")
+        if dsn is None:
+            raise self.error('registry.dsn is required with backend = "postgresql"')
+        # Never echo the value: a DSN may hold a password.
+        if not isinstance(dsn, str) or not dsn.strip() or not _dsn_parses(dsn):
+            raise self.error("registry.dsn must be a PostgreSQL connection string (URI or "
+                             "key=value) that libpq can parse; value not shown")
+        return RegistryConfig(
+            path=None, backend="postgresql", dsn=dsn,
+            statement_timeout=self.seconds(table, "registry.statement_timeout",
+                                           "statement_timeout", 5.0, zero_ok=False),
+            connect_timeout=self.seconds(table, "registry.connect_timeout", "connect_timeout",
+                                         5.0, zero_ok=False),
+            max_batch=self.integer(table, "registry.max_batch", "max_batch", 2_000, 1,
+                                   1_000_000),
         )
 
     def provisioning(self, data: Mapping[str, Any]) -> ProvisioningConfig:
@@ -540,3 +577,17 @@ def _is_control(ch: str) -> bool:
     # wire-v1 §3: C0 and C1 control characters (and DEL) are not allowed in names.
     code = ord(ch)
     return code < 0x20 or 0x7F <= code <= 0x9F
+
+
+def _dsn_parses(dsn: str) -> bool:
+    """Whether libpq can parse `dsn` (psycopg is imported only for this backend)."""
+    try:
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # no driver: the registry says so when it opens
+        return True
+    try:
+        conninfo_to_dict(dsn)
+    except Error:
+        return False
+    return True

@@ -20,3 +20,19 @@ def pytest_configure(config):
 def pytest_sessionfinish(session, exitstatus):
     # After every test of the run: no key, proof or nonce in any msgd log (fails the run).
     secret_scan.finish(session)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One throw-away PostgreSQL for the session, started by the first test that needs it
+    (tests/pgcluster.py); fails, naming the Debian package, where there is none."""
+    from tests.pgcluster import running_cluster
+
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster) -> str:
+    """The DSN (with its password) of a fresh, empty database for this test."""
+    return pg_cluster.dsn(pg_cluster.create_database())

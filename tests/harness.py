@@ -21,8 +21,8 @@ from pathlib import Path
 from msgd.config import Config, load_config
 from msgd.gateway import GatewayClient, GatewayUe, client_context
 from msgd.registry.provisioning import read_provisioning_csv
+from msgd.registry.service import open_registry
 from msgd.server.daemon import Server
-from msgd.server.main import open_registry
 from msgd.tls.contexts import load_server_tls
 from tests.pki import Pki
 
@@ -130,7 +130,8 @@ def demo_deployment(state_dir: Path) -> Deployment:
 async def running_server(dep: Deployment) -> AsyncIterator[Server]:
     """msgd in this event loop (the same code path as the daemon, minus signals)."""
     config = dep.config()
-    registry = open_registry(config.registry)
+    registry = open_registry(config.registry,
+                             max_pending_writes=config.limits.max_pending_writes)
     registry.replace_provisioning(read_provisioning_csv(config.provisioning.file))
     loop = asyncio.get_running_loop()
     registry.start(loop)
@@ -157,8 +158,12 @@ _LISTENING = re.compile(r"event=server\.listening address=127\.0\.0\.1:(\d+)")
 class ChildServer:
     """msgd as a real child process (`python -m msgd --config ...`), for kill -9 and RSS."""
 
-    def __init__(self, dep: Deployment, env: dict[str, str] | None = None) -> None:
+    def __init__(self, dep: Deployment, env: dict[str, str] | None = None, *,
+                 provisioning_index: bool = True) -> None:
         self.dep = dep
+        # The SQLite registry builds its provisioning index after start and says so; the
+        # PostgreSQL backend holds provisioning in memory from the start (no such line).
+        self.provisioning_index = provisioning_index
         self.log_path = dep.dir / "msgd.log"
         LOG_FILES.append(self.log_path)
         self.env = {**os.environ, **(env or {})}
@@ -183,7 +188,8 @@ class ChildServer:
             match = _LISTENING.search(text, offset)
             # Also wait for the provisioning index (built in the background after start), so
             # a test's RSS baseline includes it and its lookups are the steady-state ones.
-            if match and self._index_ready(text, match, offset):
+            if match and (not self.provisioning_index
+                          or self._index_ready(text, match, offset)):
                 self.port = int(match.group(1))
                 return self.port
             # Polling a log file is waiting for an observable condition, not timing.

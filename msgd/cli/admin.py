@@ -7,6 +7,8 @@
     msgctl registry list [--gateway G]    registered UEs, optionally of one gateway
     msgctl registry compact               fold the journal into the snapshot now (online
                                           compaction; msgd keeps serving meanwhile)
+    msgctl registry migrate [--dry-run]   the PostgreSQL schema brought up to date (directly,
+                                          from [registry] dsn of --config; msgd/cli/migrate.py)
     msgctl provision import FILE          add or replace the UEs of a provisioning CSV (all
                                           of them in one transaction, or none)
     msgctl provision remove UE            remove one UE's provisioning
@@ -200,6 +202,16 @@ def add_parsers(commands: Any) -> None:
     listing.add_argument("--limit", type=int, metavar="N", help="at most N UEs")
     add(registry_commands, "compact", "fold the journal into the snapshot now, while msgd "
         "serves (it also runs on its own: [registry] compact_*)", _compact)
+    migrate = registry_commands.add_parser(
+        "migrate", help="bring the PostgreSQL registry's schema up to date (msgd does it at "
+        "start too); reads [registry] of --config, not the daemon",
+        description="Bring the PostgreSQL registry's schema up to date.")
+    migrate.add_argument("--config", type=Path, default=DEFAULT_CONFIG, metavar="FILE",
+                         help=f"msgd.toml with [registry] dsn (default {DEFAULT_CONFIG})")
+    migrate.add_argument("--dry-run", action="store_true",
+                         help="show what would be applied, change nothing")
+    migrate.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    migrate.set_defaults(func=_migrate)
     provision = commands.add_parser(
         "provision", help="change provisioning at once",
         description="Change provisioning at once. " + ADMIN_RULE)
@@ -278,7 +290,9 @@ def _render_status(status: dict[str, Any], out: TextIO) -> None:
         f"listening    {status['listen']}",
         f"gateways     {gws['connected']} connected, {gws['configured']} configured",
         f"registry     {reg['registered']} registered, {reg['provisioned']} provisioned, "
-        f"{reg['pending']} pending ({reg['path']})",
+        f"{reg['pending']} pending ({reg.get('path') or reg.get('dsn')})",
+        *([f"registry     UNAVAILABLE since {reg['unavailable_since']}: {reg['problem']}"]
+          if reg.get("available") is False else []),
         f"provisioning {reg['admin_overrides']} admin changes kept over the provisioning file",
     ]
     if "journal" in reg:
@@ -366,6 +380,12 @@ def _render_compact(result: dict[str, Any], out: TextIO) -> None:
               f"{after['journal']['changes']} changes\n")
     out.write(f"file         {_mib(sum(before['file_bytes'].values()))} -> "
               f"{_mib(sum(after['file_bytes'].values()))} (with the WAL)\n")
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from msgd.cli.migrate import run_migrate
+
+    return run_migrate(args)
 
 
 def _show(args: argparse.Namespace) -> int:

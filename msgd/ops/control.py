@@ -308,7 +308,9 @@ class ControlServer:
             "gateways": {"configured": len(server.gateways),
                          "connected": len(server.connections)},
             "registry": {
-                "path": str(config.registry.path),
+                # backend, and its path or DSN (no password); with PostgreSQL, whether it
+                # takes writes and since when it does not.
+                **server.reads.describe(),
                 "registered": registry.registered_count(),
                 "provisioned": registry.provisioned_count(),
                 "pending": registry.pending(),
@@ -355,13 +357,13 @@ class ControlServer:
 
     async def _registry_count(self, _request: dict[str, Any], _log: Any) -> dict[str, Any]:
         registry = self.server.registry
-        return {"registered": registry.registered_count(),
+        return {"registered": await self.server.reads.count(),
                 "provisioned": registry.provisioned_count(), "pending": registry.pending()}
 
     async def _registry_show(self, request: dict[str, Any], _log: Any) -> dict[str, Any]:
         ue = _ue_param(request)
         registry = self.server.registry
-        registration = registry.registration(ue)
+        registration = await self.server.reads.lookup(ue)
         provisioned = registry.provisioned(ue)
         if registration is None and provisioned is None:
             raise RequestError(f"UE {ue!r} is neither registered nor provisioned")
@@ -384,18 +386,20 @@ class ControlServer:
                                   or limit < 0):
             raise RequestError("limit must be a non-negative integer")
         count = 0
-        for registration in self.server.registry.iter_registrations(gateway):
-            if limit is not None and count >= limit:
-                break
-            item: dict[str, Any] = {"ue_service_id": registration.ue_service_id,
-                                    "gateway": registration.gateway}
-            if registration.profile is not None:
-                item["profile"] = _profile(registration.profile)
-            writer.write(_line({"item": item}))
-            count += 1
-            if count % _LIST_YIELD_EVERY == 0:
-                await writer.drain()  # a slow reader holds this request, not the daemon
-                await asyncio.sleep(0)
+        # Closed at once when the limit ends it: a database scan holds a cursor till then.
+        async with contextlib.aclosing(self.server.reads.scan(gateway)) as rows:
+            async for registration in rows:
+                if limit is not None and count >= limit:
+                    break
+                item: dict[str, Any] = {"ue_service_id": registration.ue_service_id,
+                                        "gateway": registration.gateway}
+                if registration.profile is not None:
+                    item["profile"] = _profile(registration.profile)
+                writer.write(_line({"item": item}))
+                count += 1
+                if count % _LIST_YIELD_EVERY == 0:
+                    await writer.drain()  # a slow reader holds this request, not the daemon
+                    await asyncio.sleep(0)
         return {"count": count, "gateway": gateway}
 
     async def _registry_compact(self, _request: dict[str, Any], clog: Any) -> dict[str, Any]:
@@ -434,7 +438,8 @@ class ControlServer:
         removed = await asyncio.to_thread(registry.provisioning.remove_provisioned, ue)
         if not removed:
             raise RequestError(f"UE {ue!r} is not provisioned")
-        return {"removed": ue, "still_registered": registry.registration(ue) is not None,
+        return {"removed": ue,
+                "still_registered": await self.server.reads.lookup(ue) is not None,
                 "provisioned": registry.provisioned_count()}
 
     async def _provision_forget(self, request: dict[str, Any], _log: Any) -> Any:

@@ -168,6 +168,12 @@ class Metrics:
         self.draining = Gauge(
             "msgd_draining", "1 once msgctl drain stopped accepting gateways", registry=r
         )
+        # 0 while a PostgreSQL registry cannot be reached (entries get SERVER_BUSY): the
+        # watchdog keeps pinging then, since a restart would not help, so alert on this.
+        self.registry_available = Gauge(
+            "msgd_registry_available", "1 while the registry takes writes", registry=r
+        )
+        self.registry_available.set(1)
         self.control = Counter(
             "msgd_control_requests", "Control socket requests, by command and result",
             ("command", "result"), registry=r,

@@ -15,7 +15,7 @@ from msgd.log import get_logger
 if TYPE_CHECKING:
     from msgd.ops.metrics import Metrics
     from msgd.ops.systemd import Notifier
-    from msgd.registry.store import Registry
+    from msgd.registry.service import RegistryService
 
 __all__ = ["HealthProbe", "LoopLagProbe", "run_lag_probe", "run_watchdog"]
 
@@ -88,7 +88,7 @@ async def run_watchdog(
     period: float | None,
     notifier: Notifier,
     metrics: Metrics,
-    registry: Registry,
+    registry: RegistryService,
     on_tick: Callable[[], None],
 ) -> None:
     """Probe the daemon's health every tick; WATCHDOG=1 only while it is healthy.

@@ -22,8 +22,7 @@ from msgd.config import Config, GatewayPolicy
 from msgd.log import get_logger, setup_logging
 from msgd.ops.metrics import Metrics
 from msgd.ops.systemd import Notifier
-from msgd.registry.local import LocalRegistrar
-from msgd.registry.store import Registry
+from msgd.registry.service import RegistryService, make_registrar, reads_for
 from msgd.server.connection import GatewayConnection
 from msgd.server.ports import ConnectionSettings, Refusal
 from msgd.server.reload import ReloadFailed, kept_config, read_inputs, recheck
@@ -43,7 +42,7 @@ class Server:
     def __init__(
         self,
         config: Config,
-        registry: Registry,
+        registry: RegistryService,
         tls: ServerTls,
         loop: asyncio.AbstractEventLoop,
         notifier: Notifier | None = None,
@@ -57,12 +56,16 @@ class Server:
         self.gateways: dict[str, GatewayPolicy] = dict(config.gateways)
         self.settings = ConnectionSettings.from_config(config)
         self.rules = UeRules(registry.provisioning.key_and_gateways)
-        self.registrar = LocalRegistrar(
+        self.registrar = make_registrar(
             registry,
             max_pending_writes=config.limits.max_pending_writes,
             # Commit latency counts from the turn a change was submitted in.
             on_submit=lambda seq: self.metrics.submitted(seq, loop.time()),
         )
+        # What the admin socket reads, and the registry's health for STATUS= and metrics.
+        self.reads = reads_for(registry, str(config.registry.path or ""))
+        self.metrics.registry_available.set_function(
+            lambda: 0.0 if self.reads.health() else 1.0)
         self.connections: set[GatewayConnection] = set()
         self._handshaking = 0
         self._lsock: socket.socket | None = None
@@ -328,9 +331,11 @@ class Server:
 
     def _status_text(self) -> str:
         state = "stopping, " if self.stopping else "draining, " if self.draining else ""
+        problem = self.reads.health()
         return (
             f"{state}{len(self.connections)} gateways, "
             f"{self.registry.registered_count()} UEs registered"
+            + (f", registry: {problem}" if problem else "")
         )
 
     def drain(self) -> int:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from msgd.config import Config, RegistryConfig, load_config
+from msgd.config import Config, load_config
 from msgd.errors import (
     ConfigError,
     MsgdError,
@@ -29,19 +29,18 @@ from msgd.log import get_logger, setup_logging
 from msgd.ops.control import ControlServer
 from msgd.ops.systemd import Notifier
 from msgd.ops.watchdog import run_lag_probe, run_watchdog
-from msgd.registry.compaction import CompactionPolicy
 from msgd.registry.provisioning import read_provisioning_csv
-from msgd.registry.store import Registry
+from msgd.registry.service import RegistryService, open_registry
 from msgd.server.daemon import Server, fmt_address
 from msgd.tls.contexts import ServerTls, load_server_tls
 
-__all__ = ["main", "open_registry", "parse_args", "serve"]
+__all__ = ["main", "parse_args", "serve"]
 
 log = get_logger("msgd.server")
 
 
 async def serve(
-    config: Config, registry: Registry, tls: ServerTls, notifier: Notifier
+    config: Config, registry: RegistryService, tls: ServerTls, notifier: Notifier
 ) -> int:
     loop = asyncio.get_running_loop()
     registry.start(loop)
@@ -84,19 +83,6 @@ async def serve(
     lag_probe.cancel()
     log.info("server.stopped")
     return 0
-
-
-def open_registry(config: RegistryConfig) -> Registry:
-    """Registry.open() with what [registry] says (the tests' in-process daemon uses it too)."""
-    return Registry.open(
-        config.path,
-        synchronous=config.synchronous,
-        compaction=CompactionPolicy(
-            journal_changes=config.compact_journal_changes,
-            journal_ratio=config.compact_journal_ratio,
-            min_interval=config.compact_min_interval,
-        ),
-    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -164,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"msgd: {exc}", file=sys.stderr)
         return 2
     try:
-        registry = open_registry(config.registry)
+        registry = open_registry(config.registry,
+                                 max_pending_writes=config.limits.max_pending_writes)
     except RegistryCorruptError as exc:
         print(f"msgd: {exc}", file=sys.stderr)
         return 3

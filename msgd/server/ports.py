@@ -17,7 +17,7 @@ from msgd.config import Config, GatewayPolicy
 from msgd.ops.metrics import Metrics
 from msgd.ops.systemd import Notifier
 from msgd.registry.port import Registrar
-from msgd.registry.store import Registry
+from msgd.registry.service import RegistryReads, RegistryService
 from msgd.server.rules import UeRules
 from msgd.tls.contexts import ServerTls
 from wire.constants import ErrorCause
@@ -96,7 +96,8 @@ class AdminHost(Protocol):
 
     loop: asyncio.AbstractEventLoop
     config: Config
-    registry: Registry
+    registry: RegistryService
+    reads: RegistryReads
     metrics: Metrics
     notifier: Notifier
     tls: ServerTls

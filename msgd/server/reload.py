@@ -22,7 +22,7 @@ from wire.constants import ErrorCause
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from msgd.registry.store import Registry
+    from msgd.registry.service import RegistryService
     from msgd.server.connection import GatewayConnection
 
 __all__ = ["ReloadFailed", "ReloadInputs", "kept_config", "read_inputs", "recheck"]
@@ -42,7 +42,7 @@ class ReloadInputs(NamedTuple):
     provisioned: int  # UEs in the provisioning now committed
 
 
-async def read_inputs(path: Path | None, registry: Registry) -> ReloadInputs:
+async def read_inputs(path: Path | None, registry: RegistryService) -> ReloadInputs:
     """Read the configuration, the TLS files and CRL (each once), and commit the
     provisioning last: after it nothing can fail. Raises ReloadFailed."""
     if path is None:

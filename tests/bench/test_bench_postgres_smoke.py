@@ -1,0 +1,41 @@
+"""`python -m bench --registry postgresql --quick` must run and report every number (speed is
+measured in bench/, never asserted here). It needs Debian's postgresql server, as the
+PostgreSQL tests do: without it the run fails, naming the package."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_quick_postgresql_benchmark_reports_every_number(tmp_path: Path) -> None:
+    out = tmp_path / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--registry", "postgresql", "--quick",
+         "--dir", str(tmp_path), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| bulk registration, one node |" in proc.stdout
+    pg = json.loads(out.read_text())["postgresql_registry"]
+    assert _number(pg["ceiling"]["rows_per_s"])
+    n = json.loads(out.read_text())["sizes"]["bulk_n"]
+    for name in ("one_node_register", "one_node_deregister", "two_nodes_register",
+                 "two_nodes_deregister"):
+        result = pg[name]
+        # Every UE answered SUCCESS: a benchmark of failures would measure nothing.
+        assert (result["n"], result["ok"], result["failed"]) == (n, n, 0), (name, result)
+        assert _number(result["ue_per_s"]) and _number(result["server_cpu_us_per_ue"])
+    singles = pg["singles"]
+    assert singles["ok"] > 0 and singles["ok"] == singles["answered"], singles
+    assert _number(singles["p99_ms"])
+    for node in ("pg-node-1_stop", "pg-node-2_stop"):
+        assert pg[node]["exit_code"] == 0
