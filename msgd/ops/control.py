@@ -315,7 +315,8 @@ class ControlServer:
                 "provisioned": registry.provisioned_count(),
                 "pending": registry.pending(),
                 "admin_overrides": registry.provisioning.provisioning_overrides(),
-                **_registry_file(registry),
+                # The embedded registry's file, journal and compaction; PostgreSQL has none.
+                **(_registry_file(registry) if hasattr(registry, "journal") else {}),
             },
             "tls": {
                 "certificate": str(config.tls.certificate),
@@ -404,6 +405,9 @@ class ControlServer:
 
     async def _registry_compact(self, _request: dict[str, Any], clog: Any) -> dict[str, Any]:
         registry = self.server.registry
+        if not hasattr(registry, "compact"):
+            raise RequestError("registry compact: only the embedded SQLite registry has a "
+                               "journal to fold (PostgreSQL compacts itself: autovacuum)")
         before = _registry_file(registry)
         clog.info("registry.compact", journal_changes=registry.journal.changes)
         report = await registry.compact()  # RegistryError: the file keeps what it had

@@ -23,6 +23,7 @@ from msgd.log import get_logger, setup_logging
 from msgd.ops.metrics import Metrics
 from msgd.ops.systemd import Notifier
 from msgd.registry.service import RegistryService, make_registrar, reads_for
+from msgd.registry.store import Registry
 from msgd.server.connection import GatewayConnection
 from msgd.server.ports import ConnectionSettings, Refusal
 from msgd.server.reload import ReloadFailed, kept_config, read_inputs, recheck
@@ -91,7 +92,8 @@ class Server:
             registry.provisioned_count,
             registry.pending,
         )
-        self.metrics.bind_registry(registry)
+        if isinstance(registry, Registry):  # the embedded one's file, journal and compaction
+            self.metrics.bind_registry(registry)
         self._set_certificate_metrics(tls)
 
     @property
