@@ -174,6 +174,8 @@ def resolve_socket(socket_path: Path | None, config_path: Path) -> Path:
 
 
 def add_parsers(commands: Any) -> None:
+    """The admin verbs' parsers, one statement each: long on purpose, so the set reads as one
+    table of msgctl's commands."""
     common = argparse.ArgumentParser(add_help=False)
     where = common.add_argument_group("reaching the daemon")
     where.add_argument("--socket", type=Path, metavar="PATH", help="control socket path")

@@ -316,7 +316,11 @@ class Compactor:
                 or self._changes_waiting())
 
     def _run(self, report: CompactionReport, *, fold: bool) -> Iterator[None]:
-        """The compaction as a generator: each `yield` ends a step (see the module doc)."""
+        """The compaction as a generator: each `yield` ends a step (see the module doc).
+
+Long on purpose: the steps share the fold's local state (the seq it started from, the
+chunks written so far), and a yield between them is what lets group commits run between
+steps; split into functions, that state would have to live on an object."""
         conn = self.conn
         self.phase = "cleanup"
         yield from self._delete_garbage(report)

@@ -127,7 +127,11 @@ class _Batch:
 
 class PgRegistry:
     """Registry service and registrar over PostgreSQL; every method runs on the loop thread
-    except provisioned(), the counts and pending() (read by the metrics thread)."""
+    except provisioned(), the counts and pending() (read by the metrics thread).
+
+Over 400 lines for now: the connection's life (connect, reconnect with back-off, failover),
+the grouping of batches into one function call, and the admin reads share the one write
+connection's state; the admin reads are the part to move out first."""
 
     backend = "postgresql"
 

@@ -128,6 +128,9 @@ def open_file(path: Path, synchronous: str) -> tuple[int, sqlite3.Connection, St
     releases them on close. On failure both are released here: RegistryCorruptError for a
     file that fails its check (it is never modified), RegistryError when the file cannot be
     opened or is in use by another process. `synchronous` is checked by the caller.
+
+Slightly over 60 lines: lock, check, create-or-migrate and load are one sequence whose every
+failure must release the same two resources.
     """
     lock_fd = _acquire_lock(path)
     conn: sqlite3.Connection | None = None

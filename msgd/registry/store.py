@@ -73,6 +73,11 @@ class Registry:
     thread. The writer thread (`Writer`) owns the write connection. The provisioning store
     (`provisioning`, see ProvisioningStore for its threads) shares the file and the writer;
     provisioned(), provisioned_count() and replace_provisioning() are also offered here.
+
+Just over 400 lines: what is left is the in-memory registrations and their change sequence
+(submit, completions, rollback after a failed commit, listeners, open/close) plus the
+compaction hooks; the writer, the file, the blobs, the snapshot, compaction and provisioning
+are in modules of their own.
     """
 
     def __init__(
