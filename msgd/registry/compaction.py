@@ -224,8 +224,8 @@ class Compactor:
             self._end(describe(exc))
         finally:
             if relaxed:
-                # Group commits must sync again: if this fails, the writer's next commit
-                # fails too (same connection), and nothing is acknowledged unsynced.
+                # Group commits must sync again. Should this ever fail, the error stops the
+                # writer thread (Writer._main): better no acknowledgement than an unsynced one.
                 conn.execute("PRAGMA synchronous = FULL")
         took = time.perf_counter() - started
         report.steps += 1
