@@ -71,7 +71,7 @@ class CompactionPolicy:
 
     journal_changes: int = 100_000  # 0: never on its own (msgctl registry compact still works)
     journal_ratio: float = 0.5
-    min_interval: float = 60.0
+    min_interval: float = 10.0
 
     def due(self, changes: int, registered: int) -> bool:
         """Whether a journal of `changes` changes over `registered` UEs is worth folding.
