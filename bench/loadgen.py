@@ -783,7 +783,8 @@ async def run_churn(params: dict[str, Any]) -> dict[str, Any]:
     # the UEs left de-registered are registered again.
     changes = stats.ok
     deadline = time.perf_counter() + 120
-    while not all(c.restored() for c in churns) and time.perf_counter() < deadline:
+    while (not all(c.restored() for c in churns) and time.perf_counter() < deadline
+           and not all(gw.closed.done() for gw in gws)):  # (msgd gone: nothing will come)
         for churn in churns:
             churn.restore()
         await asyncio.sleep(0.005)

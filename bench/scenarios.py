@@ -67,7 +67,7 @@ class Sizes:
     soak_single_share: float = 0.3  # share of the changes sent as single procedures
     soak_compact_changes: int = 100_000  # [registry] compact_journal_changes
     soak_compact_ratio: float = 0.5
-    soak_compact_interval: float = 60.0
+    soak_compact_interval: float = 10.0
 
     @classmethod
     def quick(cls) -> Sizes:

@@ -84,7 +84,7 @@ class RegistryConfig:
     # per compact_min_interval seconds. 0 changes: only `msgctl registry compact`.
     compact_journal_changes: int = 100_000
     compact_journal_ratio: float = 0.5
-    compact_min_interval: float = 60.0
+    compact_min_interval: float = 10.0
     backend: str = "sqlite"
     # backend "postgresql" (msgd.registry.postgres; docs/scale-out.md). The DSN may hold a
     # password: it is shown only through postgres.redact_dsn, never as is.

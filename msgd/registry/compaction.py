@@ -71,7 +71,7 @@ class CompactionPolicy:
 
     journal_changes: int = 100_000  # 0: never on its own (msgctl registry compact still works)
     journal_ratio: float = 0.5
-    min_interval: float = 60.0
+    min_interval: float = 10.0
 
     def due(self, changes: int, registered: int) -> bool:
         """Whether a journal of `changes` changes over `registered` UEs is worth folding.
@@ -224,8 +224,8 @@ class Compactor:
             self._end(describe(exc))
         finally:
             if relaxed:
-                # Group commits must sync again: if this fails, the writer's next commit
-                # fails too (same connection), and nothing is acknowledged unsynced.
+                # Group commits must sync again. Should this ever fail, the error stops the
+                # writer thread (Writer._main): better no acknowledgement than an unsynced one.
                 conn.execute("PRAGMA synchronous = FULL")
         took = time.perf_counter() - started
         report.steps += 1

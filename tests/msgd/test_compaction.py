@@ -240,14 +240,15 @@ async def test_wal_is_rewound_while_commits_keep_coming(tmp_path: Path) -> None:
     checkpointer.every = 64  # pages: many checkpoints in a short test
     wal = path.with_name(path.name + "-wal")
     try:
-        for n in range(300_000):
+        for n in range(900_000):
             reg.submit_register(f"ue-{n % 50_000}", "gw-a", None)
             if n % 300 == 0:
                 await asyncio.sleep(0)
         await reg.wait_durable(reg.last_seq)
         assert checkpointer.checkpoints >= 10
         written = reg.journal.octets  # what went through the WAL, at least
-        assert wal.stat().st_size < written / 3, (wal.stat().st_size, written)
+        # Measured (12 MiB written): 0.4-0.6 MiB; 3-5.6 MiB without the writer's part.
+        assert wal.stat().st_size < written / 8, (wal.stat().st_size, written)
     finally:
         await reg.close()
 
