@@ -109,7 +109,7 @@ async def test_compaction_folds_the_journal_while_changes_go_on(tmp_path: Path) 
         assert report.ok and report.trigger == "manual"
         assert report.changes_folded >= 30_000
         # Batches were committed between its steps, not only before or after it.
-        assert report.steps > 20 and during > 0
+        assert report.chunks_written >= 3 and during > 0
         state = meta(path)
         assert state["snapshot_seq"] == report.covered_seq
         assert state["snapshot_count"] == report.registrations
@@ -412,7 +412,7 @@ async def main(path, prefix):
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
-CRASH_ROUNDS = int(os.environ.get("MSGD_COMPACTION_CRASH_ROUNDS", "4"))
+CRASH_ROUNDS = int(os.environ.get("MSGD_COMPACTION_CRASH_ROUNDS", "3"))
 
 
 def crash_op(prefix: str, i: int) -> tuple[str, str | None, bytes | None]:
@@ -436,7 +436,7 @@ def test_kill_9_at_random_instants_of_compactions(tmp_path: Path) -> None:
     changes up to some point at or after the last acknowledged one (durable changes form a
     prefix of those submitted; acknowledgements a prefix of that): nothing acknowledged is
     lost, nothing is invented. It passes integrity_check, opens, and its garbage is deleted
-    after the next start. MSGD_COMPACTION_CRASH_ROUNDS sets the rounds (default 4)."""
+    after the next start. MSGD_COMPACTION_CRASH_ROUNDS sets the rounds (default 3)."""
     path = tmp_path / "registry.sqlite"
     rng = random.Random(int(os.environ.get("HOSTILE_SEED", "20261206")))
     kills: list[tuple[int, str, bool]] = []
@@ -446,7 +446,7 @@ def test_kill_9_at_random_instants_of_compactions(tmp_path: Path) -> None:
                                 stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
         guard = threading.Timer(120, proc.kill)  # a stuck child would hang the test
         guard.start()
-        target = rng.randint(5, 250)
+        target = rng.randint(3, 45)  # a compaction is ~10 steps here (a chunk or a delete each)
         lines: list[str] = []
         phase = "?"
         try:
