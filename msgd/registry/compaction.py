@@ -441,7 +441,9 @@ class _Worker:
             [sys.executable, "-m", "msgd.registry.compaction_worker", str(path),
              *map(str, numbers)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            close_fds=True, env=env)
+            # Its own session: a Ctrl-C meant for msgd must not kill it mid-way (msgd's close
+            # does); it dies with the writer thread that started it (PR_SET_PDEATHSIG).
+            close_fds=True, start_new_session=True, env=env)
         self._wake = wake
         self._frames: queue.Queue[tuple[bytes, bytes]] = queue.Queue(maxsize=8)
         self._closing = False

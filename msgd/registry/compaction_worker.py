@@ -111,7 +111,9 @@ def fold(
 
 
 def _die_with_parent() -> None:
-    """SIGKILL when the daemon dies (Linux): a kill -9 of msgd must not leave this running."""
+    """SIGKILL when the daemon dies (Linux): a kill -9 of msgd must not leave this running.
+    (Strictly, when the thread that started it ends: msgd's writer thread, which lives as
+    long as the registry and kills this process itself when it abandons a compaction.)"""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1

@@ -464,6 +464,7 @@ def test_kill_9_at_random_instants_of_compactions(tmp_path: Path) -> None:
         finally:
             guard.cancel()
         assert proc.returncode == -signal.SIGKILL, "the child ended before the kill"
+        _no_worker_left(path)
         assert "FAIL\n" not in lines
         acked = max((int(line.split()[1]) for line in lines if line.startswith("A ")),
                     default=0)
@@ -475,6 +476,29 @@ def test_kill_9_at_random_instants_of_compactions(tmp_path: Path) -> None:
         assert query(path, "PRAGMA integrity_check") == [("ok",)]
     # The kills landed inside compactions, not only between them.
     assert sum(phase != "idle" for _t, phase, _g in kills) >= CRASH_ROUNDS // 2, kills
+
+
+def _workers_of(path: Path) -> list[int]:
+    """Compaction worker processes reading `path` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"msgd.registry.compaction_worker" in argv and str(path).encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def _no_worker_left(path: Path, timeout: float = 10.0) -> None:
+    """A compaction worker dies with the daemon that started it (bounded poll)."""
+    deadline = time.monotonic() + timeout
+    while _workers_of(path):
+        assert time.monotonic() < deadline, f"compaction worker outlived msgd: {_workers_of(path)}"
+        time.sleep(0.01)
 
 
 DURABLE_UNACKED = 50_000  # at most this many changes durable beyond the last acknowledged
