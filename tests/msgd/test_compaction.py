@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from msgd.errors import RegistryError
+from msgd.registry import checkpoint
 from msgd.registry.compaction import CompactionPolicy
 from msgd.registry.schema import APPLICATION_ID, SCHEMA_VERSION
 from msgd.registry.snapshot import has_garbage
@@ -229,27 +230,53 @@ async def test_file_size_and_start_stay_bounded_under_churn(tmp_path: Path) -> N
     assert time.monotonic() - started < 10  # a guard: what is bounded is the replay above
 
 
-async def test_wal_is_rewound_while_commits_keep_coming(tmp_path: Path) -> None:
-    """Checkpoints run beside the writer (checkpoint.py); the writer finishes each one so
-    that the WAL restarts from its beginning even though commits never pause."""
+def wal_restarts(wal: Path) -> int:
+    """How many times SQLite rewound this WAL: the checkpoint sequence number of its header
+    (file format, WAL header offset 12), incremented at each restart."""
+    with wal.open("rb") as f:
+        return int.from_bytes(f.read(32)[12:16], "big")
+
+
+async def test_wal_is_rewound_after_a_checkpoint_that_commits_outran(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A background checkpoint copies only the frames committed when it began; commits that
+    land meanwhile leave the WAL with frames not copied, and SQLite rewinds a WAL only when a
+    write begins with every frame copied, so without the writer's part the WAL would grow for
+    as long as commits keep coming (checkpoint.py). The test builds that state exactly: a
+    reader holds the checkpoint at the frames of batch A while batch B commits."""
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_EVERY", 3600.0)  # no timer checkpoint here
     path = tmp_path / "registry.sqlite"
+    wal = path.with_name(path.name + "-wal")
     reg = Registry.open(path, compaction=OFF)
     reg.start(asyncio.get_running_loop())
     checkpointer = reg._writer.checkpointer
     assert checkpointer is not None
-    checkpointer.every = 64  # pages: many checkpoints in a short test
-    wal = path.with_name(path.name + "-wal")
-    try:
-        for n in range(900_000):
-            reg.submit_register(f"ue-{n % 50_000}", "gw-a", None)
-            if n % 300 == 0:
-                await asyncio.sleep(0)
+    checkpointer.every = 1 << 40  # only the checkpoint below
+
+    async def commit(batch: str) -> None:
+        for n in range(2_000):
+            reg.submit_register(f"ue-{batch}-{n}", "gw-a", None)
         await reg.wait_durable(reg.last_seq)
-        assert checkpointer.checkpoints >= 10
-        written = reg.journal.octets  # what went through the WAL, at least
-        # Measured (12 MiB written): 0.4-0.6 MiB; 3-5.6 MiB without the writer's part.
-        assert wal.stat().st_size < written / 8, (wal.stat().st_size, written)
+
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        await commit("a")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM meta").fetchall()  # holds a snapshot at A
+        await commit("b")
+        # The background checkpoint, as its thread runs it: it can copy A only.
+        (busy, frames, copied), = await asyncio.to_thread(
+            checkpointer._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall)
+        assert busy == 0 and 0 < copied < frames, (busy, frames, copied)
+        reader.execute("COMMIT")
+        checkpointer.finish_wanted = True  # what its thread sets after each checkpoint
+        before = wal_restarts(wal)
+        await commit("c")  # the round that commits C also finishes the checkpoint
+        await commit("d")  # so D writes from the WAL's start
+        assert wal_restarts(wal) == before + 1
+        assert not checkpointer.finish_wanted
     finally:
+        reader.close()
         await reg.close()
 
 
@@ -375,6 +402,7 @@ POPULATION = 6_000  # UEs each crash round changes over and over
 CRASH_CHILD = r"""
 import asyncio, sys
 from pathlib import Path
+from msgd.registry import checkpoint
 from msgd.registry.compaction import CompactionPolicy
 from msgd.registry.store import Registry
 from tests.msgd.test_compaction import crash_op
