@@ -18,6 +18,7 @@ from tests.wire.test_fuzz import mutated
 from wire.bulk import BULK_SPECS, BulkReader
 from wire.constants import IEI
 from wire.errors import WireError
+from wire.frames import encode_frame
 from wire.ies import (
     IE_VALUE,
     decode_value,
@@ -33,6 +34,9 @@ from wire.messages import (
     ENTRY_SPECS,
     MESSAGE_SPECS,
     PROFILE_SPEC,
+    UeDeregistrationResponse,
+    UeRegistrationResponse,
+    _fast_single_response,
     decode_body,
     decode_entry,
     decode_group,
@@ -183,6 +187,23 @@ def test_fast_response_entry_encoder(entry: Any) -> None:
 
     iei = ENTRY_IEI_OF[type(entry)]
     assert encode_entry(entry) == encode_ie(iei, encode_group(ENTRY_SPECS[iei], entry))
+
+
+@DIFF
+@given(st.one_of(ws.registration_responses, ws.deregistration_responses))
+def test_fast_single_response_encoder(message: Any) -> None:
+    """encode_message's shortcut for single responses against the generic encoder."""
+    message_type = type(message).message_type
+    body = encode_group(MESSAGE_SPECS[message_type], message)
+    assert encode_message(message) == encode_frame(message_type, message.transaction_id, body)
+
+
+def test_the_single_response_shortcut_is_exercised() -> None:
+    """Success and failure shapes do take the shortcut (else the test above proves little)."""
+    for cls in (UeRegistrationResponse, UeDeregistrationResponse):
+        assert _fast_single_response(cls(7, "ue-1@gw1.example", 0)) is not None
+        assert _fast_single_response(cls(7, "ue-1@gw1.example", 1, 3)) is not None
+        assert _fast_single_response(cls(7, "ue-1@gw1.example", 1, 3, 500)) is None
 
 
 @pytest.mark.parametrize("iei", list(_FAST_ENTRY), ids=lambda i: i.name)
