@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests.wire import strategies as ws
 from tests.wire.test_fuzz import mutated
 from wire.bulk import BULK_SPECS, BulkReader
-from wire.constants import IEI
+from wire.constants import IEI, MessageType
 from wire.errors import WireError
 from wire.frames import encode_frame
 from wire.ies import (
@@ -30,6 +30,7 @@ from wire.ies import (
 )
 from wire.messages import (
     _FAST_ENTRY,
+    _FAST_REQUEST,
     ENTRY_DECODERS,
     ENTRY_SPECS,
     MESSAGE_SPECS,
@@ -111,6 +112,25 @@ def test_message_bodies(item: tuple[Any, Any], data: st.DataObject) -> None:
     body = data.draw(st.one_of(st.just(body), mutated([body])))
     assert_same(lambda: decode_body(mtype, 5, body),
                 lambda: decode_body(mtype, 5, body, reference=True))
+
+
+SINGLE_REQUESTS = [MessageType.UE_REGISTRATION_REQUEST, MessageType.UE_DEREGISTRATION_REQUEST]
+
+
+@DIFF
+@given(st.sampled_from(SINGLE_REQUESTS).flatmap(
+    lambda t: st.tuples(st.just(t), ws.SINGLE_WITH_UNKNOWN[t])), st.data())
+def test_single_request_bodies(item: tuple[Any, Any], data: st.DataObject) -> None:
+    """The single requests' shortcut (_FAST_REQUEST) against the reference decoder."""
+    test_message_bodies.hypothesis.inner_test(item, data)
+
+
+@pytest.mark.parametrize("mtype", SINGLE_REQUESTS, ids=lambda t: t.name)
+def test_the_single_request_shortcut_is_exercised(mtype: MessageType) -> None:
+    message = MESSAGE_SPECS[mtype].cls(5, "ue-1@gw1.example", bytes(32))
+    body = encode_message(message)[12:]
+    assert _FAST_REQUEST[mtype][0](body) is not None
+    assert decode_body(mtype, 5, body) == message
 
 
 ENTRY_STRATEGIES = {
