@@ -210,6 +210,21 @@ def test_fast_response_entry_encoder(entry: Any) -> None:
 
 
 @DIFF
+@given(st.one_of(ws.registration_response_entries, ws.deregistration_response_entries))
+def test_result_encoders(entry: Any) -> None:
+    """Session.send_bulk_results' encoders against encode_entry of the same answer (entries
+    whose result and cause agree: the only ones an answer tuple can express)."""
+    from hypothesis import assume
+
+    from wire.messages import ENTRY_IEI_OF, RESULT_ENCODERS
+
+    assume((entry.result == 0) == (entry.failure_cause is None))
+    encode = RESULT_ENCODERS[ENTRY_IEI_OF[type(entry)]]
+    assert_same(lambda: encode(entry.ue_service_id, entry.failure_cause, entry.retry_after),
+                lambda: encode_entry(entry))
+
+
+@DIFF
 @given(st.one_of(ws.registration_responses, ws.deregistration_responses))
 def test_fast_single_response_encoder(message: Any) -> None:
     """encode_message's shortcut for single responses against the generic encoder."""
