@@ -669,8 +669,11 @@ def _vectors(explicit: str | None) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None, suite: Suite | None = None) -> int:
+    import logging
+
     suite = suite or WIRE
     args, libfuzzer_args = _parser(suite).parse_known_args(argv)
+    logging.getLogger("msgd").setLevel(logging.CRITICAL)  # a refused peer per execution
     targets = [args.target] if args.target else sorted(suite.targets)
     if args.replay:
         print(f"replayed {replay(suite, targets, _vectors(args.vectors), WORK / 'corpus')} inputs")
@@ -693,9 +696,6 @@ def _fuzz(suite: Suite, args: argparse.Namespace, libfuzzer_args: list[str]) -> 
     except ImportError:
         print("atheris is not installed: pip install -e '.[fuzz]'", file=sys.stderr)
         return 2
-    import logging
-
-    logging.getLogger("msgd").setLevel(logging.CRITICAL)  # a refused peer per execution
     target = suite.targets[args.target]
     instrument_loaded(suite.instrument[args.target])
     work = args.corpus or WORK / "corpus" / args.target

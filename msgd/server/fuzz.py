@@ -535,13 +535,30 @@ class Harness:
         self.inbound += self.data[self.pos : self.pos + size]
         self.pos += size
 
+    def op_flood(self) -> None:
+        """Many copies of one frame: past the connection's per-turn budgets (256 events,
+        16 KiB), which a program of at most 4 KiB cannot reach otherwise."""
+        count = 1 + self.byte() * 4
+        self.inbound += self.template(self.byte(), self.byte(), self.byte()) * count
+
+    def _can_read(self) -> bool:
+        # TLS still delivers what arrived while it flushes after close(); not after abort().
+        return bool(self.inbound) and not (self.transport.reading_paused
+                                           or self.transport.aborted or self.lost)
+
     def op_read(self) -> None:
         size = 1 + self.byte() * 8
-        if not self.inbound or self.transport.reading_paused or self.transport.closing:
-            return
-        chunk = bytes(self.inbound[:size])
-        del self.inbound[:size]
-        self.conn.data_received(chunk)
+        if self._can_read():
+            chunk = bytes(self.inbound[:size])
+            del self.inbound[:size]
+            self.conn.data_received(chunk)
+
+    def op_read_all(self) -> None:
+        """One read of up to 256 KiB, as uvloop does."""
+        if self._can_read():
+            chunk = bytes(self.inbound[: 256 * 1024])
+            del self.inbound[: 256 * 1024]
+            self.conn.data_received(chunk)
 
     def op_timer(self) -> None:
         self.loop.fire_next()
@@ -564,14 +581,18 @@ class Harness:
             self.conn.resume_writing()
 
     def op_eof(self) -> None:
-        if not self.transport.closing and not self.transport.reading_paused:
+        if not (self.transport.aborted or self.lost or self.transport.reading_paused):
             self.inbound.clear()
             self.conn.eof_received()
 
     def op_goodbye(self) -> None:
         choice = self.byte()
         cause = (ErrorCause.SHUTTING_DOWN, ErrorCause.NORMAL, ErrorCause.OVERLOADED)[choice % 3]
+        session = self.conn.session
+        was_open = session is not None and not self.conn._closed and not session.is_closed
         self.conn.goodbye(cause, "fuzz", 1000 if choice & 4 else None)
+        if was_open and not self.conn.closing:
+            raise FuzzFailure("GOODBYE sent but the connection does not say it is closing")
 
     def op_revoke(self) -> None:
         if self.byte() & 1:
@@ -593,7 +614,7 @@ class Harness:
     OPS: tuple[Callable[[Harness], None], ...] = (
         op_frame, op_frame, op_frame, op_read, op_read, op_raw, op_timer, op_sleep,
         op_complete, op_complete, op_pause_writing, op_resume_writing, op_eof, op_goodbye,
-        op_revoke, op_flushed, op_registry_closed, op_lost,
+        op_revoke, op_flushed, op_registry_closed, op_lost, op_flood, op_read_all,
     )
 
     def template(self, which: int, a: int, b: int) -> bytes:
@@ -742,6 +763,12 @@ def seeds() -> dict[str, bytes]:
         "bad-alpn": b"\xc0\x00" + hello,
         "revoked-handshake": b"\x80\x00" + hello,
         "flood": b"\x00\x30" + hello + (frame(6, 1) * 40) + read + read + read,
+        # 301 second HELLOs: 301 events, over the 256 of one turn.
+        "flood-events": b"\x00\x00" + hello + op["flood"] + b"\x4b\x00\x00\x00"
+        + op["read_all"] + frame(1, 1, 4) + op["read_all"] + done,
+        # 2 001 KEEPALIVEs (24 KiB) in one read, then EOF behind them: over 16 KiB a turn.
+        "flood-octets": b"\x00\x00" + hello + op["flood"] + b"\xfa\x06\x00\x00"
+        + op["read_all"] + op["eof"],
         "lost": b"\x00\x00" + hello + frame(4, 1, 3) + read + op["lost"] + b"\x01\x01",
     }
     return out
