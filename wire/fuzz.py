@@ -376,8 +376,57 @@ def check_sent(data: bytes) -> None:
         pos += HEADER_SIZE + length
 
 
+def _probes(session: Any) -> list[Callable[[], Any]]:
+    """Calls a user may make at any moment, right or wrong for the role and the state."""
+    from .constants import ErrorCause, MessageType
+    from .messages import (
+        Hello,
+        RegistrationEntry,
+        RegistrationResponseEntry,
+        UeDeregistrationRequest,
+        UeRegistrationRequest,
+        UeRegistrationResponse,
+    )
+
+    bulk = MessageType.BULK_REGISTRATION_REQUEST
+    return [
+        lambda: session.send_request(UeRegistrationRequest(9, "ue-probe@gw1.example")),
+        lambda: session.send_request(UeDeregistrationRequest(2, "ue-0001@gw1.example")),
+        lambda: (session.start_bulk(bulk, 10, 2),
+                 [session.send_bulk_entry(10, RegistrationEntry(f"ue-p{n}@gw1.example"))
+                  for n in range(3)]),
+        lambda: session.start_bulk(bulk, 11, 1 << 30),
+        lambda: session.send_response(UeRegistrationResponse(2, "ue-0001@gw1.example", 0)),
+        lambda: session.send_bulk_entry(6, RegistrationResponseEntry("ue-0000@gw1.example", 0)),
+        lambda: session.send_error(2, ErrorCause.INTERNAL_ERROR, "probe", 100),
+        lambda: session.send_goodbye(ErrorCause.NORMAL, None, "probe"),
+        lambda: session.send_hello(Hello(1, 2)),
+        lambda: session.accept_hello(server_nonce=NONCE, bulk_allowed=True,
+                                     ue_authentication_required=False),
+        lambda: session.reject_hello(ErrorCause.GATEWAY_NOT_ALLOWED, "probe"),
+        lambda: session.next_transaction_id(),
+        lambda: session.terminate(ErrorCause.GATEWAY_NOT_ALLOWED, "probe"),
+    ]
+
+
+def probe(session: Any, choice: int) -> None:
+    """The calls `choice` picks (its bits 1-7, spread over the 13 calls), in order: each works
+    or raises LocalProtocolError (our bug, named), never anything else; what they send is
+    well-formed."""
+    from .errors import LocalProtocolError
+
+    calls = _probes(session)
+    mask = (choice >> 1) * 0x2F1B
+    for n, call in enumerate(calls):
+        if mask >> n & 1:
+            with contextlib.suppress(LocalProtocolError):
+                call()
+    check_sent(session.data_to_send())
+
+
 def run_session(role_name: str, data: bytes) -> None:
-    """octet 0: context (bit 0: established), octet 1: chunking; the rest is the stream."""
+    """octet 0: context (bit 0: established; bits 1-7: API calls `probe` makes once the
+    stream is read), octet 1: chunking; the rest is the stream."""
     from .events import ConnectionClosed
 
     if len(data) < 2:
@@ -402,6 +451,7 @@ def run_session(role_name: str, data: bytes) -> None:
         raise FuzzFailure("ConnectionClosed twice")
     check_sent(whole[1])
     check_sent(chunked[1])
+    probe(whole[2], data[0])
     _finish(whole[2])
 
 
@@ -482,6 +532,10 @@ def seeds(target: str, vectors: dict[str, Any] | None) -> dict[str, bytes]:
             if ack:
                 out["before-ack"] = b"\x00\x03" + ack + b"".join(d for _, d in mine)
         out["after-all"] = b"\x01\x09" + b"".join(d for _, d in mine)
+        for bit in range(1, 8):  # the API probes, each of octet 0's bits 1-7 alone
+            for established in (0, 1):
+                out[f"probe-{bit}-{established}"] = bytes([1 << bit | established, 9]) + (
+                    b"".join(d for _, d in mine[:3]))
     return out
 
 

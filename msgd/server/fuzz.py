@@ -477,6 +477,7 @@ class Harness:
         self.decided: defaultdict[_Key, int] = defaultdict(int)  # the registrar's outcomes
         self.inbound = bytearray()
         self.lost = False
+        self.eof = False
         self.internal_errors: list[Exception] = []
         config, limits = self.byte(), self.byte()
         self.registrar = MemoryRegistrar(self, synchronous=bool(config & 32))
@@ -543,7 +544,7 @@ class Harness:
 
     def _can_read(self) -> bool:
         # TLS still delivers what arrived while it flushes after close(); not after abort().
-        return bool(self.inbound) and not (self.transport.reading_paused
+        return bool(self.inbound) and not (self.transport.reading_paused or self.eof
                                            or self.transport.aborted or self.lost)
 
     def op_read(self) -> None:
@@ -581,9 +582,12 @@ class Harness:
             self.conn.resume_writing()
 
     def op_eof(self) -> None:
-        if not (self.transport.aborted or self.lost or self.transport.reading_paused):
+        if not (self.transport.aborted or self.lost or self.eof
+                or self.transport.reading_paused):
             self.inbound.clear()
-            self.conn.eof_received()
+            self.eof = True
+            if not self.conn.eof_received():
+                self.transport.closing = True  # asyncio closes the transport (half-close off)
 
     def op_goodbye(self) -> None:
         choice = self.byte()
@@ -688,7 +692,7 @@ class Harness:
         for _ in range(_READY_LIMIT):
             while self.registrar.complete(0):
                 loop.run_ready()
-            if self.transport.reading_paused or not self.inbound or self.transport.closing:
+            if not self._can_read() or self.transport.closing:
                 break
             self.conn.data_received(bytes(self.inbound))
             self.inbound.clear()
