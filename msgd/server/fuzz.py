@@ -461,6 +461,8 @@ class OutputChecker:
         elif kind is ConnectionClosed:
             self.open.clear()
             self.bulks.clear()
+            if event.cause is ErrorCause.IDLE_TIMEOUT:
+                self.harness.check_idle()
 
 
 # --- the program --------------------------------------------------------------------------------
@@ -513,6 +515,13 @@ class Harness:
 
     def _fail(self, exc: Exception) -> None:
         raise FuzzFailure(f"the connection failed internally: {exc!r}") from exc
+
+    def check_idle(self) -> None:
+        """An idle timeout is fair only if the peer was silent, not if we did not read it."""
+        conn = self.conn
+        if self.inbound and conn._reading_paused and not conn._writing_paused:
+            raise FuzzFailure("IDLE_TIMEOUT while the peer's octets waited unread: we had "
+                              "paused reading (answers window or backlog), not the peer")
 
     def lose(self, exc: Exception | None) -> None:
         if not self.lost:
@@ -702,6 +711,12 @@ class Harness:
         for _ in range(50):  # timers (keepalive, frame clock, abort) until the session ends
             if self.lost or not loop.fire_next():
                 break
+            loop.run_ready()
+        if self.registrar.closed and not self.transport.closing:
+            # Answers that never come hold reading paused, and with it the keepalive (we are
+            # silent, not the peer): the daemon's shutdown ends such a connection.
+            self.conn.goodbye(ErrorCause.SHUTTING_DOWN)
+            self.conn.abort()
             loop.run_ready()
         if self.transport.closing:
             self.lose(None)
