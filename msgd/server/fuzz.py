@@ -259,6 +259,9 @@ class MemoryRegistrar:
     def submit(self, gateway: str, changes: Sequence[Change], decided: Decided) -> None:
         if gateway != GATEWAY:
             raise FuzzFailure(f"batch submitted for {gateway!r}")
+        if self.harness.revoked:
+            # wire-v1 §4 item 6: once revoked, no further request or entry is decided.
+            raise FuzzFailure("a change submitted after the gateway was revoked")
         if self.closed:
             return
         self.pending.append((list(changes), decided))
@@ -480,6 +483,7 @@ class Harness:
         self.inbound = bytearray()
         self.lost = False
         self.eof = False
+        self.revoked = False
         self.internal_errors: list[Exception] = []
         config, limits = self.byte(), self.byte()
         self.registrar = MemoryRegistrar(self, synchronous=bool(config & 32))
@@ -610,6 +614,7 @@ class Harness:
     def op_revoke(self) -> None:
         if self.byte() & 1:
             self.conn.revoke("fuzz")
+            self.revoked = True
 
     def op_flushed(self) -> None:
         if self.transport.closing:
