@@ -111,6 +111,7 @@ _BULK_RESPONSE = {
     MessageType.BULK_REGISTRATION_RESPONSE: MessageType.BULK_REGISTRATION_REQUEST,
     MessageType.BULK_DEREGISTRATION_RESPONSE: MessageType.BULK_DEREGISTRATION_REQUEST,
 }
+_INBOUND_MAX = 32 * 1024
 # Reads and timer firings one callback may cause before the harness calls it a livelock.
 _READY_LIMIT = 10_000
 
@@ -553,7 +554,10 @@ class Harness:
         """Many copies of one frame: past the connection's per-turn budgets (256 events,
         16 KiB), which a program of at most 4 KiB cannot reach otherwise."""
         count = 1 + self.byte() * 4
-        self.inbound += self.template(self.byte(), self.byte(), self.byte()) * count
+        frame = self.template(self.byte(), self.byte(), self.byte())
+        # At most 32 KiB waiting (twice a turn's octets): more costs time, not coverage.
+        count = min(count, max(0, _INBOUND_MAX - len(self.inbound)) // len(frame))
+        self.inbound += frame * count
 
     def _can_read(self) -> bool:
         # TLS still delivers what arrived while it flushes after close(); not after abort().
