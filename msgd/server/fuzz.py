@@ -16,7 +16,10 @@ What counts as a crash (docs/fuzzing.md), besides any exception out of a callbac
   order of the entries received, or more of them than entries received;
 * an answer whose outcome the registrar has not given yet (a success before its change was
   completed), or a rules cause that contradicts the provisioning;
-* anything written after the transport was closed, or a read delivered while paused;
+* anything written after the transport was closed; pause/resume reading out of step;
+* a change submitted to the registrar after the gateway was revoked (wire-v1 §4 item 6);
+* IDLE_TIMEOUT while the gateway's octets wait unread because we paused reading;
+* `connection_ended` not called exactly once; a GOODBYE sent that `closing` does not show;
 * at the end, with the registrar's batches all completed and the connection still open, a
   request or entry received but never answered.
 
@@ -485,7 +488,6 @@ class Harness:
         self.lost = False
         self.eof = False
         self.revoked = False
-        self.internal_errors: list[Exception] = []
         config, limits = self.byte(), self.byte()
         self.registrar = MemoryRegistrar(self, synchronous=bool(config & 32))
         settings = ConnectionSettings(
