@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STATE  ?= state
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench fuzz clean
+.PHONY: run test lint bench fuzz fuzz-coverage fuzz-corpus clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ bench: $(STAMP)
 
 fuzz: $(STAMP)
 	$(BIN)/python -m wire.fuzz --seconds 600
+
+# Line coverage of wire/ and of the connection adapter reached by the seeds, the kept corpus
+# (fuzz/corpus) and what campaigns left in fuzz-out/corpus; FUZZ_SECONDS=N fuzzes each target
+# N seconds first.
+FUZZ_SECONDS ?= 0
+fuzz-coverage: $(STAMP)
+	$(BIN)/python -m msgd.server.fuzz --coverage --seconds $(FUZZ_SECONDS)
+
+# Fold what campaigns found (fuzz-out/corpus) into the kept corpus, minimised.
+fuzz-corpus: $(STAMP)
+	$(BIN)/python -m msgd.server.fuzz --minimise
 
 clean:
 	rm -rf $(VENV) $(STATE) .pytest_cache .hypothesis

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -374,8 +376,57 @@ def check_sent(data: bytes) -> None:
         pos += HEADER_SIZE + length
 
 
+def _probes(session: Any) -> list[Callable[[], Any]]:
+    """Calls a user may make at any moment, right or wrong for the role and the state."""
+    from .constants import ErrorCause, MessageType
+    from .messages import (
+        Hello,
+        RegistrationEntry,
+        RegistrationResponseEntry,
+        UeDeregistrationRequest,
+        UeRegistrationRequest,
+        UeRegistrationResponse,
+    )
+
+    bulk = MessageType.BULK_REGISTRATION_REQUEST
+    return [
+        lambda: session.send_request(UeRegistrationRequest(9, "ue-probe@gw1.example")),
+        lambda: session.send_request(UeDeregistrationRequest(2, "ue-0001@gw1.example")),
+        lambda: (session.start_bulk(bulk, 10, 2),
+                 [session.send_bulk_entry(10, RegistrationEntry(f"ue-p{n}@gw1.example"))
+                  for n in range(3)]),
+        lambda: session.start_bulk(bulk, 11, 1 << 30),
+        lambda: session.send_response(UeRegistrationResponse(2, "ue-0001@gw1.example", 0)),
+        lambda: session.send_bulk_entry(6, RegistrationResponseEntry("ue-0000@gw1.example", 0)),
+        lambda: session.send_error(2, ErrorCause.INTERNAL_ERROR, "probe", 100),
+        lambda: session.send_goodbye(ErrorCause.NORMAL, None, "probe"),
+        lambda: session.send_hello(Hello(1, 2)),
+        lambda: session.accept_hello(server_nonce=NONCE, bulk_allowed=True,
+                                     ue_authentication_required=False),
+        lambda: session.reject_hello(ErrorCause.GATEWAY_NOT_ALLOWED, "probe"),
+        lambda: session.next_transaction_id(),
+        lambda: session.terminate(ErrorCause.GATEWAY_NOT_ALLOWED, "probe"),
+    ]
+
+
+def probe(session: Any, choice: int) -> None:
+    """The calls `choice` picks (its bits 1-7, spread over the 13 calls), in order: each works
+    or raises LocalProtocolError (our bug, named), never anything else; what they send is
+    well-formed."""
+    from .errors import LocalProtocolError
+
+    calls = _probes(session)
+    mask = (choice >> 1) * 0x2F1B
+    for n, call in enumerate(calls):
+        if mask >> n & 1:
+            with contextlib.suppress(LocalProtocolError):
+                call()
+    check_sent(session.data_to_send())
+
+
 def run_session(role_name: str, data: bytes) -> None:
-    """octet 0: context (bit 0: established), octet 1: chunking; the rest is the stream."""
+    """octet 0: context (bit 0: established; bits 1-7: API calls `probe` makes once the
+    stream is read), octet 1: chunking; the rest is the stream."""
     from .events import ConnectionClosed
 
     if len(data) < 2:
@@ -400,6 +451,7 @@ def run_session(role_name: str, data: bytes) -> None:
         raise FuzzFailure("ConnectionClosed twice")
     check_sent(whole[1])
     check_sent(chunked[1])
+    probe(whole[2], data[0])
     _finish(whole[2])
 
 
@@ -480,6 +532,10 @@ def seeds(target: str, vectors: dict[str, Any] | None) -> dict[str, bytes]:
             if ack:
                 out["before-ack"] = b"\x00\x03" + ack + b"".join(d for _, d in mine)
         out["after-all"] = b"\x01\x09" + b"".join(d for _, d in mine)
+        for bit in range(1, 8):  # the API probes, each of octet 0's bits 1-7 alone
+            for established in (0, 1):
+                out[f"probe-{bit}-{established}"] = bytes([1 << bit | established, 9]) + (
+                    b"".join(d for _, d in mine[:3]))
     return out
 
 
@@ -492,55 +548,271 @@ def _safe_split(split: Callable[[bytes], Any], body: bytes) -> list[tuple[int, b
         return []
 
 
-def write_corpus(target: str, directory: Path, vectors_path: Path | None) -> Path:
-    vectors = json.loads(vectors_path.read_text()) if vectors_path else None
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, data in seeds(target, vectors).items():
-        (directory / f"seed-{name}").write_bytes(data)
-    return directory
+# --- the corpora ---------------------------------------------------------------------------
+
+# Kept in git, minimised (`--minimise`): inputs that reach code the seeds do not.
+CORPUS = REPO / "fuzz" / "corpus"
+# What a campaign finds, beside the seeds written from the vectors (ignored by git).
+WORK = Path("fuzz-out")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What a runner fuzzes: its targets, their seeds, the code atheris instruments for each
+    (directories, whose functions are instrumented once imported), and the line-coverage
+    groups `--coverage` prints. msgd.server.fuzz extends wire's with the connection target
+    (wire does not import msgd)."""
+
+    module: str
+    targets: dict[str, Callable[[bytes], None]]
+    seeds: Callable[[str, dict[str, Any] | None], dict[str, bytes]]
+    instrument: dict[str, tuple[Path, ...]]
+    coverage: dict[str, tuple[Path, ...]]  # label -> files
+
+
+def _wire_files() -> tuple[Path, ...]:
+    here = Path(__file__).resolve().parent
+    return tuple(sorted(p for p in here.glob("*.py") if p.name != "fuzz.py"))
+
+
+def _construct_dir() -> Path:
+    import construct
+
+    return Path(construct.__file__).resolve().parent
+
+
+def _wire_instrument() -> dict[str, tuple[Path, ...]]:
+    wire_dir = Path(__file__).resolve().parent
+    return {t: (wire_dir,) for t in TARGETS} | {"messages": (wire_dir, _construct_dir())}
+
+
+def corpus_inputs(suite: Suite, target: str, vectors: dict[str, Any] | None,
+                  work: Path | None = None) -> list[tuple[str, bytes]]:
+    """Every input of `target`: the seeds, the committed corpus and, if given, a campaign's."""
+    out = [(f"seed-{name}", data) for name, data in suite.seeds(target, vectors).items()]
+    for directory in (CORPUS / target, work):
+        if directory is not None and directory.is_dir():
+            out += [(str(p), p.read_bytes()) for p in sorted(directory.iterdir()) if p.is_file()]
+    return out
+
+
+def _arcs(run: Callable[[bytes], None], data: bytes, files: set[str]) -> set[tuple[str, int, int]]:
+    """The (file, from line, to line) pairs one input runs in `files` (set coverage of arcs)."""
+    arcs: set[tuple[str, int, int]] = set()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        name = frame.f_code.co_filename
+        if name not in files:
+            return None
+        last = [frame.f_lineno]
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line":
+                arcs.add((name, last[0], frame.f_lineno))
+                last[0] = frame.f_lineno
+            return local
+
+        return local
+
+    sys.settrace(tracer)
+    try:
+        with contextlib.suppress(Exception):
+            run(data)
+    finally:
+        sys.settrace(None)
+    return arcs
+
+
+def minimise(suite: Suite, target: str, vectors: dict[str, Any] | None, work: Path) -> int:
+    """Rewrite CORPUS/target with the smallest inputs (of the committed corpus and the
+    campaign's) that run an arc the seeds and the smaller ones do not. Returns how many."""
+    files = {str(f) for paths in suite.coverage.values() for f in paths}
+    run = suite.targets[target]
+    seen: set[tuple[str, int, int]] = set()
+    for _, data in suite.seeds(target, vectors).items():
+        seen |= _arcs(run, data, files)
+    candidates = {data for name, data in corpus_inputs(suite, target, vectors, work)
+                  if not name.startswith("seed-")}
+    kept = []
+    for data in sorted(candidates, key=lambda d: (len(d), d)):
+        new = _arcs(run, data, files) - seen
+        if new:
+            seen |= new
+            kept.append(data)
+    out = CORPUS / target
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    for data in kept:
+        (out / hashlib.sha1(data).hexdigest()).write_bytes(data)
+    return len(kept)
+
+
+def replay(suite: Suite, targets: Iterable[str], vectors: dict[str, Any] | None,
+           work: Path | None = None) -> int:
+    """Run every input of each target (seeds, CORPUS and, if given, work/<target>) through
+    it, without atheris; raises on the first failure. Returns how many ran."""
+    count = 0
+    for target in targets:
+        run = suite.targets[target]
+        inputs = corpus_inputs(suite, target, vectors, work / target if work else None)
+        for name, data in inputs:
+            try:
+                run(data)
+            except Exception as exc:
+                raise FuzzFailure(f"{target}: {name}: {exc!r}") from exc
+            count += 1
+    return count
 
 
 # --- the atheris runner ---------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def instrument_loaded(directories: Iterable[Path]) -> int:
+    """Instrument the functions already imported from `directories` (atheris). Needed because
+    `python -m wire.fuzz` imports wire (its __init__ imports every module) before main() runs,
+    so `atheris.instrument_imports` would see nothing left to import: the campaigns of
+    6b8b904's time ran with no coverage feedback at all ("no interesting inputs")."""
+    import gc
+    import types
+
+    import atheris
+
+    roots = tuple(str(d) + os.sep for d in directories)
+    skip = {str(Path(__file__).resolve())}
+    count = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, types.FunctionType):
+            name = obj.__code__.co_filename
+            if name.startswith(roots) and name not in skip and not name.endswith("fuzz.py"):
+                atheris.instrument_func(obj)
+                count += 1
+    return count
+
+
+def _parser(suite: Suite) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m wire.fuzz",
-        description="Fuzz the wire codec or session with atheris (libFuzzer). Unknown "
-                    "arguments (e.g. -runs=1000, -jobs=2) go to libFuzzer.")
-    parser.add_argument("--seconds", type=int, default=60,
-                        help="stop after this many seconds (libFuzzer -max_total_time)")
-    parser.add_argument("--target", choices=sorted(TARGETS), default="session-server")
+        prog=f"python -m {suite.module}",
+        description="Fuzz with atheris (libFuzzer), or replay, minimise and measure the corpora. "
+                    "Unknown arguments (e.g. -runs=1000, -jobs=2) go to libFuzzer.")
+    parser.add_argument("--seconds", type=int, default=None,
+                        help="stop after this many seconds (libFuzzer -max_total_time; default "
+                             "60, and 0 with --coverage)")
+    parser.add_argument("--target", choices=sorted(suite.targets), default=None,
+                        help="default: session-server to fuzz, every target otherwise")
     parser.add_argument("--corpus", type=Path, default=None,
-                        help="corpus directory (default fuzz-out/corpus/<target>)")
+                        help="the campaign's corpus directory (default fuzz-out/corpus/<target>)")
     parser.add_argument("--vectors", default=None, help="path to the spec vectors v1.json")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--replay", action="store_true",
+                      help="run the seeds, fuzz/corpus and fuzz-out/corpus of every target "
+                           "(or --target T) through it, without atheris")
+    mode.add_argument("--minimise", action="store_true",
+                      help="rewrite fuzz/corpus/<target> from itself and the campaign's corpus")
+    mode.add_argument("--coverage", action="store_true",
+                      help="fuzz every target --seconds, then print the line coverage the "
+                           "corpora reach")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, libfuzzer_args = _parser().parse_known_args(argv)
+def _vectors(explicit: str | None) -> dict[str, Any] | None:
+    path = find_vectors(explicit)
+    if path is None:
+        print("spec vectors not found; seeding from built-in messages only", file=sys.stderr)
+    return json.loads(path.read_text()) if path else None
+
+
+def main(argv: list[str] | None = None, suite: Suite | None = None) -> int:
+    import logging
+
+    suite = suite or WIRE
+    args, libfuzzer_args = _parser(suite).parse_known_args(argv)
+    logging.getLogger("msgd").setLevel(logging.CRITICAL)  # a refused peer per execution
+    targets = [args.target] if args.target else sorted(suite.targets)
+    if args.replay:
+        print(f"replayed {replay(suite, targets, _vectors(args.vectors), WORK / 'corpus')} inputs")
+        return 0
+    if args.minimise:
+        for target in targets:
+            work = args.corpus or WORK / "corpus" / target
+            kept = minimise(suite, target, _vectors(args.vectors), work)
+            print(f"{target}: {kept} inputs kept in {CORPUS / target}")
+        return 0
+    if args.coverage:
+        return measure(suite, targets, args.seconds or 0, args.vectors)
+    args.target = args.target or "session-server"
+    return _fuzz(suite, args, libfuzzer_args)
+
+
+def _fuzz(suite: Suite, args: argparse.Namespace, libfuzzer_args: list[str]) -> int:
     try:
         import atheris
     except ImportError:
         print("atheris is not installed: pip install -e '.[fuzz]'", file=sys.stderr)
         return 2
-    # Instrument wire (and construct, for the differential target) as it is imported.
-    include = ["wire", "construct"] if args.target == "messages" else ["wire"]
-    with atheris.instrument_imports(include=include):
-        from . import ies, messages, session  # noqa: F401
-    vectors = find_vectors(args.vectors)
-    if vectors is None:
-        print("spec vectors not found; seeding from built-in messages only", file=sys.stderr)
-    corpus = write_corpus(args.target, args.corpus or Path("fuzz-out", "corpus", args.target),
-                          vectors)
-    Path("fuzz-out").mkdir(exist_ok=True)
-    target = TARGETS[args.target]
+    target = suite.targets[args.target]
+    instrument_loaded(suite.instrument[args.target])
+    work = args.corpus or WORK / "corpus" / args.target
+    work.mkdir(parents=True, exist_ok=True)
+    for name, data in suite.seeds(args.target, _vectors(args.vectors)).items():
+        (work / f"seed-{name}").write_bytes(data)
+    corpora = [str(work)] + ([str(CORPUS / args.target)]
+                             if (CORPUS / args.target).is_dir() else [])
     # Files among the extra arguments are inputs to replay (libFuzzer runs just those).
-    replay = any(Path(a).is_file() for a in libfuzzer_args if not a.startswith("-"))
-    atheris.Setup([sys.argv[0], f"-max_total_time={args.seconds}", "-artifact_prefix=fuzz-out/",
-                   *libfuzzer_args, *([] if replay else [str(corpus)])], target)
+    replaying = any(Path(a).is_file() for a in libfuzzer_args if not a.startswith("-"))
+    seconds = 60 if args.seconds is None else args.seconds
+    atheris.Setup([sys.argv[0], f"-max_total_time={seconds}", "-artifact_prefix=fuzz-out/",
+                   *libfuzzer_args, *([] if replaying else corpora)], target)
     atheris.Fuzz()
     return 0
+
+
+def measure(suite: Suite, targets: list[str], seconds: int, vectors: str | None) -> int:
+    """Fuzz each target `seconds` (if any), then replay every corpus under coverage.py in a
+    fresh interpreter (so that lines run at import count) and print each group's line
+    coverage. coverage.py's statements, not libFuzzer's edges."""
+    import subprocess
+
+    try:
+        import coverage
+    except ImportError:
+        print("coverage is not installed: pip install -e '.[fuzz]'", file=sys.stderr)
+        return 2
+    extra = ["--vectors", vectors] if vectors else []
+    for target in targets if seconds else ():
+        subprocess.run([sys.executable, "-m", suite.module, "--target", target,
+                        "--seconds", str(seconds), *extra], check=True)
+    files = sorted({str(f) for paths in suite.coverage.values() for f in paths})
+    data_file = WORK / "coverage.dat"
+    WORK.mkdir(exist_ok=True)
+    replayed = subprocess.run(
+        [sys.executable, "-m", "coverage", "run", f"--data-file={data_file}",
+         f"--include={','.join(files)}", "-m", suite.module, "--replay", *extra],
+        capture_output=True, text=True)
+    if replayed.returncode:
+        print(replayed.stdout, replayed.stderr, file=sys.stderr)
+        return 1
+    print(replayed.stdout.strip(), f"(fuzzed {seconds} s per target first)" if seconds else "")
+    cov = coverage.Coverage(data_file=str(data_file))
+    cov.load()
+    for label, paths in suite.coverage.items():
+        total = missed = 0
+        for path in paths:
+            _, statements, _, missing, _ = cov.analysis2(str(path))
+            total += len(statements)
+            missed += len(missing)
+            print(f"  {path.relative_to(REPO)}: {len(statements) - len(missing)}/"
+                  f"{len(statements)}")
+        print(f"{label}: {total - missed}/{total} lines, {100 * (total - missed) / total:.1f} %")
+    return 0
+
+
+def _wire_seeds(target: str, vectors: dict[str, Any] | None) -> dict[str, bytes]:
+    return seeds(target, vectors)
+
+
+WIRE = Suite("wire.fuzz", TARGETS, _wire_seeds, _wire_instrument(),
+             {"wire/": _wire_files()})
 
 
 if __name__ == "__main__":

@@ -459,6 +459,17 @@ class Session:
         self._keepalive_sent_at = None
         self._buf.feed(data)
 
+    def reading_resumed(self, now: float) -> None:
+        """The user stopped reading from the peer for a while (flow control of its own) and
+        reads again at `now`: what the peer sent meanwhile, an answer to our KEEPALIVE
+        included, waited unread, so that time is not the peer's silence. The keepalive
+        deadlines count again from `now`."""
+        if self.state is _CLOSED:
+            return
+        self._last_rx = max(self._last_rx, now)
+        if self._keepalive_sent_at is not None:
+            self._keepalive_sent_at = max(self._keepalive_sent_at, now)
+
     def next_event(self) -> Event | Any:
         """The next event, NEED_DATA, or PAUSED while a HELLO awaits accept/reject."""
         events = self._events

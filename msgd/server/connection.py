@@ -477,8 +477,13 @@ class GatewayConnection(asyncio.Protocol):
         elif not stop and self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
-            if self._frame_clock.restart(self.loop.time()):
+            now = self.loop.time()
+            if self._frame_clock.restart(now):
                 self._arm_frame_timer()
+            if self.session is not None:
+                # What the peer sent while we did not read was not its silence (keepalive).
+                self.session.reading_resumed(now)
+                self._arm_timer()
 
     # --- frame clock (slow drip) ------------------------------------------------------------
 
@@ -527,7 +532,15 @@ class GatewayConnection(asyncio.Protocol):
         session = self.session
         if session is None or self._closed:
             return
-        session.handle_timer(self.loop.time())
+        now = self.loop.time()
+        if self._reading_paused and not self._writing_paused:
+            # We stopped reading (answers window full, or a backlog), not the peer: what it sent
+            # since, its KEEPALIVE ACK included, waits unread, so its silence is ours. Look again
+            # an interval later; reading again restarts the deadlines (_update_reading).
+            self._timer_at = now + session.limits.keepalive_interval
+            self._timer = self.loop.call_at(self._timer_at, self._on_timer)
+            return
+        session.handle_timer(now)
         self._process()
 
     def goodbye(

@@ -33,6 +33,9 @@ def test_every_target_runs_clean(tmp_path: Path) -> None:
     for target, process in runs.items():
         output, _ = process.communicate(timeout=120)
         assert process.returncode == 0, f"{target}:\n{output[-4000:]}"
+        # Coverage feedback works (it did not when wire was imported before instrumenting).
+        inited = re.search(r"INITED cov: (\d+)", output)
+        assert inited and int(inited.group(1)) > 100, f"{target}: not instrumented\n{output[:2000]}"
         done = re.search(r"Done (\d+) runs in (\d+) second", output)
         assert done, f"{target}: no libFuzzer summary\n{output[-2000:]}"
         runs_done = int(done.group(1))

@@ -506,6 +506,22 @@ def test_traffic_restarts_the_keepalive_cycle() -> None:
     assert not sv.is_closed
 
 
+def test_reading_resumed_restarts_the_keepalive_deadlines() -> None:
+    """The user paused reading (its own flow control) from 20 s to 70 s: the peer's answer to
+    the KEEPALIVE of 30 s waited unread, so the deadlines count from 70 s, not from 30 s."""
+    pair = Pair(server_limits=Limits(keepalive_interval=30))
+    pair.handshake()
+    sv = pair.server
+    sv.handle_timer(30.0)
+    sv.data_to_send()
+    sv.reading_resumed(70.0)
+    assert sv.get_timer() == 100.0
+    sv.handle_timer(70.0)
+    assert not sv.is_closed
+    sv.handle_timer(100.0)
+    assert sv.is_closed  # still silent an interval after reading again: idle after all
+
+
 def test_hello_timeout_on_the_server() -> None:
     sv = Session(Role.SERVER, 100.0)
     assert sv.get_timer() == 110.0
