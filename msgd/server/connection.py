@@ -153,6 +153,11 @@ class GatewayConnection(asyncio.Protocol):
         self._arm_timer()
 
     @property
+    def owed(self) -> int:
+        """Answers decided or in the registry, not yet sent (the overload policy's backlog)."""
+        return self._answers.unanswered + len(self._answers.answers)
+
+    @property
     def closing(self) -> bool:
         """We said GOODBYE: the connection ends once its transactions are done."""
         return self.session is not None and self.session.goodbye_sent
@@ -262,9 +267,13 @@ class GatewayConnection(asyncio.Protocol):
                     else BULK_DEREG
                 )
                 tid = event.transaction_id
-                self._bulk_kinds[tid] = (bulk_kind, session.transaction(tid))
                 server.metrics.bulk_started(bulk_kind)
                 server.metrics.message(event.message_type.name)
+                retry = server.refuse_request()
+                if retry is not None:  # overloaded: the whole request (docs/protocol.md §7)
+                    session.send_error(tid, ErrorCause.OVERLOADED, "server overloaded", retry)
+                    continue
+                self._bulk_kinds[tid] = (bulk_kind, session.transaction(tid))
             elif kind is BulkEnded:
                 self._bulk_kinds.pop(event.transaction_id, None)
             elif kind is HelloReceived:
@@ -357,7 +366,10 @@ class GatewayConnection(asyncio.Protocol):
                 self.log.warning("gateway.refused", reason=policy.log_detail)
                 session.reject_hello(policy.cause, policy.diagnostic)
             else:
-                self.log.warning("gateway.reconnect_damped", retry_after_ms=policy.retry_after)
+                if policy.reason != "overloaded":
+                    # (overload: one line per episode, from the server, not one per session)
+                    self.log.warning("gateway.reconnect_damped",
+                                     retry_after_ms=policy.retry_after)
                 session.send_goodbye(policy.cause, policy.retry_after, policy.diagnostic)
             return
         self.policy = policy
@@ -391,7 +403,10 @@ class GatewayConnection(asyncio.Protocol):
 
     def _on_bulk_entries(self, event: BulkEntriesReceived) -> None:
         tid = event.transaction_id
-        kind, handle = self._bulk_kinds[tid]
+        known = self._bulk_kinds.get(tid)
+        if known is None:  # pragma: no cover - refused at its start: the session discards
+            return
+        kind, handle = known
         decide = self._decide
         for entry in event.entries:
             if entry.__class__ is EntryError:

@@ -1,0 +1,188 @@
+"""The overload contract's policy: accept new work, or refuse it with a Retry after.
+
+Sans-IO (time comes in as `now`, measurements as numbers): the daemon feeds it a sample every
+`SAMPLE_INTERVAL` seconds (`sample`) and asks it, per batch of new work, how much it may take
+(`room`) and, for what it refuses, when to come back (`retry_after_ms`). docs/protocol.md §7
+is the contract it implements:
+
+* the backlog is the larger of the registry writer's queue (changes submitted, not yet
+  durable) and the answers owed to gateways (decided or not, not yet sent);
+* the drain rate is how fast the writer made changes durable while it had work, smoothed;
+  backlog / drain rate is how long new work would queue behind what is accepted already;
+* new work is refused while that exceeds `max_delay` (above `min_backlog`, always allowed),
+  or while the event loop runs more than `max_loop_lag` late (then the queue is in the
+  sockets, where the backlog cannot see it);
+* Retry after is the time the backlog needs to drain to half its bound at the drain rate
+  (the loop lag at least), within [min_retry_after, max_retry_after];
+* an episode starts with the first refusal and ends `quiet` seconds after the last: while it
+  lasts new sessions are refused (GOODBYE(OVERLOADED)), and it is logged once each way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from msgd.config import OverloadConfig
+from msgd.registry.port import Change, Decided, Outcome, Registrar
+from wire.constants import FailureCause
+
+__all__ = ["SAMPLE_INTERVAL", "Episode", "OverloadGate", "OverloadPolicy"]
+
+# Seconds between samples: short enough that a burst is seen within a few of its requests'
+# latency budget (max_delay), long enough to cost nothing measurable.
+SAMPLE_INTERVAL = 0.05
+# Weight of the newest drain-rate measurement: a few samples (a fraction of a second) follow
+# a change of capacity, one slow commit does not halve the estimate.
+_SMOOTHING = 0.3
+
+
+class Episode(NamedTuple):
+    """An overload episode that started or ended (for the log line and the gauge)."""
+
+    started: bool
+    at: float
+    reason: str  # what was over its bound when it started ("backlog", "loop_lag")
+    refused: int  # entries, requests and sessions refused during it (0 when it starts)
+    duration: float  # seconds (0 when it starts)
+
+
+class OverloadPolicy:
+    """The measured state and the decisions; one per daemon, on the event loop's thread."""
+
+    def __init__(self, config: OverloadConfig, now: float) -> None:
+        self.config = config
+        self.drain_rate = 0.0  # changes made durable per second, while there was work
+        self.loop_lag = 0.0  # seconds late, of the last sample
+        self.owed = 0  # answers owed to gateways, of the last sample
+        self.overloaded = False
+        self.reason = ""
+        self._since = now
+        self._last_refusal = -math.inf
+        self._refused = 0
+        self._last_at = now
+        self._last_done: int | None = None
+        self._last_backlog = 0
+
+    # --- measurements -----------------------------------------------------------------------
+
+    def sample(
+        self, now: float, *, loop_lag: float, durable: int, pending: int, owed: int
+    ) -> Episode | None:
+        """Take one sample: the loop's lateness, the registry's durable seq (monotonic),
+        its pending changes and the answers owed. Returns the episode that ended, if any."""
+        elapsed = now - self._last_at
+        if self._last_done is not None and elapsed > 0 and self._last_backlog > 0:
+            # Only while there was work: an idle writer's rate says nothing of its capacity.
+            measured = (durable - self._last_done) / elapsed
+            self.drain_rate = (measured if self.drain_rate == 0.0 else
+                               (1 - _SMOOTHING) * self.drain_rate + _SMOOTHING * measured)
+        self._last_at = now
+        self._last_done = durable
+        self._last_backlog = pending
+        self.loop_lag = loop_lag
+        self.owed = owed
+        if self.overloaded and now - self._last_refusal >= self.config.quiet:
+            self.overloaded = False
+            return Episode(False, now, self.reason, self._refused, now - self._since)
+        return None
+
+    # --- decisions --------------------------------------------------------------------------
+
+    def bound(self) -> int:
+        """The backlog above which new work waits longer than max_delay."""
+        return max(self.config.min_backlog, int(self.drain_rate * self.config.max_delay))
+
+    def room(self, pending: int) -> int:
+        """How many more entries may be accepted now, given the writer's `pending` changes."""
+        if not self.config.enabled:
+            return 1 << 62
+        if self.loop_lag > self.config.max_loop_lag:
+            return 0
+        return max(0, self.bound() - max(pending, self.owed))
+
+    def retry_after_ms(self, pending: int) -> int:
+        """When refused work should come back: the backlog drained to half its bound."""
+        config = self.config
+        excess = max(pending, self.owed) - self.bound() / 2
+        if excess <= 0:
+            wait = 0.0
+        elif self.drain_rate > 0:
+            wait = excess / self.drain_rate
+        else:
+            wait = config.max_retry_after  # nothing drains (a stalled writer): the longest
+        wait = max(wait, self.loop_lag, config.min_retry_after)
+        return math.ceil(min(wait, config.max_retry_after) * 1000)
+
+    def refused(self, now: float, count: int, pending: int) -> Episode | None:
+        """`count` pieces of work were refused: returns the episode if this starts one."""
+        self._last_refusal = now
+        if self.overloaded:
+            self._refused += count
+            return None
+        self.overloaded = True
+        self._since = now
+        self._refused = count
+        lagging = self.loop_lag > self.config.max_loop_lag
+        self.reason = "loop_lag" if lagging else "backlog"
+        return Episode(True, now, self.reason, 0, 0.0)
+
+    def session_retry_ms(self, now: float, pending: int) -> int | None:
+        """None: a new session is welcome; else the Retry after of its GOODBYE(OVERLOADED).
+        Refused only during an episode, and told to come back no sooner than the episode can
+        end. A refused session does not prolong the episode (only refused work does), so
+        gateways that reconnect as told cannot keep it going by themselves."""
+        if not self.config.enabled or not self.overloaded:
+            return None
+        self._refused += 1
+        until_quiet = max(0.0, self._last_refusal + self.config.quiet - now)
+        return max(self.retry_after_ms(pending), math.ceil(until_quiet * 1000))
+
+
+class OverloadGate:
+    """`port.Registrar` in front of the registry's: the entries of a batch beyond the
+    policy's room get SERVER_BUSY with its Retry after, the rest go through in order.
+
+    `on_refused(what, count, episode)` is told of each refusal, `what` "entry" or "request"
+    (metrics; the log line when an episode starts)."""
+
+    def __init__(
+        self,
+        inner: Registrar,
+        policy: OverloadPolicy,
+        pending: Callable[[], int],
+        clock: Callable[[], float],
+        on_refused: Callable[[str, int, Episode | None], None],
+    ) -> None:
+        self.inner = inner
+        self.policy = policy
+        self._pending = pending
+        self._clock = clock
+        self._on_refused = on_refused
+
+    def submit(self, gateway: str, changes: Sequence[Change], decided: Decided) -> None:
+        pending = self._pending()
+        room = self.policy.room(pending)
+        count = len(changes)
+        if room >= count:
+            self.inner.submit(gateway, changes, decided)
+            return
+        busy = Outcome(FailureCause.SERVER_BUSY, self.policy.retry_after_ms(pending))
+        refused = count - room
+        self._on_refused("entry", refused, self.policy.refused(self._clock(), refused, pending))
+        tail = [busy] * refused
+        if not room:
+            decided(tail)
+            return
+        self.inner.submit(gateway, changes[:room], lambda outcomes: decided([*outcomes, *tail]))
+
+    def refuse_request(self) -> int | None:
+        """None: a new request may start; else the Retry after (ms) of its
+        ERROR(OVERLOADED): when not one of its entries could be accepted now."""
+        pending = self._pending()
+        if self.policy.room(pending):
+            return None
+        retry = self.policy.retry_after_ms(pending)
+        self._on_refused("request", 1, self.policy.refused(self._clock(), 1, pending))
+        return retry
