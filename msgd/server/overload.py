@@ -168,7 +168,8 @@ class OverloadGate:
         if room >= count:
             self.inner.submit(gateway, changes, decided)
             return
-        busy = Outcome(FailureCause.SERVER_BUSY, self.policy.retry_after_ms(pending))
+        # Retry after counts the part of this batch taken: it is queued by the time they come.
+        busy = Outcome(FailureCause.SERVER_BUSY, self.policy.retry_after_ms(pending + room))
         refused = count - room
         self._on_refused("entry", refused, self.policy.refused(self._clock(), refused, pending))
         tail = [busy] * refused

@@ -1,0 +1,135 @@
+"""The overload policy (msgd.server.overload), sans-IO: numbers in, decisions out.
+
+The policy is fed samples with explicit times; nothing sleeps. The gate is checked in front
+of a real LocalRegistrar over a real SQLite file (tests/msgd/test_registry_port.py's way).
+Each test names the docs/protocol.md §7 rule it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+from msgd.config import OverloadConfig
+from msgd.registry.local import LocalRegistrar
+from msgd.registry.port import SUCCESS, Change, Outcome
+from msgd.registry.store import Registry
+from msgd.server.overload import OverloadGate, OverloadPolicy
+from wire.constants import FailureCause
+
+CONFIG = OverloadConfig(max_delay=0.1, max_loop_lag=0.05, min_backlog=10,
+                        min_retry_after=0.02, max_retry_after=5.0, quiet=1.0)
+
+
+def busy_policy(rate: float, now: float = 0.0) -> OverloadPolicy:
+    """A policy that measured `rate` changes/s over one busy second ending at `now`."""
+    policy = OverloadPolicy(CONFIG, now - 2)
+    policy.sample(now - 1, loop_lag=0.0, durable=0, pending=1, owed=0)
+    policy.sample(now, loop_lag=0.0, durable=int(rate), pending=0, owed=0)
+    assert policy.drain_rate == rate
+    return policy
+
+
+def test_room_is_the_bound_less_the_backlog() -> None:
+    # No measurement yet: min_backlog is admitted.
+    policy = OverloadPolicy(CONFIG, 0.0)
+    assert policy.bound() == 10
+    assert policy.room(0) == 10 and policy.room(7) == 3 and policy.room(12) == 0
+    # 1000 changes/s drained: 0.1 s of queue is 100 changes.
+    policy = busy_policy(1000.0)
+    assert policy.bound() == 100
+    assert policy.room(40) == 60
+    # Answers owed count too, when they exceed the writer's queue.
+    policy.sample(1.05, loop_lag=0.0, durable=1000, pending=0, owed=90)
+    assert policy.room(40) == 10
+
+
+def test_drain_rate_is_measured_only_while_there_is_work() -> None:
+    policy = busy_policy(1000.0, now=1.0)
+    # Idle (nothing pending at the last sample): the rate is kept, not measured as 0.
+    policy.sample(2.0, loop_lag=0.0, durable=1000, pending=0, owed=0)
+    policy.sample(3.0, loop_lag=0.0, durable=1000, pending=0, owed=0)
+    assert policy.drain_rate == 1000.0
+    # Work that does not drain (a writer held back): the rate falls towards 0 ...
+    policy.sample(4.0, loop_lag=0.0, durable=1000, pending=500, owed=0)
+    policy.sample(5.0, loop_lag=0.0, durable=1000, pending=500, owed=0)
+    assert policy.drain_rate == 700.0
+    for second in range(6, 40):
+        policy.sample(float(second), loop_lag=0.0, durable=1000, pending=500, owed=0)
+    assert policy.drain_rate < 1.0
+    # ... and the bound to min_backlog.
+    assert policy.bound() == 10 and policy.room(500) == 0
+
+
+def test_loop_lag_refuses_everything() -> None:
+    policy = busy_policy(1000.0)
+    policy.sample(1.05, loop_lag=0.06, durable=1000, pending=0, owed=0)
+    assert policy.room(0) == 0
+    episode = policy.refused(1.06, 5, 0)
+    assert episode is not None and episode.started and episode.reason == "loop_lag"
+    # Retry after: at least the lag (the queue in the sockets drains at least that long).
+    assert policy.retry_after_ms(0) == 60
+
+
+def test_retry_after_is_the_time_to_drain_to_half_the_bound() -> None:
+    policy = busy_policy(1000.0)  # bound 100
+    assert policy.retry_after_ms(150) == 100  # (150 - 50) / 1000 s
+    assert policy.retry_after_ms(60) == 20  # 10 ms, raised to min_retry_after
+    assert policy.retry_after_ms(10_000) == 5000  # 9.95 s, capped at max_retry_after
+    # A writer that drains nothing: the longest Retry after.
+    stalled = OverloadPolicy(CONFIG, 0.0)
+    assert stalled.retry_after_ms(500) == 5000
+
+
+def test_an_episode_starts_at_the_first_refusal_and_ends_when_quiet() -> None:
+    policy = busy_policy(1000.0, now=10.0)
+    assert policy.session_retry_ms(10.0, 0) is None  # not overloaded: sessions welcome
+    started = policy.refused(10.1, 3, 150)
+    assert started is not None and started.started and started.reason == "backlog"
+    assert policy.refused(10.5, 4, 150) is None  # the same episode
+    # New sessions are refused while it lasts, told to come back when it can have ended,
+    # and their refusal does not prolong it.
+    assert policy.session_retry_ms(10.6, 0) == math.ceil((10.5 + 1.0 - 10.6) * 1000)
+    assert policy.sample(11.4, loop_lag=0.0, durable=2000, pending=0, owed=0) is None
+    ended = policy.sample(11.5, loop_lag=0.0, durable=2000, pending=0, owed=0)
+    assert ended is not None and not ended.started
+    assert ended.refused == 3 + 4 + 1 and math.isclose(ended.duration, 1.4)
+    assert policy.session_retry_ms(11.6, 0) is None
+
+
+def test_disabled_never_refuses() -> None:
+    policy = OverloadPolicy(OverloadConfig(enabled=False, min_backlog=1), 0.0)
+    policy.sample(1.0, loop_lag=10.0, durable=0, pending=10**6, owed=10**6)
+    assert policy.room(10**6) > 10**9
+    assert policy.session_retry_ms(1.0, 10**6) is None
+
+
+async def test_gate_refuses_the_entries_beyond_the_room(tmp_path: Path) -> None:
+    registry = Registry.open(tmp_path / "registry.sqlite")
+    registry.start(asyncio.get_running_loop())
+    try:
+        policy = OverloadPolicy(CONFIG, 0.0)  # bound: min_backlog, 10
+        refusals: list[tuple[str, int, bool]] = []
+        gate = OverloadGate(
+            LocalRegistrar(registry, max_pending_writes=10**6), policy, registry.pending,
+            lambda: 1.0, lambda what, n, ep: refusals.append((what, n, ep is not None)))
+        # 14 changes, room for 10: the first 10 are decided by the registry, in order, the
+        # last 4 get SERVER_BUSY with the policy's Retry after (stalled: nothing measured).
+        done: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        gate.submit("gw-a", [Change(f"ue-{i}", True, None) for i in range(14)],
+                    lambda outcomes: done.set_result(list(outcomes)))
+        outcomes = await done
+        busy = Outcome(FailureCause.SERVER_BUSY, 5000)
+        assert outcomes == [SUCCESS] * 10 + [busy] * 4
+        assert refusals == [("entry", 4, True)]
+        assert registry.registered_count() == 10
+        # A whole request while there is no room: ERROR(OVERLOADED)'s Retry after.
+        registry_pending = registry.pending()
+        assert registry_pending == 0  # durable: the room is back
+        assert gate.refuse_request() is None
+        policy.sample(1.5, loop_lag=1.0, durable=registry.durable_seq, pending=0, owed=0)
+        assert gate.refuse_request() == 1000  # the loop lag
+        assert refusals[-1] == ("request", 1, False)  # the same episode
+    finally:
+        await registry.close()
