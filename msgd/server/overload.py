@@ -171,12 +171,14 @@ class OverloadGate:
         # Retry after counts the part of this batch taken: it is queued by the time they come.
         busy = Outcome(FailureCause.SERVER_BUSY, self.policy.retry_after_ms(pending + room))
         refused = count - room
-        self._on_refused("entry", refused, self.policy.refused(self._clock(), refused, pending))
+        episode = self.policy.refused(self._clock(), refused, pending)
         tail = [busy] * refused
         if not room:
             decided(tail)
-            return
-        self.inner.submit(gateway, changes[:room], lambda outcomes: decided([*outcomes, *tail]))
+        else:
+            self.inner.submit(gateway, changes[:room],
+                              lambda outcomes: decided([*outcomes, *tail]))
+        self._on_refused("entry", refused, episode)  # after: the log shows the backlog
 
     def refuse_request(self) -> int | None:
         """None: a new request may start; else the Retry after (ms) of its
