@@ -48,6 +48,7 @@ from typing import Any
 from wire.constants import (
     ALPN_PROTOCOL,
     IEI,
+    FailureCause,
     GatewayType,
     MessageType,
     Operation,
@@ -372,8 +373,12 @@ class _Single:
             out = [self.frame(now) for _ in range(room)]
         else:
             backlog = self.backlog
+            now = time.perf_counter()
+            late = self.rec.send_late
             while backlog and room:
-                out.append(self.frame(backlog.popleft()))
+                due = backlog.popleft()
+                late.append(now - due)
+                out.append(self.frame(due))
                 room -= 1
         if out:
             assert self.gw.transport is not None
@@ -388,28 +393,57 @@ class _Single:
         ulen = (body[1] << 8) | body[2]
         result = body[3 + ulen + 3]
         cause = body[3 + ulen + 4 + 3] if result else None
-        self.rec.record(sent, now, cause)
+        self.rec.record(sent, now, cause, _retry_after(body, 3 + ulen + 4) if result else None)
         self.fill(self.rec.closed_loop)
 
 
+def _retry_after(body: bytes, at: int) -> int | None:
+    """The Retry after IE (0x18, u32 ms) among the IEs from `at` on, None without one."""
+    end = len(body)
+    while at + 3 <= end:
+        iei, length = body[at], (body[at + 1] << 8) | body[at + 2]
+        if iei == IEI.RETRY_AFTER and length == 4:
+            return int.from_bytes(body[at + 3 : at + 7], "big")
+        at += 3 + length
+    return None
+
+
 class _Recorder:
+    """Answers of single requests: `latencies` of all answered within the measured window,
+    and apart, those of successes (`ok_latencies`) and of refusals (SERVER_BUSY)."""
+
     def __init__(self, closed_loop: bool, measure_from: float, measure_to: float) -> None:
         self.closed_loop = closed_loop
         self.measure_from = measure_from
         self.measure_to = measure_to
         self.latencies: list[float] = []
+        self.ok_latencies: list[float] = []
+        self.busy_latencies: list[float] = []
+        self.retry_after: list[int] = []  # ms, of each SERVER_BUSY
+        self.busy_without_retry = 0
+        self.send_late: list[float] = []  # open loop: how long after its due time each went
         self.completed = 0
         self.ok = 0
         self.causes: Counter[int] = Counter()
 
-    def record(self, sent: float, now: float, cause: int | None) -> None:
+    def record(self, sent: float, now: float, cause: int | None,
+               retry_after: int | None = None) -> None:
         if cause is None:
             self.ok += 1
         else:
             self.causes[cause] += 1
+            if cause == FailureCause.SERVER_BUSY:
+                if retry_after is None:
+                    self.busy_without_retry += 1
+                else:
+                    self.retry_after.append(retry_after)
         if self.measure_from <= sent and now <= self.measure_to:
             self.completed += 1
             self.latencies.append(now - sent)
+            if cause is None:
+                self.ok_latencies.append(now - sent)
+            elif cause == FailureCause.SERVER_BUSY:
+                self.busy_latencies.append(now - sent)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -472,10 +506,14 @@ async def run_singles(params: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(0.01)
     unanswered = sum(len(s.inflight) for s in loops)
     backlog = sum(len(s.backlog) for s in loops)
+    lost = sum(1 for gw in gws if gw.closed.done())  # closed by the server (or timed out)
     for gw in gws:
         assert gw.transport is not None
         gw.transport.close()
     lat = sorted(recorder.latencies)
+    ok_lat = sorted(recorder.ok_latencies)
+    busy_lat = sorted(recorder.busy_latencies)
+    retry = sorted(recorder.retry_after)
     errors: Counter[str] = Counter()
     for gw in gws:
         errors.update(gw.errors)
@@ -495,6 +533,16 @@ async def run_singles(params: dict[str, Any]) -> dict[str, Any]:
         "max_ms": (lat[-1] if lat else float("nan")) * 1000,
         "unanswered_at_end": unanswered,
         "backlog_at_end": backlog,
+        "connections_lost": lost,
+        "accepted_per_s": len(ok_lat) / duration,
+        "send_late_p99_ms": percentile(sorted(recorder.send_late), 0.99) * 1000,
+        "accepted_p50_ms": percentile(ok_lat, 0.50) * 1000,
+        "accepted_p99_ms": percentile(ok_lat, 0.99) * 1000,
+        "accepted_max_ms": (ok_lat[-1] if ok_lat else float("nan")) * 1000,
+        "busy": len(recorder.retry_after) + recorder.busy_without_retry,
+        "busy_without_retry_after": recorder.busy_without_retry,
+        "busy_p99_ms": percentile(busy_lat, 0.99) * 1000,
+        "retry_after_ms": ([retry[0], percentile(retry, 0.5), retry[-1]] if retry else None),
         "prep_s": prep_s,
         "loadgen_cpu_s": cpu,
         "errors": dict(errors),

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from msgd.log import get_logger
 from msgd.procedures import Procedure
-from msgd.registry.port import Change
+from msgd.registry.port import Change, Outcome
 from msgd.server.answers import DECIDED, AnswerQueue
 from msgd.server.frame_clock import FrameClock
 from msgd.server.ports import Refusal
@@ -65,6 +65,7 @@ EVENTS_PER_TURN = 256
 OCTETS_PER_TURN = 16 * 1024
 
 SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = Procedure
+SERVER_BUSY = FailureCause.SERVER_BUSY
 _KIND_OF = {
     MessageType.UE_REGISTRATION_REQUEST: SINGLE_REG,
     MessageType.UE_DEREGISTRATION_REQUEST: SINGLE_DEREG,
@@ -269,7 +270,7 @@ class GatewayConnection(asyncio.Protocol):
                 tid = event.transaction_id
                 server.metrics.bulk_started(bulk_kind)
                 server.metrics.message(event.message_type.name)
-                retry = server.refuse_request()
+                retry = server.refuse_request("bulk")
                 if retry is not None:  # overloaded: the whole request (docs/protocol.md §7)
                     session.send_error(tid, ErrorCause.OVERLOADED, "server overloaded", retry)
                     continue
@@ -392,8 +393,14 @@ class GatewayConnection(asyncio.Protocol):
         handle = session.transaction(tid)
         if handle is None:  # pragma: no cover - the session delivers live requests only
             return
+        kind = _KIND_OF[type(request).message_type]
+        retry = self.server.refuse_request("single")
+        if retry is not None:  # overloaded: SERVER_BUSY, Retry after (docs/protocol.md §7)
+            self._answers.answers.append(
+                (tid, handle, kind, request.ue_service_id, Outcome(SERVER_BUSY, retry)))
+            return
         self._decide(
-            _KIND_OF[type(request).message_type],
+            kind,
             tid,
             handle,
             request.ue_service_id,

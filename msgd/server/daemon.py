@@ -26,7 +26,7 @@ from msgd.ops.watchdog import LoopLagProbe
 from msgd.registry.service import RegistryService, make_registrar, reads_for
 from msgd.registry.store import Registry
 from msgd.server.connection import GatewayConnection
-from msgd.server.overload import SAMPLE_INTERVAL, Episode, OverloadGate, OverloadPolicy
+from msgd.server.overload import SAMPLE_INTERVAL, Episode, OverloadPolicy
 from msgd.server.ports import ConnectionSettings, Refusal
 from msgd.server.reload import ReloadFailed, kept_config, read_inputs, recheck
 from msgd.server.rules import UeRules
@@ -59,17 +59,15 @@ class Server:
         self.gateways: dict[str, GatewayPolicy] = dict(config.gateways)
         self.settings = ConnectionSettings.from_config(config)
         self.rules = UeRules(registry.provisioning.key_and_gateways)
-        self.port = make_registrar(
+        self.registrar = make_registrar(
             registry,
             max_pending_writes=config.limits.max_pending_writes,
             # Commit latency counts from the turn a change was submitted in.
             on_submit=lambda seq: self.metrics.submitted(seq, loop.time()),
         )
-        # The overload contract (docs/protocol.md §7): new work beyond what drains within
-        # [overload] max_delay is refused in front of the port.
+        # The overload contract (docs/protocol.md §7): new requests beyond what drains within
+        # [overload] max_delay are refused (refuse_request, admit).
         self.overload = OverloadPolicy(config.overload, loop.time())
-        self.registrar = OverloadGate(self.port, self.overload, registry.pending, loop.time,
-                                      self._overload_refused)
         # What the admin socket reads, and the registry's health for STATUS= and metrics.
         self.reads = reads_for(registry, str(config.registry.path or ""))
         self.metrics.registry_available.set_function(
@@ -116,9 +114,15 @@ class Server:
 
     # --- overload (docs/protocol.md §7) -------------------------------------------------------
 
-    def refuse_request(self) -> int | None:
-        """None: a new request may start; else its ERROR(OVERLOADED)'s Retry after (ms)."""
-        return self.registrar.refuse_request()
+    def refuse_request(self, what: str) -> int | None:
+        """None: a new request may start; else the Retry after (ms) to refuse it with.
+        `what` is the metric's label: "single" (answered SERVER_BUSY), "bulk" (ERROR
+        (OVERLOADED))."""
+        pending = self.registry.pending()
+        retry, episode = self.overload.admit(self.loop.time(), pending)
+        if retry is not None:
+            self._overload_refused(what, 1, episode)
+        return retry
 
     def _overload_refused(self, what: str, count: int, episode: Episode | None) -> None:
         self.metrics.overload_refused.labels(what).inc(count)
@@ -350,7 +354,7 @@ class Server:
         if restart:
             log.warning("reload.restart_needed", keys=",".join(restart))
         self.settings = ConnectionSettings.from_config(new)
-        self.port.max_pending_writes = new.limits.max_pending_writes
+        self.registrar.max_pending_writes = new.limits.max_pending_writes
         self.overload.config = new.overload
         if new.log.level != old.log.level:
             setup_logging(new.log.level)  # the level was checked by load_config

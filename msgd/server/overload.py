@@ -1,17 +1,19 @@
 """The overload contract's policy: accept new work, or refuse it with a Retry after.
 
 Sans-IO (time comes in as `now`, measurements as numbers): the daemon feeds it a sample every
-`SAMPLE_INTERVAL` seconds (`sample`) and asks it, per batch of new work, how much it may take
-(`room`) and, for what it refuses, when to come back (`retry_after_ms`). docs/protocol.md §7
-is the contract it implements:
+`SAMPLE_INTERVAL` seconds (`sample`) and asks it, for each new request (a single request, or
+a bulk request at its start: the entries of a bulk already accepted are accepted work, paced by
+TCP flow control), whether to take it (`admit`: None, or the Retry after to refuse it with).
+docs/protocol.md §7 is the contract it implements:
 
 * the backlog is the larger of the registry writer's queue (changes submitted, not yet
   durable) and the answers owed to gateways (decided or not, not yet sent);
 * the drain rate is how fast the writer made changes durable while it had work, smoothed;
   backlog / drain rate is how long new work would queue behind what is accepted already;
 * new work is refused while that exceeds `max_delay` (above `min_backlog`, always allowed),
-  or while the event loop runs more than `max_loop_lag` late (then the queue is in the
-  sockets, where the backlog cannot see it);
+  or while the event loop runs more than `max_loop_lag` late in two samples in a row (then
+  the queue is in the sockets, where the backlog cannot see it; one late sample is a pause,
+  not a queue);
 * Retry after is the time the backlog needs to drain to half its bound at the drain rate
   (the loop lag at least), within [min_retry_after, max_retry_after];
 * an episode starts with the first refusal and ends `quiet` seconds after the last: while it
@@ -21,14 +23,11 @@ is the contract it implements:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from msgd.config import OverloadConfig
-from msgd.registry.port import Change, Decided, Outcome, Registrar
-from wire.constants import FailureCause
 
-__all__ = ["SAMPLE_INTERVAL", "Episode", "OverloadGate", "OverloadPolicy"]
+__all__ = ["SAMPLE_INTERVAL", "Episode", "OverloadPolicy"]
 
 # Seconds between samples: short enough that a burst is seen within a few of its requests'
 # latency budget (max_delay), long enough to cost nothing measurable.
@@ -54,7 +53,8 @@ class OverloadPolicy:
     def __init__(self, config: OverloadConfig, now: float) -> None:
         self.config = config
         self.drain_rate = 0.0  # changes made durable per second, while there was work
-        self.loop_lag = 0.0  # seconds late, of the last sample
+        self.loop_lag = 0.0  # seconds late: the smaller of the last two samples (sustained)
+        self._last_lag = 0.0
         self.owed = 0  # answers owed to gateways, of the last sample
         self.overloaded = False
         self.reason = ""
@@ -81,7 +81,8 @@ class OverloadPolicy:
         self._last_at = now
         self._last_done = durable
         self._last_backlog = pending
-        self.loop_lag = loop_lag
+        self.loop_lag = min(loop_lag, self._last_lag)
+        self._last_lag = loop_lag
         self.owed = owed
         if self.overloaded and now - self._last_refusal >= self.config.quiet:
             self.overloaded = False
@@ -94,8 +95,15 @@ class OverloadPolicy:
         """The backlog above which new work waits longer than max_delay."""
         return max(self.config.min_backlog, int(self.drain_rate * self.config.max_delay))
 
+    def admit(self, now: float, pending: int) -> tuple[int | None, Episode | None]:
+        """One new request, with the writer's `pending` changes: (None, None) to take it,
+        else (Retry after in ms, the episode this refusal starts or None)."""
+        if self.room(pending):
+            return None, None
+        return self.retry_after_ms(pending), self.refused(now, 1, pending)
+
     def room(self, pending: int) -> int:
-        """How many more entries may be accepted now, given the writer's `pending` changes."""
+        """How many more entries the backlog has room for now (0: refuse new work)."""
         if not self.config.enabled:
             return 1 << 62
         if self.loop_lag > self.config.max_loop_lag:
@@ -138,54 +146,3 @@ class OverloadPolicy:
         self._refused += 1
         until_quiet = max(0.0, self._last_refusal + self.config.quiet - now)
         return max(self.retry_after_ms(pending), math.ceil(until_quiet * 1000))
-
-
-class OverloadGate:
-    """`port.Registrar` in front of the registry's: the entries of a batch beyond the
-    policy's room get SERVER_BUSY with its Retry after, the rest go through in order.
-
-    `on_refused(what, count, episode)` is told of each refusal, `what` "entry" or "request"
-    (metrics; the log line when an episode starts)."""
-
-    def __init__(
-        self,
-        inner: Registrar,
-        policy: OverloadPolicy,
-        pending: Callable[[], int],
-        clock: Callable[[], float],
-        on_refused: Callable[[str, int, Episode | None], None],
-    ) -> None:
-        self.inner = inner
-        self.policy = policy
-        self._pending = pending
-        self._clock = clock
-        self._on_refused = on_refused
-
-    def submit(self, gateway: str, changes: Sequence[Change], decided: Decided) -> None:
-        pending = self._pending()
-        room = self.policy.room(pending)
-        count = len(changes)
-        if room >= count:
-            self.inner.submit(gateway, changes, decided)
-            return
-        # Retry after counts the part of this batch taken: it is queued by the time they come.
-        busy = Outcome(FailureCause.SERVER_BUSY, self.policy.retry_after_ms(pending + room))
-        refused = count - room
-        episode = self.policy.refused(self._clock(), refused, pending)
-        tail = [busy] * refused
-        if not room:
-            decided(tail)
-        else:
-            self.inner.submit(gateway, changes[:room],
-                              lambda outcomes: decided([*outcomes, *tail]))
-        self._on_refused("entry", refused, episode)  # after: the log shows the backlog
-
-    def refuse_request(self) -> int | None:
-        """None: a new request may start; else the Retry after (ms) of its
-        ERROR(OVERLOADED): when not one of its entries could be accepted now."""
-        pending = self._pending()
-        if self.policy.room(pending):
-            return None
-        retry = self.policy.retry_after_ms(pending)
-        self._on_refused("request", 1, self.policy.refused(self._clock(), 1, pending))
-        return retry
