@@ -9,9 +9,11 @@ Server E (a fresh msgd with the default [overload] table):
 Reported: the p99 of the requests accepted at 2 x C against the reference (target: within
 5 x), every request answered (success, or SERVER_BUSY with Retry after), connections lost
 (target 0), the server's overload episodes (its log lines), and whether the msgd.client run
-completed all its work after backing off as told. Open loop: latency counts from the moment
-a request was due, so a load generator that falls behind is not hidden (send_late_p99_ms
-says how late it sent).
+completed all its work after backing off as told. The pool gateways follow the contract: after
+SERVER_BUSY a gateway sends nothing new before its Retry after (requests falling due meanwhile
+wait at the gateway). Latency is reported from the moment a request was sent (the server's:
+the target) and from the moment it was due (with the wait at the gateway; send_late_p99_ms
+says how late the generator sent).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def run_overload(run: Run) -> dict[str, Any]:
         rate = out["closed"]["per_s"]
         out["half"] = _singles(run, server, rate=rate / 2, duration=s.singles_s, **common)
         log_from = len(server.log_text())
-        gen = LoadGen(run, server, "singles", rate=2 * rate, duration=s.overload_s, **common)
+        gen = LoadGen(run, server, "singles", rate=2 * rate, duration=s.overload_s,
+                      honor_retry_after=True, **common)
         gen.wait_for("prepared")
         cpu_before = server.cpu_s()
         gen.send()
@@ -111,8 +114,11 @@ def _client_run(run: Run, port: int) -> dict[str, Any]:
 
 def _derive(out: dict[str, Any]) -> dict[str, Any]:
     half, double, client = out["half"], out["double"], out.get("client") or {}
-    reference = half["accepted_p99_ms"]
-    ratio = double["accepted_p99_ms"] / reference if reference else None
+    # The server's latency: from the moment a request was sent (at half load nothing waits
+    # at the gateway, so from due is the same there). From due, at 2 x, adds the time
+    # requests waited at gateways that backed off as told: shown too, not the target.
+    reference = half["accepted_p99_from_send_ms"]
+    ratio = double["accepted_p99_from_send_ms"] / reference if reference else None
     answered_all = double["unanswered_at_end"] == 0 and double["backlog_at_end"] == 0
     return {
         "closed_loop_per_s": out["closed"]["per_s"],
@@ -120,7 +126,8 @@ def _derive(out: dict[str, Any]) -> dict[str, Any]:
         "accepted_per_s": double["accepted_per_s"],
         "refused": double["busy"],
         "p99_half_ms": reference,
-        "p99_accepted_double_ms": double["accepted_p99_ms"],
+        "p99_accepted_double_ms": double["accepted_p99_from_send_ms"],
+        "p99_accepted_double_from_due_ms": double["accepted_p99_ms"],
         "ratio": ratio,
         "ratio_met": ratio is not None and ratio <= TARGET_RATIO,
         "every_request_answered": answered_all and double["busy_without_retry_after"] == 0
@@ -144,7 +151,9 @@ def render(result: dict[str, Any]) -> str:
         ("  refused: SERVER_BUSY with Retry after", f"{d['refused']:,}", "req", ""),
         ("  Retry after min / p50 / max", " / ".join(
             f"{v:,.0f}" for v in double["retry_after_ms"] or ()) or "-", "ms", ""),
-        ("  p99 of accepted requests", ms(d["p99_accepted_double_ms"]), "ms", ""),
+        ("  p99 of accepted requests (from send)", ms(d["p99_accepted_double_ms"]), "ms", ""),
+        ("  p99 of accepted requests (from due: with the gateways' back-off)",
+         ms(d["p99_accepted_double_from_due_ms"]), "ms", ""),
         ("  p99 of refusals", ms(double["busy_p99_ms"]), "ms", ""),
         ("p99 at half load (reference)", ms(d["p99_half_ms"]), "ms", ""),
         ("ratio accepted p99 / half-load p99", ms(d["ratio"]), "x",
