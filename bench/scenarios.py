@@ -74,6 +74,8 @@ class Sizes:
     # at 2 x the closed-loop rate for overload_s, and a msgd.client run of overload_client_n.
     overload_s: float = 60.0
     overload_client_n: int = 5_000
+    overload_max_delay: float = 0.25  # [overload] max_delay of the server under test
+    overload_max_loop_lag: float = 0.1  # [overload] max_loop_lag
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -208,6 +210,7 @@ class Msgd:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.ready_s = 0.0
+        self.config_path = run.config_path  # another file for a variant of the configuration
 
     def start(self, timeout: float = 900.0) -> float:
         notify_path = self.run.dir / "notify.sock"
@@ -217,11 +220,11 @@ class Msgd:
         notify.settimeout(0.2)
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
         env.pop("WATCHDOG_USEC", None)
-        assert self.run.config_path is not None
+        assert self.config_path is not None
         with open(self.log_path, "ab") as log:
             started = time.perf_counter()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "msgd", "--config", str(self.run.config_path)],
+                [sys.executable, "-m", "msgd", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         try:
             deadline = started + timeout
