@@ -10,10 +10,11 @@ docs/protocol.md §7 is the contract it implements:
   durable) and the answers owed to gateways (decided or not, not yet sent);
 * the drain rate is how fast the writer made changes durable while it had work, smoothed;
   backlog / drain rate is how long new work would queue behind what is accepted already;
-* new work is refused while that exceeds `max_delay` (above `min_backlog`, always allowed),
-  or while the event loop runs more than `max_loop_lag` late in two samples in a row (then
-  the queue is in the sockets, where the backlog cannot see it; one late sample is a pause,
-  not a queue);
+* new work is refused while that exceeds `max_delay` (above `min_backlog`, always allowed);
+* while the event loop runs more than `max_loop_lag` late in two samples in a row (the queue
+  is then in the sockets, where the backlog cannot see it; one late sample is a pause, not a
+  queue), a share of new work is refused, spread evenly, raised by 0.1 per such sample and
+  lowered by 0.05 per other: it settles where the loop keeps up;
 * Retry after is the time the backlog needs to drain to half its bound at the drain rate
   (the loop lag at least), within [min_retry_after, max_retry_after];
 * an episode starts with the first refusal and ends `quiet` seconds after the last: while it
@@ -35,6 +36,10 @@ SAMPLE_INTERVAL = 0.05
 # Weight of the newest drain-rate measurement: a few samples (a fraction of a second) follow
 # a change of capacity, one slow commit does not halve the estimate.
 _SMOOTHING = 0.3
+# Steps of the share shed for loop lag, per sample: from none to all in 0.5 s of lag, back in
+# 1 s without (slower down than up: a loop that just caught up is near its limit).
+_SHED_UP = 0.1
+_SHED_DOWN = 0.05
 
 
 class Episode(NamedTuple):
@@ -64,6 +69,8 @@ class OverloadPolicy:
         self._last_at = now
         self._last_done: int | None = None
         self._last_backlog = 0
+        self.shed = 0.0  # share of new requests refused for loop lag, 0..1
+        self._shed_credit = 0.0
 
     # --- measurements -----------------------------------------------------------------------
 
@@ -84,6 +91,13 @@ class OverloadPolicy:
         self.loop_lag = min(loop_lag, self._last_lag)
         self._last_lag = loop_lag
         self.owed = owed
+        # The share shed for loop lag: up while the loop is late, down while it is not, so
+        # that what is taken settles where the loop keeps up (refusing everything at once
+        # would only trade latency for idle gaps: the gateways all come back together).
+        if self.config.enabled and self.loop_lag > self.config.max_loop_lag:
+            self.shed = min(1.0, self.shed + _SHED_UP)
+        else:
+            self.shed = max(0.0, self.shed - _SHED_DOWN)
         if self.overloaded and now - self._last_refusal >= self.config.quiet:
             self.overloaded = False
             return Episode(False, now, self.reason, self._refused, now - self._since)
@@ -97,17 +111,21 @@ class OverloadPolicy:
 
     def admit(self, now: float, pending: int) -> tuple[int | None, Episode | None]:
         """One new request, with the writer's `pending` changes: (None, None) to take it,
-        else (Retry after in ms, the episode this refusal starts or None)."""
-        if self.room(pending):
-            return None, None
-        return self.retry_after_ms(pending), self.refused(now, 1, pending)
+        else (Retry after in ms, the episode this refusal starts or None). Refused: all while
+        the backlog is at its bound; `shed` of them, spread evenly, while the loop lags."""
+        if not self.room(pending):
+            return self.retry_after_ms(pending), self.refused(now, 1, "backlog")
+        if self.shed:
+            self._shed_credit += self.shed
+            if self._shed_credit >= 0.999_999:  # (ten times 0.1 is not quite 1.0)
+                self._shed_credit -= 1.0
+                return self.retry_after_ms(pending), self.refused(now, 1, "loop_lag")
+        return None, None
 
     def room(self, pending: int) -> int:
         """How many more entries the backlog has room for now (0: refuse new work)."""
         if not self.config.enabled:
             return 1 << 62
-        if self.loop_lag > self.config.max_loop_lag:
-            return 0
         return max(0, self.bound() - max(pending, self.owed))
 
     def retry_after_ms(self, pending: int) -> int:
@@ -123,7 +141,7 @@ class OverloadPolicy:
         wait = max(wait, self.loop_lag, config.min_retry_after)
         return math.ceil(min(wait, config.max_retry_after) * 1000)
 
-    def refused(self, now: float, count: int, pending: int) -> Episode | None:
+    def refused(self, now: float, count: int, reason: str) -> Episode | None:
         """`count` pieces of work were refused: returns the episode if this starts one."""
         self._last_refusal = now
         if self.overloaded:
@@ -132,8 +150,7 @@ class OverloadPolicy:
         self.overloaded = True
         self._since = now
         self._refused = count
-        lagging = self.loop_lag > self.config.max_loop_lag
-        self.reason = "loop_lag" if lagging else "backlog"
+        self.reason = reason
         return Episode(True, now, self.reason, 0, 0.0)
 
     def session_retry_ms(self, now: float, pending: int) -> int | None:

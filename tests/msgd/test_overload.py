@@ -55,17 +55,29 @@ def test_drain_rate_is_measured_only_while_there_is_work() -> None:
     assert policy.bound() == 10 and policy.room(500) == 0
 
 
-def test_sustained_loop_lag_refuses_everything() -> None:
+def test_sustained_loop_lag_sheds_a_growing_share() -> None:
     policy = busy_policy(1000.0)
     # One late sample is a pause, not a queue: the smaller of the last two counts.
     policy.sample(1.05, loop_lag=0.5, durable=1000, pending=0, owed=0)
-    assert policy.room(0) == 100
+    assert policy.shed == 0.0
+    assert policy.admit(1.05, 0) == (None, None)
+    # Late twice in a row: a tenth of new requests is refused, spread evenly ...
     policy.sample(1.10, loop_lag=0.06, durable=1000, pending=0, owed=0)
-    assert policy.room(0) == 0
-    episode = policy.refused(1.06, 5, 0)
-    assert episode is not None and episode.started and episode.reason == "loop_lag"
-    # Retry after: at least the lag (the queue in the sockets drains at least that long).
-    assert policy.retry_after_ms(0) == 60
+    assert policy.shed == 0.1
+    verdicts = [policy.admit(1.1, 0)[0] for _ in range(20)]
+    assert verdicts.count(None) == 18
+    # ... with Retry after at least the lag, and the episode's reason says why.
+    assert {v for v in verdicts if v is not None} == {60}
+    assert policy.reason == "loop_lag"
+    # Every late sample sheds more, up to all of it; every other one, less, down to none.
+    for step in range(12):
+        policy.sample(1.15 + step * 0.05, loop_lag=0.06, durable=1000, pending=0, owed=0)
+    assert policy.shed == 1.0
+    assert all(policy.admit(2.0, 0)[0] == 60 for _ in range(10))
+    for step in range(25):
+        policy.sample(2.0 + step * 0.05, loop_lag=0.0, durable=1000, pending=0, owed=0)
+    assert policy.shed == 0.0
+    assert policy.admit(3.3, 0) == (None, None)
 
 
 def test_retry_after_is_the_time_to_drain_to_half_the_bound() -> None:
@@ -81,9 +93,9 @@ def test_retry_after_is_the_time_to_drain_to_half_the_bound() -> None:
 def test_an_episode_starts_at_the_first_refusal_and_ends_when_quiet() -> None:
     policy = busy_policy(1000.0, now=10.0)
     assert policy.session_retry_ms(10.0, 0) is None  # not overloaded: sessions welcome
-    started = policy.refused(10.1, 3, 150)
+    started = policy.refused(10.1, 3, "backlog")
     assert started is not None and started.started and started.reason == "backlog"
-    assert policy.refused(10.5, 4, 150) is None  # the same episode
+    assert policy.refused(10.5, 4, "backlog") is None  # the same episode
     # New sessions are refused while it lasts, told to come back when it can have ended,
     # and their refusal does not prolong it.
     assert policy.session_retry_ms(10.6, 0) == math.ceil((10.5 + 1.0 - 10.6) * 1000)
