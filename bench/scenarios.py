@@ -75,7 +75,7 @@ class Sizes:
     overload_s: float = 60.0
     overload_client_n: int = 5_000
     overload_max_delay: float = 0.25  # [overload] max_delay of the server under test
-    overload_max_loop_lag: float = 0.1  # [overload] max_loop_lag
+    overload_max_loop_lag: float = 0.05  # [overload] max_loop_lag
 
     @classmethod
     def quick(cls) -> Sizes:

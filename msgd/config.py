@@ -130,7 +130,7 @@ class OverloadConfig:
     # above which new entries get SERVER_BUSY.
     max_delay: float = 0.25
     # Event-loop lag (seconds) above which new work is refused whatever the queue holds.
-    max_loop_lag: float = 0.1
+    max_loop_lag: float = 0.05
     # Backlog always admitted, whatever the measured drain rate (a daemon just started has no
     # measurement yet); two full bulk windows, so that a bulk or two alone is never refused.
     min_backlog: int = 8192
