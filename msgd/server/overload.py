@@ -17,8 +17,9 @@ docs/protocol.md §7 is the contract it implements:
   lowered by 0.05 per other: it settles where the loop keeps up;
 * Retry after is the time the backlog needs to drain to half its bound at the drain rate
   (the loop lag at least), within [min_retry_after, max_retry_after];
-* an episode starts with the first refusal and ends `quiet` seconds after the last: while it
-  lasts new sessions are refused (GOODBYE(OVERLOADED)), and it is logged once each way.
+* an episode starts with the first refusal and ends `quiet` seconds after the last; it is
+  logged once each way. During one, new sessions are refused (GOODBYE(OVERLOADED)) while all
+  new requests are refused (backlog) or at least half of them (loop lag).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ _SMOOTHING = 0.3
 # 1 s without (slower down than up: a loop that just caught up is near its limit).
 _SHED_UP = 0.1
 _SHED_DOWN = 0.05
+# The shed share from which new sessions are refused too.
+_SESSION_SHED = 0.5
 
 
 class Episode(NamedTuple):
@@ -155,11 +158,14 @@ class OverloadPolicy:
 
     def session_retry_ms(self, now: float, pending: int) -> int | None:
         """None: a new session is welcome; else the Retry after of its GOODBYE(OVERLOADED).
-        Refused only during an episode, and told to come back no sooner than the episode can
-        end. A refused session does not prolong the episode (only refused work does), so
-        gateways that reconnect as told cannot keep it going by themselves."""
+        Refused only when it must be: during an episode, while every new request is refused
+        (the backlog at its bound) or most are (at least half shed for loop lag). In a
+        milder overload a new session is taken and its requests share the refusals with the
+        others: a gateway must not be locked out for as long as the others keep msgd busy.
+        A refused session does not prolong the episode (only refused work does)."""
         if not self.config.enabled or not self.overloaded:
             return None
+        if self.shed < _SESSION_SHED and self.room(pending):
+            return None
         self._refused += 1
-        until_quiet = max(0.0, self._last_refusal + self.config.quiet - now)
-        return max(self.retry_after_ms(pending), math.ceil(until_quiet * 1000))
+        return self.retry_after_ms(pending)

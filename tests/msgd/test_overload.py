@@ -74,6 +74,7 @@ def test_sustained_loop_lag_sheds_a_growing_share() -> None:
         policy.sample(1.15 + step * 0.05, loop_lag=0.06, durable=1000, pending=0, owed=0)
     assert policy.shed == 1.0
     assert all(policy.admit(2.0, 0)[0] == 60 for _ in range(10))
+    assert policy.session_retry_ms(2.0, 0) == 60  # most work shed: new sessions too
     for step in range(25):
         policy.sample(2.0 + step * 0.05, loop_lag=0.0, durable=1000, pending=0, owed=0)
     assert policy.shed == 0.0
@@ -96,13 +97,16 @@ def test_an_episode_starts_at_the_first_refusal_and_ends_when_quiet() -> None:
     started = policy.refused(10.1, 3, "backlog")
     assert started is not None and started.started and started.reason == "backlog"
     assert policy.refused(10.5, 4, "backlog") is None  # the same episode
-    # New sessions are refused while it lasts, told to come back when it can have ended,
-    # and their refusal does not prolong it.
-    assert policy.session_retry_ms(10.6, 0) == math.ceil((10.5 + 1.0 - 10.6) * 1000)
+    # New sessions are refused while every new request is (the backlog at its bound), and
+    # their refusal does not prolong the episode ...
+    assert policy.session_retry_ms(10.6, 150) == 100
+    # ... but not in a milder overload: they share the refusals with the others.
+    assert policy.session_retry_ms(10.6, 99) is None
     assert policy.sample(11.4, loop_lag=0.0, durable=2000, pending=0, owed=0) is None
     ended = policy.sample(11.5, loop_lag=0.0, durable=2000, pending=0, owed=0)
     assert ended is not None and not ended.started
     assert ended.refused == 3 + 4 + 1 and math.isclose(ended.duration, 1.4)
+    assert policy.session_retry_ms(11.6, 150) is None  # over: no episode
     assert policy.session_retry_ms(11.6, 0) is None
 
 
