@@ -270,7 +270,7 @@ class GatewayConnection(asyncio.Protocol):
                 tid = event.transaction_id
                 server.metrics.bulk_started(bulk_kind)
                 server.metrics.message(event.message_type.name)
-                retry = server.refuse_request("bulk")
+                retry = server.refuse_request("bulk", len(self._answers.changes))
                 if retry is not None:  # overloaded: the whole request (docs/protocol.md §7)
                     session.send_error(tid, ErrorCause.OVERLOADED, "server overloaded", retry)
                     continue
@@ -394,7 +394,7 @@ class GatewayConnection(asyncio.Protocol):
         if handle is None:  # pragma: no cover - the session delivers live requests only
             return
         kind = _KIND_OF[type(request).message_type]
-        retry = self.server.refuse_request("single")
+        retry = self.server.refuse_request("single", len(self._answers.changes))
         if retry is not None:  # overloaded: SERVER_BUSY, Retry after (docs/protocol.md §7)
             self._answers.answers.append(
                 (tid, handle, kind, request.ue_service_id, Outcome(SERVER_BUSY, retry)))

@@ -114,11 +114,12 @@ class Server:
 
     # --- overload (docs/protocol.md §7) -------------------------------------------------------
 
-    def refuse_request(self, what: str) -> int | None:
+    def refuse_request(self, what: str, unsubmitted: int = 0) -> int | None:
         """None: a new request may start; else the Retry after (ms) to refuse it with.
         `what` is the metric's label: "single" (answered SERVER_BUSY), "bulk" (ERROR
-        (OVERLOADED))."""
-        pending = self.registry.pending()
+        (OVERLOADED)); `unsubmitted` the changes the caller decided this turn and has not
+        handed to the registry yet (they are in no queue the registry can count)."""
+        pending = self.registry.pending() + unsubmitted
         retry, episode = self.overload.admit(self.loop.time(), pending)
         if retry is not None:
             self._overload_refused(what, 1, episode)

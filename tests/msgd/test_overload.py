@@ -69,16 +69,27 @@ def test_sustained_loop_lag_sheds_a_growing_share() -> None:
     # ... with Retry after at least the lag, and the episode's reason says why.
     assert {v for v in verdicts if v is not None} == {60}
     assert policy.reason == "loop_lag"
-    # Every late sample sheds more, up to all of it; every other one, less, down to none.
-    for step in range(12):
+    # Every late sample sheds more, up to a half ...
+    for step in range(4):
         policy.sample(1.15 + step * 0.05, loop_lag=0.06, durable=1000, pending=0, owed=0)
-    assert policy.shed == 1.0
-    assert all(policy.admit(2.0, 0)[0] == 60 for _ in range(10))
-    assert policy.session_retry_ms(2.0, 0) == 60  # most work shed: new sessions too
+    assert policy.shed == 0.5
+    verdicts = [policy.admit(1.4, 0)[0] for _ in range(10)]
+    assert verdicts.count(None) == 5 and set(verdicts) == {None, 60}
+    assert policy.session_retry_ms(1.4, 0) == 60  # most work shed: new sessions too
+    # ... and from there the Retry after of these refusals grows by half per late sample,
+    # up to max_retry_after.
+    policy.sample(1.40, loop_lag=0.06, durable=1000, pending=0, owed=0)
+    policy.sample(1.45, loop_lag=0.06, durable=1000, pending=0, owed=0)
+    assert policy.shed == 0.5 and math.isclose(policy.shed_retry, 0.02 * 1.5 * 1.5)
+    for step in range(30):
+        policy.sample(1.5 + step * 0.05, loop_lag=0.06, durable=1000, pending=0, owed=0)
+    assert policy.shed_retry == 5.0
+    assert set(policy.admit(3.0, 0)[0] for _ in range(4)) == {None, 5000}
+    # Every other sample sheds less, down to none, and the Retry after comes down.
     for step in range(25):
-        policy.sample(2.0 + step * 0.05, loop_lag=0.0, durable=1000, pending=0, owed=0)
-    assert policy.shed == 0.0
-    assert policy.admit(3.3, 0) == (None, None)
+        policy.sample(3.0 + step * 0.05, loop_lag=0.0, durable=1000, pending=0, owed=0)
+    assert policy.shed == 0.0 and policy.shed_retry < 0.1
+    assert policy.admit(4.3, 0) == (None, None)
 
 
 def test_retry_after_is_the_time_to_drain_to_half_the_bound() -> None:
