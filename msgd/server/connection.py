@@ -66,6 +66,8 @@ OCTETS_PER_TURN = 16 * 1024
 
 SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = Procedure
 SERVER_BUSY = FailureCause.SERVER_BUSY
+# A NamedTuple made from a tuple without its generated __new__ (a Python-level call).
+_new_tuple = tuple.__new__
 _KIND_OF = {
     MessageType.UE_REGISTRATION_REQUEST: SINGLE_REG,
     MessageType.UE_DEREGISTRATION_REQUEST: SINGLE_DEREG,
@@ -399,14 +401,7 @@ class GatewayConnection(asyncio.Protocol):
             self._answers.answers.append(
                 (tid, handle, kind, request.ue_service_id, Outcome(SERVER_BUSY, retry)))
             return
-        self._decide(
-            kind,
-            tid,
-            handle,
-            request.ue_service_id,
-            request.credential,
-            getattr(request, "profile", None),
-        )
+        self._decide(kind, tid, handle, (request,))
 
     def _on_bulk_entries(self, event: BulkEntriesReceived) -> None:
         tid = event.transaction_id
@@ -414,38 +409,38 @@ class GatewayConnection(asyncio.Protocol):
         if known is None:  # pragma: no cover - refused at its start: the session discards
             return
         kind, handle = known
-        decide = self._decide
-        for entry in event.entries:
-            if entry.__class__ is EntryError:
-                self._answers.answers.append(
-                    (tid, handle, kind, entry.ue_service_id or "", FailureCause.INVALID_ENTRY))
-                continue
-            decide(kind, tid, handle, entry.ue_service_id, entry.credential,
-                   getattr(entry, "profile", None))
+        self._decide(kind, tid, handle, event.entries)
 
-    def _decide(
-        self, kind: Procedure, tid: int, handle: object, uid: str, credential: bytes | None,
-        profile: Any,
-    ) -> None:
-        """The rules that need only provisioning decide now; the rest joins this turn's batch
-        for the registry port (`_submit`)."""
-        rules = self.server.rules
-        answers = self._answers
+    def _decide(self, kind: Procedure, tid: int, handle: object, entries: Any) -> None:
+        """The rules that need only provisioning decide a run of requests or bulk entries (each
+        with ue_service_id, credential and, registering, profile) now; the rest joins this
+        turn's batch for the registry port (`_submit`). One loop per run: what the rules look
+        up is taken once per run, not per entry (about 1 µs of a 10 µs bulk entry)."""
         policy = self.policy
         proofs = self.proofs
         assert policy is not None and proofs is not None
-        self.entries_processed += 1
-        if kind is SINGLE_REG or kind is BULK_REG:
-            cause = rules.registration(policy, proofs, uid, credential)
-            if cause is not None:
-                answers.answers.append((tid, handle, kind, uid, cause))
-                return
-            stored = profile_octets(profile) if profile is not None else None
-            answers.changes.append(Change(uid, True, stored))
-        else:
-            verdict = rules.deregistration(policy, proofs, uid, credential)
-            answers.changes.append(Change(uid, False, None, verdict))
-        answers.answers.append((tid, handle, kind, uid, DECIDED))
+        self.entries_processed += len(entries)
+        answer = self._answers.answers.append
+        change = self._answers.changes.append
+        registering = kind is BULK_REG or kind is SINGLE_REG
+        check = self.server.rules.registration if registering else \
+            self.server.rules.deregistration
+        for entry in entries:
+            if entry.__class__ is EntryError:
+                answer((tid, handle, kind, entry.ue_service_id or "", FailureCause.INVALID_ENTRY))
+                continue
+            uid = entry.ue_service_id
+            cause = check(policy, proofs, uid, entry.credential)
+            if registering:
+                if cause is not None:
+                    answer((tid, handle, kind, uid, cause))
+                    continue
+                profile = entry.profile
+                change(_new_tuple(Change, (
+                    uid, True, profile_octets(profile) if profile is not None else None, None)))
+            else:
+                change(_new_tuple(Change, (uid, False, None, cause)))
+            answer((tid, handle, kind, uid, DECIDED))
 
     def _submit(self) -> None:
         """Hand this turn's decisions to the registry port as one batch."""
