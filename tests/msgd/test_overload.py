@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 
-from msgd.config import OverloadConfig
+import pytest
+
+from msgd.config import OverloadConfig, parse_config
+from msgd.errors import ConfigError
 from msgd.server.overload import OverloadPolicy
 
 CONFIG = OverloadConfig(max_delay=0.1, max_loop_lag=0.05, min_backlog=10,
@@ -134,3 +137,33 @@ def test_admit_takes_a_request_while_there_is_room() -> None:
     retry, episode = policy.admit(1.01, 150)
     assert retry == 100 and episode is not None and episode.started
     assert policy.admit(1.02, 150) == (100, None)  # the same episode
+
+
+_CONFIG = """\
+[tls]
+certificate = "server.pem"
+private_key = "server.key"
+gateway_ca = "ca.pem"
+[registry]
+path = "registry.sqlite"
+[provisioning]
+file = "ues.csv"
+"""
+
+
+def test_overload_table_defaults_values_and_mistakes(tmp_path) -> None:
+    def parse(table: str):
+        return parse_config(_CONFIG + "[overload]\n" + table, tmp_path, check_files=False)
+
+    assert parse("").overload == OverloadConfig()
+    assert OverloadConfig().max_delay == 0.25 and OverloadConfig().min_backlog == 8192
+    config = parse("enabled = false\nmax_delay = 0.5\nmax_loop_lag = 0.2\nmin_backlog = 10\n"
+                   "min_retry_after = 0.1\nmax_retry_after = 60\nquiet = 0\n").overload
+    assert config == OverloadConfig(False, 0.5, 0.2, 10, 0.1, 60.0, 0.0)
+    for table, key in (("max_delay = 0", "overload.max_delay"),
+                       ("min_backlog = 0", "overload.min_backlog"),
+                       ("enabled = 1", "overload.enabled"),
+                       ("max_retry_after = 0.01", "overload.min_retry_after"),
+                       ("max_dealy = 1", "max_dealy")):
+        with pytest.raises(ConfigError, match=key):
+            parse(table + "\n")
