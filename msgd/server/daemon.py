@@ -142,11 +142,13 @@ class Server:
         end of an episode (its start is logged by the refusal that began it)."""
         lag = LoopLagProbe(SAMPLE_INTERVAL)
         registry = self.registry
+        owed = 0
+        tick = 0
         while True:
             await asyncio.sleep(SAMPLE_INTERVAL)
-            owed = 0
-            for conn in self.connections:
-                owed += conn.owed
+            tick += 1
+            if tick % 4 == 0:  # every 0.2 s: a read per connection (10,000 idle: ~1 ms)
+                owed = sum(conn.owed for conn in self.connections)
             ended = self.overload.sample(
                 self.loop.time(), loop_lag=lag.tick(), durable=registry.durable_seq,
                 pending=registry.pending(), owed=owed)
