@@ -2,7 +2,8 @@
 
 `--scenarios soak` runs the soak instead (bench/soak.py: 1,000,000 UEs, then 30 minutes of
 churn at half capacity; `--size soak_s=300` for five minutes); it is never part of the
-default run.
+default run. `--scenarios overload` shows the overload contract (bench/overload.py: open-loop
+singles at twice the closed-loop rate for 60 s), also outside the default run.
 
 Starts real msgd processes (mutual TLS, SQLite file, per-UE authentication), drives them from
 a load generator process (bench/loadgen.py), measures the machine's ceilings in the same run
@@ -23,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import scenarios, soak
+from bench import overload, scenarios, soak
 
 DEFAULT_SCENARIOS = ("ceilings", "connections", "bulk", "registered")
-SCENARIOS = (*DEFAULT_SCENARIOS, "soak")
+SCENARIOS = (*DEFAULT_SCENARIOS, "soak", "overload")
 MB = 1e6
 
 
@@ -217,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {name} done in {time.perf_counter() - t:.1f} s", file=sys.stderr,
               flush=True)
 
-    others = [name for name in args.scenarios if name != "soak"]
+    others = [name for name in args.scenarios if name not in ("soak", "overload")]
     try:
-        if others or args.registry == "postgresql":
+        if others or "overload" in args.scenarios or args.registry == "postgresql":
             step("setup", scenarios.setup)
         if args.registry == "postgresql":
             from bench import postgres
@@ -241,12 +242,16 @@ def main(argv: list[str] | None = None) -> int:
             step("registered", scenarios.registered)
         if "soak" in args.scenarios:
             step("soak", soak.run_soak)
+        if "overload" in args.scenarios:
+            step("overload", overload.run_overload)
         results["elapsed_s"] = time.perf_counter() - started
         if others:
             results["derived"] = derive(results)
             print(render(results))
         if "soak" in args.scenarios:
             print(soak.render_soak(results["soak"]))
+        if "overload" in args.scenarios:
+            print(overload.render(results["overload"]))
         _write(args, results, work)
     finally:
         if args.keep:

@@ -14,6 +14,8 @@ Modes:
            UE REGISTRATION REQUESTs in flight (closed loop), or paced at a fixed total rate
            (open loop: latency counts from the moment a request was due, so a stall is not
            hidden by the sender waiting for it); registrations/s and latency percentiles.
+           With honor_retry_after each gateway sends nothing new before a SERVER_BUSY's Retry
+           after (the overload scenario: gateways that follow docs/protocol.md §7).
   connect  N connections (mutual TLS + HELLO/HELLO ACK), `concurrency` at a time; handshakes/s;
            then holds them open (answering KEEPALIVE) until a line on stdin, for memory use.
   churn    G gateways, each changing its own registered UEs for `duration` seconds: single
@@ -48,6 +50,7 @@ from typing import Any
 from wire.constants import (
     ALPN_PROTOCOL,
     IEI,
+    FailureCause,
     GatewayType,
     MessageType,
     Operation,
@@ -339,8 +342,14 @@ async def run_bulk(params: dict[str, Any]) -> dict[str, Any]:
 class _Single:
     """One gateway's closed or open loop of single registrations."""
 
-    def __init__(self, gw: Gw, bodies: list[bytes], window: int, rec: _Recorder) -> None:
+    def __init__(self, gw: Gw, bodies: list[bytes], window: int, rec: _Recorder,
+                 honor_retry_after: bool = False) -> None:
         self.gw = gw
+        # A gateway that follows the overload contract (docs/protocol.md §7): after SERVER_BUSY
+        # it sends nothing new before Retry after; requests falling due meanwhile wait.
+        self.honor_retry_after = honor_retry_after
+        self.resume_at = 0.0
+        self.sent_at: dict[int, float] = {}
         self.bodies = bodies
         self.next_body = 0
         self.window = window
@@ -352,11 +361,12 @@ class _Single:
         self.stopped = False
         gw.on_frame = self.on_frame
 
-    def frame(self, due: float) -> bytes:
+    def frame(self, due: float, now: float) -> bytes:
         tid = self.tid = self.tid + 1 if self.tid < 0x7FFF_FFFF else 2
         body = self.bodies[self.next_body]
         self.next_body = (self.next_body + 1) % len(self.bodies)
         self.inflight[tid] = due
+        self.sent_at[tid] = now
         return HEADER.pack(1, MT.UE_REGISTRATION_REQUEST, 0, tid, len(body)) + body
 
     def fill(self, closed_loop: bool) -> None:
@@ -367,13 +377,16 @@ class _Single:
         if room <= 0:
             return
         out = []
+        now = time.perf_counter()
         if closed_loop:
-            now = time.perf_counter()
-            out = [self.frame(now) for _ in range(room)]
-        else:
+            out = [self.frame(now, now) for _ in range(room)]
+        elif now >= self.resume_at:
             backlog = self.backlog
+            late = self.rec.send_late
             while backlog and room:
-                out.append(self.frame(backlog.popleft()))
+                due = backlog.popleft()
+                late.append(now - due)
+                out.append(self.frame(due, now))
                 room -= 1
         if out:
             assert self.gw.transport is not None
@@ -383,33 +396,68 @@ class _Single:
         sent = self.inflight.pop(tid, None)
         if sent is None:
             return
+        sent_at = self.sent_at.pop(tid)
         now = time.perf_counter()
         # Body: UE Service ID IE, then Registration result IE (0x04, 0x0001, result).
         ulen = (body[1] << 8) | body[2]
         result = body[3 + ulen + 3]
         cause = body[3 + ulen + 4 + 3] if result else None
-        self.rec.record(sent, now, cause)
+        retry = _retry_after(body, 3 + ulen + 4) if result else None
+        self.rec.record(sent, now, cause, retry, sent_at)
+        if retry is not None and self.honor_retry_after:
+            self.resume_at = max(self.resume_at, now + retry / 1000)
         self.fill(self.rec.closed_loop)
 
 
+def _retry_after(body: bytes, at: int) -> int | None:
+    """The Retry after IE (0x18, u32 ms) among the IEs from `at` on, None without one."""
+    end = len(body)
+    while at + 3 <= end:
+        iei, length = body[at], (body[at + 1] << 8) | body[at + 2]
+        if iei == IEI.RETRY_AFTER and length == 4:
+            return int.from_bytes(body[at + 3 : at + 7], "big")
+        at += 3 + length
+    return None
+
+
 class _Recorder:
+    """Answers of single requests: `latencies` of all answered within the measured window,
+    and apart, those of successes (`ok_latencies`) and of refusals (SERVER_BUSY)."""
+
     def __init__(self, closed_loop: bool, measure_from: float, measure_to: float) -> None:
         self.closed_loop = closed_loop
         self.measure_from = measure_from
         self.measure_to = measure_to
         self.latencies: list[float] = []
+        self.ok_latencies: list[float] = []  # from the time each was due
+        self.ok_from_send: list[float] = []  # from the time each was sent
+        self.busy_latencies: list[float] = []
+        self.retry_after: list[int] = []  # ms, of each SERVER_BUSY
+        self.busy_without_retry = 0
+        self.send_late: list[float] = []  # open loop: how long after its due time each went
         self.completed = 0
         self.ok = 0
         self.causes: Counter[int] = Counter()
 
-    def record(self, sent: float, now: float, cause: int | None) -> None:
+    def record(self, sent: float, now: float, cause: int | None,
+               retry_after: int | None = None, sent_at: float = 0.0) -> None:
         if cause is None:
             self.ok += 1
         else:
             self.causes[cause] += 1
+            if cause == FailureCause.SERVER_BUSY:
+                if retry_after is None:
+                    self.busy_without_retry += 1
+                else:
+                    self.retry_after.append(retry_after)
         if self.measure_from <= sent and now <= self.measure_to:
             self.completed += 1
             self.latencies.append(now - sent)
+            if cause is None:
+                self.ok_latencies.append(now - sent)
+                self.ok_from_send.append(now - sent_at)
+            elif cause == FailureCause.SERVER_BUSY:
+                self.busy_latencies.append(now - sent)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -438,7 +486,8 @@ async def run_singles(params: dict[str, Any]) -> dict[str, Any]:
                   for uid in ids]
         if index == 0:
             _check_packing(ids[0], proof(ue_key(secret, ids[0]), nonce, 1, ids[0]))
-        loops.append(_Single(gw, bodies, max(1, gw.hello_ack.max_outstanding), recorder))
+        loops.append(_Single(gw, bodies, max(1, gw.hello_ack.max_outstanding), recorder,
+                             params.get("honor_retry_after", False)))
     window = loops[0].window
     prep_s = time.perf_counter() - started
     await asyncio.to_thread(_await_go)
@@ -472,10 +521,14 @@ async def run_singles(params: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(0.01)
     unanswered = sum(len(s.inflight) for s in loops)
     backlog = sum(len(s.backlog) for s in loops)
+    lost = sum(1 for gw in gws if gw.closed.done())  # closed by the server (or timed out)
     for gw in gws:
         assert gw.transport is not None
         gw.transport.close()
     lat = sorted(recorder.latencies)
+    ok_lat = sorted(recorder.ok_latencies)
+    busy_lat = sorted(recorder.busy_latencies)
+    retry = sorted(recorder.retry_after)
     errors: Counter[str] = Counter()
     for gw in gws:
         errors.update(gw.errors)
@@ -495,6 +548,17 @@ async def run_singles(params: dict[str, Any]) -> dict[str, Any]:
         "max_ms": (lat[-1] if lat else float("nan")) * 1000,
         "unanswered_at_end": unanswered,
         "backlog_at_end": backlog,
+        "connections_lost": lost,
+        "accepted_per_s": len(ok_lat) / duration,
+        "send_late_p99_ms": percentile(sorted(recorder.send_late), 0.99) * 1000,
+        "accepted_p50_ms": percentile(ok_lat, 0.50) * 1000,
+        "accepted_p99_ms": percentile(ok_lat, 0.99) * 1000,
+        "accepted_p99_from_send_ms": percentile(sorted(recorder.ok_from_send), 0.99) * 1000,
+        "accepted_max_ms": (ok_lat[-1] if ok_lat else float("nan")) * 1000,
+        "busy": len(recorder.retry_after) + recorder.busy_without_retry,
+        "busy_without_retry_after": recorder.busy_without_retry,
+        "busy_p99_ms": percentile(busy_lat, 0.99) * 1000,
+        "retry_after_ms": ([retry[0], percentile(retry, 0.5), retry[-1]] if retry else None),
         "prep_s": prep_s,
         "loadgen_cpu_s": cpu,
         "errors": dict(errors),

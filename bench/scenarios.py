@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BULK_GATEWAY = "gw-bulk"
 BULK_SEED = "bulk"
 POOL_SEED = "pool"
+CLIENT_GATEWAY = "gw-client"  # the msgd.client run of the overload scenario
+CLIENT_SEED = "client"
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,19 @@ class Sizes:
     soak_compact_changes: int = 100_000  # [registry] compact_journal_changes
     soak_compact_ratio: float = 0.5
     soak_compact_interval: float = 10.0
+    # The overload scenario (`--scenarios overload`, bench/overload.py): open-loop singles
+    # at 2 x the closed-loop rate for overload_s, and a msgd.client run of overload_client_n.
+    overload_s: float = 60.0
+    overload_client_n: int = 5_000
+    overload_max_delay: float = 0.25  # [overload] max_delay of the server under test
+    overload_max_loop_lag: float = 0.05  # [overload] max_loop_lag
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(bulk_n=2_000, sqlite_n=20_000, gateways=4, pool=50, singles_s=1.0,
                    warmup_s=0.3, idle_connections=40, connect_concurrency=8,
-                   tls_stream_s=0.3, tls_handshake_s=0.5)
+                   tls_stream_s=0.3, tls_handshake_s=0.5, overload_s=2.0,
+                   overload_client_n=200)
 
 
 @dataclass
@@ -137,7 +146,7 @@ def setup(run: Run) -> dict[str, float]:
 
     started = time.perf_counter()
     pki_dir = run.dir / "pki"
-    pki = init_dir(pki_dir, gateways=[BULK_GATEWAY, *run.pool_gateways],
+    pki = init_dir(pki_dir, gateways=[BULK_GATEWAY, CLIENT_GATEWAY, *run.pool_gateways],
                    server_names=("localhost", "127.0.0.1"))
     run.pki = {"dir": str(pki_dir), "ca": str(pki.ca.cert), "server_cert": str(pki.server.cert),
                "server_key": str(pki.server.key)}
@@ -146,7 +155,8 @@ def setup(run: Run) -> dict[str, float]:
     secret = bytes.fromhex(run.secret)
     with open(run.dir / "ues.csv", "w") as out:
         out.write("ue_service_id,key,gateways\n")
-        groups = [(BULK_GATEWAY, ue_ids(BULK_SEED, run.sizes.bulk_n))]
+        groups = [(BULK_GATEWAY, ue_ids(BULK_SEED, run.sizes.bulk_n)),
+                  (CLIENT_GATEWAY, ue_ids(CLIENT_SEED, run.sizes.overload_client_n))]
         groups += [(gw, ue_ids(f"{POOL_SEED}-{i}", run.sizes.pool))
                    for i, gw in enumerate(run.pool_gateways)]
         for gw, ids in groups:
@@ -154,7 +164,7 @@ def setup(run: Run) -> dict[str, float]:
     csv_s = time.perf_counter() - started
     gateways = "\n".join(
         f'[[gateways]]\nidentity = "{gw}"\nue_authentication = true\nbulk_allowed = true\n'
-        for gw in [BULK_GATEWAY, *run.pool_gateways])
+        for gw in [BULK_GATEWAY, CLIENT_GATEWAY, *run.pool_gateways])
     run.config_path = run.dir / "msgd.toml"
     run.config_path.write_text(f"""# written by python -m bench
 [server]
@@ -201,6 +211,7 @@ class Msgd:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.ready_s = 0.0
+        self.config_path = run.config_path  # another file for a variant of the configuration
 
     def start(self, timeout: float = 900.0) -> float:
         notify_path = self.run.dir / "notify.sock"
@@ -210,11 +221,11 @@ class Msgd:
         notify.settimeout(0.2)
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
         env.pop("WATCHDOG_USEC", None)
-        assert self.run.config_path is not None
+        assert self.config_path is not None
         with open(self.log_path, "ab") as log:
             started = time.perf_counter()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "msgd", "--config", str(self.run.config_path)],
+                [sys.executable, "-m", "msgd", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         try:
             deadline = started + timeout
@@ -481,8 +492,9 @@ def first_start(run: Run) -> dict[str, Any]:
     server = Msgd(run, "A-provisioning")
     ready = server.start()
     stop = server.stop()
-    return {"ready_s": ready, "provisioned": run.sizes.bulk_n + run.sizes.gateways
-            * run.sizes.pool, **stop}
+    sizes = run.sizes
+    return {"ready_s": ready, "provisioned": sizes.bulk_n + sizes.overload_client_n
+            + sizes.gateways * sizes.pool, **stop}
 
 
 def connections(run: Run) -> dict[str, Any]:

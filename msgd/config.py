@@ -122,6 +122,27 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class OverloadConfig:
+    """[overload]: when msgd refuses new work rather than queue it (docs/protocol.md §7)."""
+
+    enabled: bool = True
+    # Seconds of queued work (writer queue and answers owed, at the measured drain rate)
+    # above which new entries get SERVER_BUSY.
+    max_delay: float = 0.25
+    # Event-loop lag (seconds) above which new work is refused whatever the queue holds.
+    max_loop_lag: float = 0.05
+    # Backlog always admitted, whatever the measured drain rate (a daemon just started has no
+    # measurement yet); two full bulk windows, so that a bulk or two alone is never refused.
+    min_backlog: int = 8192
+    # Bounds of the Retry after msgd computes (seconds).
+    min_retry_after: float = 0.05
+    max_retry_after: float = 30.0
+    # Seconds without a refusal before an overload episode ends (log line, metric, and new
+    # sessions accepted again: during one, HELLO gets GOODBYE(OVERLOADED)).
+    quiet: float = 1.0
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str | None = None
     host: str | None = None
@@ -158,6 +179,7 @@ class Config:
     log: LogConfig
     gateways: dict[str, GatewayPolicy]
     path: Path | None = None
+    overload: OverloadConfig = OverloadConfig()
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -383,6 +405,7 @@ class _Reader:
             log=self.log(data),
             gateways=self.gateways(data),
             path=path,
+            overload=self.overload(data),
         )
 
     def known_top(self, data: Mapping[str, Any]) -> None:
@@ -498,6 +521,29 @@ class _Reader:
             reconnect_window=seconds("reconnect_window", zero_ok=False),
         )
 
+    def overload(self, data: Mapping[str, Any]) -> OverloadConfig:
+        table = self.table(data, "overload", _OVERLOAD_KEYS)
+        d = OverloadConfig()
+
+        def seconds(name: str, *, zero_ok: bool) -> float:
+            return self.seconds(table, f"overload.{name}", name, getattr(d, name),
+                                zero_ok=zero_ok)
+
+        config = OverloadConfig(
+            enabled=self.boolean(table, "overload.enabled", "enabled", d.enabled),
+            max_delay=seconds("max_delay", zero_ok=False),
+            max_loop_lag=seconds("max_loop_lag", zero_ok=False),
+            min_backlog=self.integer(table, "overload.min_backlog", "min_backlog",
+                                     d.min_backlog, 1, U32_MAX),
+            min_retry_after=seconds("min_retry_after", zero_ok=False),
+            max_retry_after=seconds("max_retry_after", zero_ok=False),
+            quiet=seconds("quiet", zero_ok=True),
+        )
+        if config.min_retry_after > config.max_retry_after:
+            raise self.error("overload.min_retry_after must not exceed "
+                             "overload.max_retry_after")
+        return config
+
     def metrics(self, data: Mapping[str, Any]) -> MetricsConfig:
         table = self.table(data, "metrics", ("listen",))
         listen = self.listen(table, "metrics.listen", "listen", None)
@@ -564,12 +610,14 @@ _SECTIONS = (
     "registry",
     "provisioning",
     "limits",
+    "overload",
     "metrics",
     "control",
     "log",
     "gateways",
 )
 _LIMIT_KEYS = tuple(LimitsConfig.__dataclass_fields__)
+_OVERLOAD_KEYS = tuple(OverloadConfig.__dataclass_fields__)
 _REGISTRY_KEYS = tuple(RegistryConfig.__dataclass_fields__)
 
 

@@ -14,6 +14,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from msgd.config import Config, load_config
 from msgd.gateway import GatewayClient, GatewayUe, client_context
 from msgd.registry.provisioning import read_provisioning_csv
 from msgd.registry.service import open_registry
+from msgd.registry.store import Registry
 from msgd.server.daemon import Server
 from msgd.tls.contexts import load_server_tls
 from tests.pki import Pki
@@ -143,6 +145,29 @@ async def running_server(dep: Deployment) -> AsyncIterator[Server]:
     finally:
         await server.shutdown()
         await registry.close()
+
+
+@contextlib.asynccontextmanager
+async def writer_held(registry: Registry) -> AsyncIterator[None]:
+    """Hold the registry's writer thread back between two group commits (a writer job that
+    waits) for the block: changes queue in memory and none becomes durable until it ends.
+    The real writer held, not a mock of the database: for overload tests (a full writer
+    queue, deterministically)."""
+    running, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        running.set()
+        release.wait(120)  # bounded: a test that forgets to end the block still ends
+
+    loop = asyncio.get_running_loop()
+    job = loop.run_in_executor(None, registry._writer.run_job, hold)
+    if not await asyncio.to_thread(running.wait, 30):
+        raise TimeoutError("the writer did not take the hold job within 30 s")
+    try:
+        yield
+    finally:
+        release.set()
+        await job
 
 
 async def connect(dep: Deployment, server_address: tuple[str, int],

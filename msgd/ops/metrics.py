@@ -94,6 +94,19 @@ class Metrics:
         self.refused = Counter(
             "msgd_connections_refused", "Connections refused, by reason", ("reason",), registry=r
         )
+        self.overload_refused = Counter(
+            "msgd_overload_refused",
+            "New work refused under overload (docs/protocol.md §7): entries answered "
+            "SERVER_BUSY, requests ERROR(OVERLOADED), sessions GOODBYE(OVERLOADED)",
+            ("what",), registry=r,
+        )
+        self.overloaded = Gauge(
+            "msgd_overloaded", "1 during an overload episode (new work is being refused)",
+            registry=r,
+        )
+        self.overload_episodes = Counter(
+            "msgd_overload_episodes", "Overload episodes started", registry=r
+        )
         self.goodbyes = Counter(
             "msgd_goodbyes_sent", "GOODBYE messages sent to gateways, by cause", ("cause",),
             registry=r,

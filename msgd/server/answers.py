@@ -48,8 +48,9 @@ class AnswerQueue:
     An answer is (tid, handle, kind, ue_service_id, cause): `handle` is the session's
     transaction handle, so an answer whose transaction has ended (the gateway's ERROR) is
     dropped, never sent to a new request reusing its id; `cause` is a FailureCause, or DECIDED
-    for an answer with a Change in `changes`. Tuples: a window of 4096 answers is held per
-    connection.
+    for an answer with a Change in `changes`, or an Outcome (a cause with Retry after, decided
+    without the port: an overloaded server's SERVER_BUSY). Tuples: a window of 4096 answers
+    is held per connection.
     """
 
     def __init__(self) -> None:
@@ -125,6 +126,8 @@ class AnswerQueue:
                 retry = None
                 if cause is DECIDED:
                     cause, retry = next(decided)
+                elif cause.__class__ is Outcome:  # decided by the server, with Retry after
+                    cause, retry = cause
                 cause_value = None if cause is None else int(cause)
                 if kind >= _FIRST_BULK:
                     if run and (tid != run_tid or handle is not run_handle):

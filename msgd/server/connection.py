@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from msgd.log import get_logger
 from msgd.procedures import Procedure
-from msgd.registry.port import Change
+from msgd.registry.port import Change, Outcome
 from msgd.server.answers import DECIDED, AnswerQueue
 from msgd.server.frame_clock import FrameClock
 from msgd.server.ports import Refusal
@@ -65,6 +65,7 @@ EVENTS_PER_TURN = 256
 OCTETS_PER_TURN = 16 * 1024
 
 SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = Procedure
+SERVER_BUSY = FailureCause.SERVER_BUSY
 # A NamedTuple made from a tuple without its generated __new__ (a Python-level call).
 _new_tuple = tuple.__new__
 _KIND_OF = {
@@ -153,6 +154,11 @@ class GatewayConnection(asyncio.Protocol):
         self.server.connection_started(self)
         self.log.info("connection.open")
         self._arm_timer()
+
+    @property
+    def owed(self) -> int:
+        """Answers decided or in the registry, not yet sent (the overload policy's backlog)."""
+        return self._answers.unanswered + len(self._answers.answers)
 
     @property
     def closing(self) -> bool:
@@ -264,9 +270,13 @@ class GatewayConnection(asyncio.Protocol):
                     else BULK_DEREG
                 )
                 tid = event.transaction_id
-                self._bulk_kinds[tid] = (bulk_kind, session.transaction(tid))
                 server.metrics.bulk_started(bulk_kind)
                 server.metrics.message(event.message_type.name)
+                retry = server.refuse_request("bulk", len(self._answers.changes))
+                if retry is not None:  # overloaded: the whole request (docs/protocol.md §7)
+                    session.send_error(tid, ErrorCause.OVERLOADED, "server overloaded", retry)
+                    continue
+                self._bulk_kinds[tid] = (bulk_kind, session.transaction(tid))
             elif kind is BulkEnded:
                 self._bulk_kinds.pop(event.transaction_id, None)
             elif kind is HelloReceived:
@@ -359,7 +369,10 @@ class GatewayConnection(asyncio.Protocol):
                 self.log.warning("gateway.refused", reason=policy.log_detail)
                 session.reject_hello(policy.cause, policy.diagnostic)
             else:
-                self.log.warning("gateway.reconnect_damped", retry_after_ms=policy.retry_after)
+                if policy.reason != "overloaded":
+                    # (overload: one line per episode, from the server, not one per session)
+                    self.log.warning("gateway.reconnect_damped",
+                                     retry_after_ms=policy.retry_after)
                 session.send_goodbye(policy.cause, policy.retry_after, policy.diagnostic)
             return
         self.policy = policy
@@ -382,11 +395,20 @@ class GatewayConnection(asyncio.Protocol):
         handle = session.transaction(tid)
         if handle is None:  # pragma: no cover - the session delivers live requests only
             return
-        self._decide(_KIND_OF[type(request).message_type], tid, handle, (request,))
+        kind = _KIND_OF[type(request).message_type]
+        retry = self.server.refuse_request("single", len(self._answers.changes))
+        if retry is not None:  # overloaded: SERVER_BUSY, Retry after (docs/protocol.md §7)
+            self._answers.answers.append(
+                (tid, handle, kind, request.ue_service_id, Outcome(SERVER_BUSY, retry)))
+            return
+        self._decide(kind, tid, handle, (request,))
 
     def _on_bulk_entries(self, event: BulkEntriesReceived) -> None:
         tid = event.transaction_id
-        kind, handle = self._bulk_kinds[tid]
+        known = self._bulk_kinds.get(tid)
+        if known is None:  # pragma: no cover - refused at its start: the session discards
+            return
+        kind, handle = known
         self._decide(kind, tid, handle, event.entries)
 
     def _decide(self, kind: Procedure, tid: int, handle: object, entries: Any) -> None:

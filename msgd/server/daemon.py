@@ -22,9 +22,11 @@ from msgd.config import Config, GatewayPolicy
 from msgd.log import get_logger, setup_logging
 from msgd.ops.metrics import Metrics
 from msgd.ops.systemd import Notifier
+from msgd.ops.watchdog import LoopLagProbe
 from msgd.registry.service import RegistryService, make_registrar, reads_for
 from msgd.registry.store import Registry
 from msgd.server.connection import GatewayConnection
+from msgd.server.overload import SAMPLE_INTERVAL, Episode, OverloadPolicy
 from msgd.server.ports import ConnectionSettings, Refusal
 from msgd.server.reload import ReloadFailed, kept_config, read_inputs, recheck
 from msgd.server.rules import UeRules
@@ -63,6 +65,9 @@ class Server:
             # Commit latency counts from the turn a change was submitted in.
             on_submit=lambda seq: self.metrics.submitted(seq, loop.time()),
         )
+        # The overload contract (docs/protocol.md §7): new requests beyond what drains within
+        # [overload] max_delay are refused (refuse_request, admit).
+        self.overload = OverloadPolicy(config.overload, loop.time())
         # What the admin socket reads, and the registry's health for STATUS= and metrics.
         self.reads = reads_for(registry, str(config.registry.path or ""))
         self.metrics.registry_available.set_function(
@@ -107,9 +112,57 @@ class Server:
         if not ok:
             log.error("registry.commit_failed", first=first, last=last)
 
+    # --- overload (docs/protocol.md §7) -------------------------------------------------------
+
+    def refuse_request(self, what: str, unsubmitted: int = 0) -> int | None:
+        """None: a new request may start; else the Retry after (ms) to refuse it with.
+        `what` is the metric's label: "single" (answered SERVER_BUSY), "bulk" (ERROR
+        (OVERLOADED)); `unsubmitted` the changes the caller decided this turn and has not
+        handed to the registry yet (they are in no queue the registry can count)."""
+        pending = self.registry.pending() + unsubmitted
+        retry, episode = self.overload.admit(self.loop.time(), pending)
+        if retry is not None:
+            self._overload_refused(what, 1, episode)
+        return retry
+
+    def _overload_refused(self, what: str, count: int, episode: Episode | None) -> None:
+        self.metrics.overload_refused.labels(what).inc(count)
+        if episode is not None:
+            self.metrics.overloaded.set(1)
+            self.metrics.overload_episodes.inc()
+            policy = self.overload
+            log.warning("overload.started", reason=episode.reason,
+                        pending=self.registry.pending(), owed=policy.owed,
+                        bound=policy.bound(), drain_rate=round(policy.drain_rate),
+                        loop_lag_ms=round(policy.loop_lag * 1000, 1),
+                        retry_after_ms=policy.retry_after_ms(self.registry.pending()))
+
+    async def _sample_overload(self) -> None:
+        """Feed the overload policy its measurements every SAMPLE_INTERVAL seconds; log the
+        end of an episode (its start is logged by the refusal that began it)."""
+        lag = LoopLagProbe(SAMPLE_INTERVAL)
+        registry = self.registry
+        owed = 0
+        tick = 0
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            tick += 1
+            if tick % 4 == 0:  # every 0.2 s: a read per connection (10,000 idle: ~1 ms)
+                owed = sum(conn.owed for conn in self.connections)
+            ended = self.overload.sample(
+                self.loop.time(), loop_lag=lag.tick(), durable=registry.durable_seq,
+                pending=registry.pending(), owed=owed)
+            if ended is not None:
+                self.metrics.overloaded.set(0)
+                log.warning("overload.ended", reason=ended.reason,
+                            duration_s=round(ended.duration, 3), refused=ended.refused)
+
     # --- connections ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        task = self.loop.create_task(self._sample_overload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         host, port = self._listen(self.config.server.host, self.config.server.port)
         log.info("server.listening", address=fmt_address(host, port),
                  registered=self.registry.registered_count(),
@@ -191,6 +244,13 @@ class Server:
             return _NOT_ALLOWED
         limits = self.config.limits
         now = self.loop.time()
+        # Overloaded: a new session would add work (docs/protocol.md §7). Not counted as a
+        # session for the storm damping below: the gateway did nothing wrong.
+        busy = self.overload.session_retry_ms(now, self.registry.pending())
+        if busy is not None:
+            self.metrics.overload_refused.labels("session").inc()
+            return Refusal(ErrorCause.OVERLOADED, "server overloaded", "overloaded",
+                           "overloaded", busy)
         began = self._hellos.setdefault(policy.identity, collections.deque())
         while began and began[0] <= now - limits.reconnect_window:
             began.popleft()
@@ -298,6 +358,7 @@ class Server:
             log.warning("reload.restart_needed", keys=",".join(restart))
         self.settings = ConnectionSettings.from_config(new)
         self.registrar.max_pending_writes = new.limits.max_pending_writes
+        self.overload.config = new.overload
         if new.log.level != old.log.level:
             setup_logging(new.log.level)  # the level was checked by load_config
         added = sorted(set(new.gateways) - set(self.gateways))
