@@ -20,6 +20,7 @@ from msgd.gateway.client import GatewayClient
 from msgd.gateway.errors import ClientError, ConnectionLost, HandshakeError
 from msgd.gateway.procedures import Procedures, UeIterable
 from msgd.gateway.scheduler import UeSource
+from msgd.gateway.sync import SyncReport
 from msgd.gateway.values import Tracer, UeResult
 from msgd.log import get_logger
 from wire.constants import GatewayType, Operation
@@ -213,6 +214,12 @@ class GatewaySession(Procedures):
                     raise
         finally:
             source.close()
+
+    async def sync(self, ues: Any, *, repair: bool = False) -> SyncReport:
+        """v1.1 registry sync on the current connection (GatewayClient.sync): the UEs
+        missing on the server, extra, and with another profile; with `repair`, fixed."""
+        client = await self.connect()
+        return await client.sync(ues, repair=repair)
 
     async def close(self) -> None:
         self._closed = True

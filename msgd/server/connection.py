@@ -25,6 +25,7 @@ from msgd.registry.port import Change
 from msgd.server.answers import DECIDED, AnswerQueue
 from msgd.server.frame_clock import FrameClock
 from msgd.server.ports import Refusal
+from msgd.server.sync import answer_sync
 from msgd.tls.contexts import negotiated_alpn_ok, peer_identity
 from wire.constants import ErrorCause, FailureCause, MessageType
 from wire.credential import ProofChecker
@@ -41,6 +42,7 @@ from wire.events import (
     HelloReceived,
     ProtocolErrorDetected,
     RequestReceived,
+    SyncRequestReceived,
     TransactionFailed,
 )
 from wire.messages import profile_octets
@@ -106,6 +108,9 @@ class GatewayConnection(asyncio.Protocol):
         self._timer_at = 0.0
         self._reading_paused = False
         self._writing_paused = False
+        self.writable = asyncio.Event()  # clear while the transport asks us to stop writing
+        self.writable.set()
+        self._sync_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._frame_clock = FrameClock()
         self._frame_timer: asyncio.TimerHandle | None = None
@@ -209,10 +214,12 @@ class GatewayConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        self.writable.clear()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self.writable.set()
         self._update_reading()
 
     # --- events -----------------------------------------------------------------------------
@@ -265,6 +272,9 @@ class GatewayConnection(asyncio.Protocol):
                 self._bulk_kinds[tid] = (bulk_kind, session.transaction(tid))
                 server.metrics.bulk_started(bulk_kind)
                 server.metrics.message(event.message_type.name)
+            elif kind is SyncRequestReceived:
+                server.metrics.message(type(event.request).message_type.name)
+                self._on_sync_request(event.request)
             elif kind is BulkEnded:
                 self._bulk_kinds.pop(event.transaction_id, None)
             elif kind is HelloReceived:
@@ -368,6 +378,7 @@ class GatewayConnection(asyncio.Protocol):
             bulk_allowed=policy.bulk_allowed,
             ue_authentication_required=policy.ue_authentication,
             node_name=self.server.settings.node_name,
+            sync_supported=hasattr(self.server.reads, "sync_digests"),
         )
         self.log.info(
             "gateway.hello", gateway_type=event.hello.gateway_type, node=event.hello.node_name
@@ -387,7 +398,17 @@ class GatewayConnection(asyncio.Protocol):
             request.ue_service_id,
             request.credential,
             getattr(request, "profile", None),
+            getattr(request, "release", None),
         )
+
+    def _on_sync_request(self, request: Any) -> None:
+        """v1.1 DIGEST / LIST REQUEST: answered by msgd.server.sync in a task of its own."""
+        session = self.session
+        assert session is not None
+        task = self.server.loop.create_task(
+            answer_sync(self, request, session.transaction(request.transaction_id)))
+        self._sync_tasks.add(task)
+        task.add_done_callback(self._sync_tasks.discard)
 
     def _on_bulk_entries(self, event: BulkEntriesReceived) -> None:
         tid = event.transaction_id
@@ -399,11 +420,11 @@ class GatewayConnection(asyncio.Protocol):
                     (tid, handle, kind, entry.ue_service_id or "", FailureCause.INVALID_ENTRY))
                 continue
             decide(kind, tid, handle, entry.ue_service_id, entry.credential,
-                   getattr(entry, "profile", None))
+                   getattr(entry, "profile", None), getattr(entry, "release", None))
 
     def _decide(
         self, kind: Procedure, tid: int, handle: object, uid: str, credential: bytes | None,
-        profile: Any,
+        profile: Any, release: int | None = None,
     ) -> None:
         """The rules that need only provisioning decide now; the rest joins this turn's batch
         for the registry port (`_submit`)."""
@@ -420,6 +441,11 @@ class GatewayConnection(asyncio.Protocol):
                 return
             stored = profile_octets(profile) if profile is not None else None
             answers.changes.append(Change(uid, True, stored))
+        elif release:
+            # v1.1 Release (docs/protocol.md §6.4): no credential; the port still refuses a UE
+            # not registered (NOT_REGISTERED) or registered through another gateway.
+            self.log.info("ue.release", gateway=policy.identity, ue=uid)
+            answers.changes.append(Change(uid, False, None, None))
         else:
             verdict = rules.deregistration(policy, proofs, uid, credential)
             answers.changes.append(Change(uid, False, None, verdict))

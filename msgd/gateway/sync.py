@@ -1,0 +1,96 @@
+"""Registry sync from the gateway's side (wire v1.1, docs/protocol.md §6.4).
+
+`compare` asks for the server's bucket digests of this gateway, lists the buckets that differ
+from the gateway's own view, and compares them UE by UE; with `repair` it then registers what
+the server lacks or holds with another profile (credentials as usual) and releases what the
+server should not hold (Release: no credential needed, §6.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from msgd.gateway.values import GatewayUe, UeResult
+from wire.constants import BUCKET_BITS_MAX
+from wire.messages import DigestRequest, ListRequest, profile_octets
+from wire.sync import bucket_of, ue_hash, xor_into
+
+
+class SyncClient(Protocol):
+    """What of a connected GatewayClient sync uses."""
+
+    async def sync_request(self, make: Any) -> Any: ...
+    async def release(self, ue_service_id: str) -> UeResult: ...
+    async def register(self, ue: GatewayUe) -> UeResult: ...
+
+
+@dataclass
+class SyncReport:
+    """UEs missing on the server, held by it but not in the gateway's set (extra), and held
+    with another profile; after a repair, `repaired` holds each repair's result and
+    `remaining` the differences still there."""
+
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    profile_differs: list[str] = field(default_factory=list)
+    buckets_listed: int = 0
+    repaired: list[UeResult] = field(default_factory=list)
+
+    @property
+    def in_sync(self) -> bool:
+        return not (self.missing or self.extra or self.profile_differs)
+
+    @property
+    def remaining(self) -> int:
+        """Differences a repair did not fix (all of them before a repair)."""
+        if not self.repaired:
+            return len(self.missing) + len(self.extra) + len(self.profile_differs)
+        return sum(1 for r in self.repaired if not r.ok)
+
+
+def local_view(ues: Iterable[GatewayUe]) -> dict[str, tuple[bytes, int]]:
+    """UE Service ID -> (ue_hash, bucket at b = 12) of the gateway's own set (§6.1)."""
+    out = {}
+    for ue in ues:
+        uid = ue.ue_service_id.encode("utf-8")
+        profile = profile_octets(ue.profile) if ue.profile is not None else None
+        out[ue.ue_service_id] = (ue_hash(uid, profile), bucket_of(uid, BUCKET_BITS_MAX))
+    return out
+
+
+async def compare(client: SyncClient, ues: Iterable[GatewayUe], *, repair: bool = False,
+                  bucket_bits: int = BUCKET_BITS_MAX) -> SyncReport:
+    """One sync: DIGEST, LIST of the differing buckets, the UE by UE comparison, repair."""
+    by_uid = {ue.ue_service_id: ue for ue in ues}
+    view = local_view(by_uid.values())
+    shift = BUCKET_BITS_MAX - bucket_bits
+    mine = bytearray(16 << bucket_bits)
+    for digest, fine in view.values():
+        xor_into(mine, fine >> shift, digest)
+    theirs = (await client.sync_request(lambda tid: DigestRequest(tid, bucket_bits))).digests
+    differing = tuple(j for j in range(1 << bucket_bits)
+                      if mine[16 * j:16 * j + 16] != theirs[16 * j:16 * j + 16])
+    report = SyncReport(buckets_listed=len(differing))
+    if not differing:
+        return report
+    wanted = frozenset(differing)
+    listed = (await client.sync_request(
+        lambda tid: ListRequest(tid, bucket_bits, differing))).entries
+    server = {e.ue_service_id: e.ue_hash for e in listed}
+    for uid, (digest, fine) in view.items():
+        if fine >> shift not in wanted:
+            continue
+        held = server.get(uid)
+        if held is None:
+            report.missing.append(uid)
+        elif held != digest:
+            report.profile_differs.append(uid)
+    report.extra = [uid for uid in server if uid not in view]
+    if repair:
+        for uid in report.missing + report.profile_differs:
+            report.repaired.append(await client.register(by_uid[uid]))
+        for uid in report.extra:
+            report.repaired.append(await client.release(uid))
+    return report

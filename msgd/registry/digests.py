@@ -1,0 +1,128 @@
+"""Per-gateway bucket digests over DURABLE registrations (wire v1.1, docs/protocol.md §6.1).
+
+Each gateway with a UE has a table of the 4 096 digests of the finest level (b = 12); a DIGEST
+REQUEST with a coarser b gets them XOR-folded (`wire.sync.fold`). A change enters the tables
+when it becomes durable (`apply`, from the registry's completion), so the digests never
+show what a success has not acknowledged: a takeover XORs the UE out of the old gateway's table
+and into the new one's, both at once.
+
+Rebuilding at start hashes every registered UE (two SHA-256 each). Measured on the 2-core
+development machine: 4.9 µs per UE in the tightest Python loop (7.8 µs through the wire.sync
+helpers), i.e. ~5 s at 1,000,000 UEs, which would break READY <= 3 s. So the rebuild runs
+AFTER open, in slices on the event loop (`rebuild_step`), over a copy of the state loaded from
+the file; durable changes that arrive meanwhile are applied at once (XOR commutes, so the
+order of the two does not matter), and a sync read waits until the rebuild is done.
+
+A table is a list of 4 096 Python ints (XOR of ints is what makes the rebuild 4.9 µs and not
+7.8): ~180 KiB per gateway rather than the 64 KiB of its octets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from hashlib import sha256
+
+from msgd.registry.blobs import Op, Value
+from wire.constants import BUCKET_BITS_MAX, DIGEST_SIZE
+from wire.sync import FINE_BUCKETS, fold
+
+_DOMAIN = b"MSGin5G-SYNC/1\x00"  # wire.sync.ue_hash's, inlined below for speed
+_SHIFT = 16 - BUCKET_BITS_MAX
+REBUILD_SLICE = 20_000  # UEs hashed per loop turn while rebuilding (~0.1 s)
+
+
+def _split(value: Value) -> tuple[str, bytes | None]:
+    if value.__class__ is str:
+        return value, None  # type: ignore[return-value]
+    return value[0], value[1]  # type: ignore[index]
+
+
+def hash_ue(uid: str, profile: bytes | None) -> tuple[int, bytes]:
+    """(bucket at b = 12, ue_hash) of a UE: wire.sync.bucket_of / ue_hash in one go."""
+    octets = uid.encode("utf-8")
+    prefix = sha256(octets).digest()
+    form = b"" if profile is None else b"\x03" + len(profile).to_bytes(2, "big") + profile
+    digest = sha256(_DOMAIN + bytes((len(octets),)) + octets + form).digest()
+    return ((prefix[0] << 8) | prefix[1]) >> _SHIFT, digest[:DIGEST_SIZE]
+
+
+class DurableDigests:
+    """The bucket digests of every gateway, kept over durable state."""
+
+    def __init__(self, loaded: Iterable[tuple[str, Value]]) -> None:
+        self._tables: dict[str, list[int]] = {}
+        self._todo: Iterator[tuple[str, Value]] | None = iter(list(loaded))
+
+    @property
+    def ready(self) -> bool:
+        return self._todo is None
+
+    def rebuild_step(self, limit: int = REBUILD_SLICE) -> bool:
+        """Hash up to `limit` more UEs of the loaded state; True once all are done."""
+        todo = self._todo
+        if todo is None:
+            return True
+        xor = self._xor
+        for _ in range(limit):
+            item = next(todo, None)
+            if item is None:
+                self._todo = None
+                return True
+            xor(item[0], item[1])
+        return False
+
+    def apply(self, ops: Iterable[Op]) -> None:
+        """Durable changes (ue, new, old): old leaves its gateway's digest, new enters."""
+        xor = self._xor
+        for uid, new, old in ops:
+            if old is not None:
+                xor(uid, old)
+            if new is not None:
+                xor(uid, new)
+
+    def _xor(self, uid: str, value: Value) -> None:
+        gateway, profile = _split(value)
+        table = self._tables.get(gateway)
+        if table is None:
+            table = self._tables[gateway] = [0] * FINE_BUCKETS
+        bucket, digest = hash_ue(uid, profile)
+        table[bucket] ^= int.from_bytes(digest, "big")
+
+    def digests(self, gateway: str, bucket_bits: int) -> bytes:
+        """The 2^b digests of `gateway` (zeros for a gateway without UEs)."""
+        table = self._tables.get(gateway)
+        if table is None:
+            return bytes(DIGEST_SIZE << bucket_bits)
+        fine = b"".join(v.to_bytes(DIGEST_SIZE, "big") for v in table)
+        return fold(fine, bucket_bits)
+
+
+def durable_view(regs: dict[str, Value], undo: Iterable[Op]) -> Iterator[tuple[str, Value]]:
+    """The durable registrations: memory with the changes not yet durable (`undo`, oldest
+    first) taken back, without copying memory."""
+    before: dict[str, Value | None] = {}
+    for uid, _new, old in undo:
+        before.setdefault(uid, old)
+    for uid, value in regs.items():
+        if uid in before:
+            continue
+        yield uid, value
+    for uid, old in before.items():
+        if old is not None:
+            yield uid, old
+
+
+def listed(view: Iterable[tuple[str, Value]], gateway: str, bucket_bits: int,
+           buckets: Iterable[int]) -> list[tuple[str, bytes]]:
+    """(UE Service ID, ue_hash) of `gateway`'s UEs in `buckets` of level b, from `view`."""
+    wanted = frozenset(buckets)
+    shift = BUCKET_BITS_MAX - bucket_bits
+    out = []
+    for uid, value in view:
+        owner, profile = _split(value)
+        if owner != gateway:
+            continue
+        bucket, digest = hash_ue(uid, profile)
+        if bucket >> shift in wanted:
+            out.append((uid, digest))
+    return out
