@@ -110,3 +110,28 @@ async def test_bad_bucket_numbers_get_a_clear_error_and_the_session_goes_on(dep)
             assert body.endswith(bytes(16))  # an empty gateway: a zero digest
         finally:
             raw.close()
+
+
+async def test_msgctl_gateway_sync_reports_and_repairs(dep, tmp_path):
+    import io
+
+    from msgd.cli.gateway_sync import _sync
+    from msgd.cli.main import parse_args
+
+    async with running_server(dep) as server, await connect(dep, server.address) as gw:
+        assert (await gw.register(dep.ue(UIDS[0]))).ok
+        ues = tmp_path / "ues.csv"
+        ues.write_text("ue_service_id,key\n" + f"{UIDS[1]},{dep.keys[UIDS[1]].hex()}\n")
+        host, port = server.address
+        argv = ["gateway", "sync", "--server", f"{host}:{port}",
+                "--cert", str(dep.pki.gateway_cert("gw1.example")),
+                "--key", str(dep.pki.gateway_key("gw1.example")), "--ca", str(dep.pki.ca),
+                "--server-name", "localhost", "--ues", str(ues), "--json"]
+        out, err = io.StringIO(), io.StringIO()
+        assert await _sync(parse_args(argv), out, err) == 1, err.getvalue()
+        assert '"missing": ["ue-01@gw1.example"]' in out.getvalue()
+        assert '"extra": ["ue-00@gw1.example"]' in out.getvalue()
+        out = io.StringIO()
+        assert await _sync(parse_args([*argv, "--repair"]), out, err) == 0, err.getvalue()
+        assert await _sync(parse_args(argv), io.StringIO(), err) == 0
+        assert server.registry.registration(UIDS[0]) is None
