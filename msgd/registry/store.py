@@ -41,7 +41,7 @@ from typing import TypeAlias
 from msgd.errors import RegistryError
 from msgd.registry.blobs import Op, Value
 from msgd.registry.compaction import CompactionPolicy, CompactionReport, Compactor
-from msgd.registry.digests import DurableDigests, durable_view, listed
+from msgd.registry.digests import DurableDigests
 from msgd.registry.provisioning import ProvisionedUe
 from msgd.registry.provisioning_store import ProvisioningStore
 from msgd.registry.schema import SYNCHRONOUS_MODES, open_file
@@ -215,7 +215,8 @@ are in modules of their own.
     async def sync_list(self, gateway: str, bucket_bits: int,
                         buckets: tuple[int, ...]) -> list[tuple[str, bytes]]:
         """(UE Service ID, ue_hash) of `gateway`'s durable registrations in `buckets`."""
-        return listed(durable_view(self._regs, self._undo), gateway, bucket_bits, buckets)
+        await self._await_digests()
+        return self._digests.listed(self._regs, self._undo, gateway, bucket_bits, buckets)
 
     async def _await_digests(self) -> None:
         if self._digests_ready is None:
