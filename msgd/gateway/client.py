@@ -27,7 +27,7 @@ from msgd.gateway.errors import (
 )
 from msgd.gateway.procedures import Procedures, UeIterable
 from msgd.gateway.scheduler import Run, UeSource
-from msgd.gateway.sync import SyncReport, compare
+from msgd.gateway.sync import LocalView, SyncReport, compare
 from msgd.gateway.transactions import ConnectionEnding, Outstanding
 from msgd.gateway.values import Tracer, UeResult, as_failure_cause
 from msgd.log import get_logger
@@ -526,7 +526,8 @@ class GatewayClient(Procedures, asyncio.Protocol):
     async def sync(self, ues: Any, *, repair: bool = False) -> SyncReport:
         """Compare the server's registrations through us with `ues` (GatewayUe), and with
         `repair` fix the differences (msgd.gateway.sync.compare)."""
-        return await compare(self, list(ues), repair=repair)
+        return await compare(self, ues if isinstance(ues, LocalView) else list(ues),
+                             repair=repair)
 
     def _check_open(self) -> None:
         if self.hello_ack is None:

@@ -23,14 +23,11 @@ the buckets it names instead of every UE of the gateway (5 s at 1,000,000).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from hashlib import sha256
 
 from msgd.registry.blobs import Op, Value
 from wire.constants import BUCKET_BITS_MAX, DIGEST_SIZE
-from wire.sync import FINE_BUCKETS, fold
+from wire.sync import FINE_BUCKETS, FineDigests, hash_ue
 
-_DOMAIN = b"MSGin5G-SYNC/1\x00"  # wire.sync.ue_hash's, inlined below for speed
-_SHIFT = 16 - BUCKET_BITS_MAX
 REBUILD_SLICE = 20_000  # UEs hashed per loop turn while rebuilding (~0.1 s)
 
 
@@ -40,20 +37,11 @@ def _split(value: Value) -> tuple[str, bytes | None]:
     return value[0], value[1]  # type: ignore[index]
 
 
-def hash_ue(uid: str, profile: bytes | None) -> tuple[int, bytes]:
-    """(bucket at b = 12, ue_hash) of a UE: wire.sync.bucket_of / ue_hash in one go."""
-    octets = uid.encode("utf-8")
-    prefix = sha256(octets).digest()
-    form = b"" if profile is None else b"\x03" + len(profile).to_bytes(2, "big") + profile
-    digest = sha256(_DOMAIN + bytes((len(octets),)) + octets + form).digest()
-    return ((prefix[0] << 8) | prefix[1]) >> _SHIFT, digest[:DIGEST_SIZE]
-
-
 class DurableDigests:
     """The bucket digests of every gateway, kept over durable state."""
 
     def __init__(self, loaded: Iterable[tuple[str, Value]]) -> None:
-        self._tables: dict[str, list[int]] = {}
+        self._tables: dict[str, FineDigests] = {}
         self._members: dict[str, list[set[str]]] = {}
         self._todo: Iterator[tuple[str, Value]] | None = iter(list(loaded))
 
@@ -88,10 +76,10 @@ class DurableDigests:
         gateway, profile = _split(value)
         table = self._tables.get(gateway)
         if table is None:
-            table = self._tables[gateway] = [0] * FINE_BUCKETS
+            table = self._tables[gateway] = FineDigests()
             self._members[gateway] = [set() for _ in range(FINE_BUCKETS)]
         bucket, digest = hash_ue(uid, profile)
-        table[bucket] ^= int.from_bytes(digest, "big")
+        table.xor(bucket, digest)
         if enters:
             self._members[gateway][bucket].add(uid)
         else:
@@ -112,8 +100,7 @@ class DurableDigests:
         table = self._tables.get(gateway)
         if table is None:
             return bytes(DIGEST_SIZE << bucket_bits)
-        fine = b"".join(v.to_bytes(DIGEST_SIZE, "big") for v in table)
-        return fold(fine, bucket_bits)
+        return table.digests(bucket_bits)
 
 
     def listed(self, regs: dict[str, Value], undo: Iterable[Op], gateway: str,

@@ -20,7 +20,7 @@ from wire.events import (
 )
 from wire.messages import DigestRequest, ListedUe, ListRequest, decode_frames
 from wire.session import Limits, Session
-from wire.sync import digests_of, fold, ue_hash
+from wire.sync import FineDigests, bucket_of, digests_of, fold, hash_ue, ue_hash
 
 
 def _pair(sync: bool = True, gateway_frame: int = 65_535) -> tuple[Session, Session]:
@@ -143,6 +143,12 @@ def test_fold_agrees_with_hashing_at_each_level() -> None:
     for bits in (0, 1, 5, 11, 12):
         assert fold(fine, bits) == digests_of(ues, bits)
     assert ue_hash(b"a", None) != ue_hash(b"a", b"")
+    for uid, profile in ues[:50]:
+        assert hash_ue(uid.decode(), profile) == (bucket_of(uid, 12), ue_hash(uid, profile))
+    fine = FineDigests()
+    for uid, profile in ues:
+        fine.xor(*hash_ue(uid.decode(), profile))
+    assert fine.digests(5) == digests_of(ues, 5)
 
 
 def test_decode_frames_joins_a_fragmented_digest_response() -> None:
