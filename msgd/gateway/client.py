@@ -132,6 +132,8 @@ class GatewayClient(Procedures, asyncio.Protocol):
         self._singles: dict[int, tuple[asyncio.Future[UeResult], str]] = {}
         # v1.1 sync requests (msgd.gateway.sync) waiting for DigestReceived / ListReceived.
         self._sync_waiters: dict[int, asyncio.Future[Any]] = {}
+        # Protocol octets (frames, not TLS records) received and written: what a bench counts.
+        self.octets_in = self.octets_out = 0
         self.outstanding = Outstanding(self.session, is_open=lambda: self.is_open,
                                        flush=self.flush, on_end=self._maybe_close)
         self._runs: set[Run] = set()
@@ -249,6 +251,7 @@ class GatewayClient(Procedures, asyncio.Protocol):
     # --- bytes in ---------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self.octets_in += len(data)
         self.session.receive_data(data, self.loop.time())
         self._process()
 
@@ -423,6 +426,7 @@ class GatewayClient(Procedures, asyncio.Protocol):
     def flush(self) -> None:
         data = self.session.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
+            self.octets_out += len(data)
             self.transport.write(data)
 
     def _arm_timer(self) -> None:
