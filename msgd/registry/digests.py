@@ -9,9 +9,10 @@ and into the new one's, both at once.
 Rebuilding at start hashes every registered UE (two SHA-256 each). Measured on the 2-core
 development machine: 4.9 µs per UE in the tightest Python loop (7.8 µs through the wire.sync
 helpers), i.e. ~5 s at 1,000,000 UEs, which would break READY <= 3 s. So the rebuild runs
-AFTER open, in slices on the event loop (`rebuild_step`), over a copy of the state loaded from
-the file; durable changes that arrive meanwhile are applied at once (XOR commutes, so the
-order of the two does not matter), and a sync read waits until the rebuild is done.
+after READY=1 (`Registry.begin_sync_rebuild`), in slices on the event loop (`rebuild_step`),
+over a copy of the state loaded from the file; durable changes that arrive meanwhile are
+applied at once (XOR commutes, so the order of the two does not matter), and a sync read
+waits until the rebuild is done.
 
 A table is a list of 4 096 Python ints (XOR of ints is what makes the rebuild 4.9 µs and not
 7.8): ~180 KiB per gateway rather than the 64 KiB of its octets. Beside it, each gateway has
@@ -28,7 +29,9 @@ from msgd.registry.blobs import Op, Value
 from wire.constants import BUCKET_BITS_MAX, DIGEST_SIZE
 from wire.sync import FINE_BUCKETS, FineDigests, hash_ue
 
-REBUILD_SLICE = 20_000  # UEs hashed per loop turn while rebuilding (~0.1 s)
+# UEs hashed per loop turn while rebuilding: ~25 ms (~60 ms on a loaded machine), so that
+# the gateways served meanwhile wait no longer than that for a turn.
+REBUILD_SLICE = 5_000
 
 
 def _split(value: Value) -> tuple[str, bytes | None]:

@@ -128,6 +128,7 @@ are in modules of their own.
         # wire v1.1 sync: digests of durable state, rebuilt after start (digests.py says why).
         self._digests = DurableDigests(regs.items())
         self._digests_ready: asyncio.Event | None = None
+        self._rebuild_begun = False
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -192,7 +193,15 @@ are in modules of their own.
         self._loop = loop
         self._writer.start(functools.partial(loop.call_soon_threadsafe, self._drain_outbox))
         self._digests_ready = asyncio.Event()
-        loop.call_soon(self._rebuild_digests)
+
+    def begin_sync_rebuild(self) -> None:
+        """Hash the registrations loaded at open into the sync digests, in slices on the loop
+        (digests.py says why not before READY). The daemon calls it once READY=1 is sent."""
+        if self._loop is None:
+            raise RuntimeError("registry not started")
+        if not self._rebuild_begun:
+            self._rebuild_begun = True
+            self._loop.call_soon(self._rebuild_digests)
 
     def _rebuild_digests(self) -> None:
         if self._closed:
@@ -221,6 +230,7 @@ are in modules of their own.
     async def _await_digests(self) -> None:
         if self._digests_ready is None:
             raise RuntimeError("registry not started")
+        self.begin_sync_rebuild()  # (a sync read before READY=1 starts it: tests, tools)
         await self._digests_ready.wait()
 
     # -- provisioning (the store is `provisioning`) -------------------------------------------
