@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from msgd.gateway import GatewayClient
 from tests.harness import Deployment, RawGateway
 from wire.constants import ErrorCause, FailureCause, MessageType
-from wire.messages import DigestRequest, Profile, encode_message
+from wire.messages import DigestRequest, Hello, Profile, encode_message
 
 Connect = Callable[[str], Awaitable[GatewayClient]]
 UIDS = [f"ue-{n:02d}@gw1.example" for n in range(20)]
@@ -98,3 +98,8 @@ async def bad_bucket_numbers(dep: Deployment, address: tuple[str, int]) -> None:
         assert (mtype, flags, tid) == (MessageType.DIGEST_RESPONSE, 0, 3)
     finally:
         raw.close()
+
+
+def v1_hello() -> Hello:
+    """A HELLO as a v1 gateway sends it (nothing in it is v1.1)."""
+    return Hello(1, 2, node_name="v1-gateway")

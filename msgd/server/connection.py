@@ -207,6 +207,8 @@ class GatewayConnection(asyncio.Protocol):
         self._closed = True
         self._answers.drop()
         self._unfed.clear()
+        for task in self._sync_tasks:  # a LIST RESPONSE waiting for a transport now gone
+            task.cancel()
         self.server.connection_ended(self)
         if was_open and self.session is not None:
             self.log.info("connection.closed", reason=str(exc) if exc else "peer closed",

@@ -100,3 +100,30 @@ async def test_msgctl_gateway_sync_reports_and_repairs(dep, tmp_path):
         assert await _sync(parse_args([*argv[:-3], "--ues", str(bad)]), io.StringIO(),
                            err) == 2
         assert "msgctl gateway sync:" in err.getvalue()
+
+
+async def test_a_v1_gateway_never_meets_the_sync_messages(dep):
+    """The server only announces sync, with an IE a v1 gateway skips (0x1D, bit 7 clear),
+    and sends no v1.1 message to a gateway that asked nothing: a v1 session, frame by frame."""
+    from tests.harness import RawGateway
+    from wire.constants import MessageType
+    from wire.credential import compute_proof
+    from wire.ies import split_ies
+    from wire.messages import UeRegistrationRequest, encode_message
+
+    async with running_server(dep) as server:
+        raw = await RawGateway.open(dep, server.address)
+        try:
+            await raw.send(encode_message(scenarios.v1_hello()))
+            mtype, _flags, _tid, body = await raw.read_frame()
+            assert mtype == MessageType.HELLO_ACK
+            ieis = [iei for iei, _ in split_ies(body)]
+            assert ieis[-1] == 0x1D and not ieis[-1] & 0x80 and 0x1D not in ieis[:-1]
+            nonce = dict(split_ies(body))[0x11]
+            uid = UIDS[0]
+            await raw.send(encode_message(UeRegistrationRequest(
+                2, uid, compute_proof(dep.keys[uid], nonce, 1, uid))))
+            mtype, _flags, tid, _body = await raw.read_frame()
+            assert (mtype, tid) == (MessageType.UE_REGISTRATION_RESPONSE, 2)
+        finally:
+            raw.close()
