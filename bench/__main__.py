@@ -63,6 +63,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     peak = max(bulk.get("rss_peak") or 0, reg.get("rss_peak") or 0) or None
     # Request octets per registered UE on the wire: what the TLS stream ceiling is about.
     bulk_mb_s = bulk.get("request_octets", 0) / bulk["wall_s"] / MB if bulk.get("wall_s") else None
+    p99_target = round(max(10.0, 3 * fsync_p99), 1) if fsync_p99 else 10.0
     rows = [
         # key, label, value, unit, ceiling, ceiling label, target (op, number)
         ("bulk_register_per_s", "bulk registration", bulk.get("ue_per_s"), "UE/s",
@@ -77,7 +78,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
          "raw TLS 1.3 stream MB/s", None),
         ("singles_per_s", f"single registrations, {singles.get('gateways', '?')} gateways, "
          f"window {singles.get('window', '?')}", singles.get("per_s"), "reg/s", sqlite_rate,
-         "raw SQLite insert rows/s", (">=", 50_000)),
+         "raw SQLite insert rows/s", (">=", 30_000)),
         ("singles_p50_ms", "  latency p50 (saturated)", singles.get("p50_ms"), "ms", None,
          None, None),
         ("singles_p99_ms", "  latency p99 (saturated)", singles.get("p99_ms"), "ms", None,
@@ -88,18 +89,24 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
          None, None),
         ("singles_half_p50_ms", "  latency p50 at half load", half.get("p50_ms"), "ms", None,
          None, None),
+        # Issue 12: within max(10 ms, 3 x the fsync p99 of the same run).
         ("singles_half_p99_ms", "  latency p99 at half load", half.get("p99_ms"), "ms",
-         fsync_p99, "fsync p99 ms", ("<=", 10.0)),
+         fsync_p99, "fsync p99 ms", ("<=", p99_target)),
         ("singles_half_p999_ms", "  latency p99.9 at half load", half.get("p999_ms"), "ms",
          None, None, None),
         ("bulk_register_cpu_us", "  server CPU per UE, bulk registration",
-         bulk.get("server_cpu_us_per_ue"), "µs", None, None, None),
+         bulk.get("server_cpu_us_per_ue"), "µs", None, None, ("<=", 10)),
         ("bulk_deregister_cpu_us", "  server CPU per UE, bulk de-registration",
-         dereg.get("server_cpu_us_per_ue"), "µs", None, None, None),
+         dereg.get("server_cpu_us_per_ue"), "µs", None, None, ("<=", 10)),
         ("singles_cpu_us", "  server CPU per single registration",
          singles.get("server_cpu_us_per_ue"), "µs", None, None, None),
         ("rss_peak_mb", "server peak RSS", peak / MB if peak else None, "MB", None, None, None),
-        ("rss_per_registered_ue", f"RSS per registered UE at {n:,}", per_ue, "B", None, None,
+        ("rss_per_registered_ue", f"RSS per registered UE at {n:,} (the registry's share)",
+         per_ue, "B", None, None, None),
+        # Issue 12: everything the server holds at READY, divided by the UEs registered (each
+        # also provisioned, with the pool and spare UEs of the run's CSV on top).
+        ("rss_per_ue_all_included", f"RSS per provisioned + registered UE at {n:,}, all "
+         "included", reg["rss_ready"] / n if reg.get("rss_ready") else None, "B", None, None,
          ("<=", 300)),
         ("rss_growth_beyond_registry_mb", "RSS growth during the bulk beyond the registry",
          growth / MB if growth is not None else None, "MB", None, None, ("<=", 32)),

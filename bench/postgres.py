@@ -81,6 +81,14 @@ def _vacuum(dsn: str) -> float:
     return time.perf_counter() - started
 
 
+def _rows(dsn: str) -> int:
+    """Registrations in the database now: what a phase's answers claim must be there."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM msgd_registration").fetchone()[0]
+
+
 def _node_config(run: scenarios.Run, dsn: str, name: str) -> scenarios.Run:
     """A Run whose msgd.toml puts the registry in PostgreSQL, node_name `name`."""
     assert run.config_path is not None
@@ -159,14 +167,18 @@ def run_postgresql(run: scenarios.Run) -> dict[str, Any]:
         try:
             out["ready_s"] = node1.start()
             out["one_node_register"] = _bulk_on([node1], run, "register")
+            out["one_node_register"]["rows_after"] = _rows(dsn)
             out["one_node_deregister"] = _bulk_on([node1], run, "deregister")
+            out["one_node_deregister"]["rows_after"] = _rows(dsn)
             # A million dead rows and their index entries would otherwise make the next bulk
             # measure autovacuum: each phase starts from a vacuumed table (time reported).
             out["vacuum_s"] = _vacuum(dsn)
             node2.start()
             out["two_nodes_register"] = _bulk_on([node1, node2], run, "register")
+            out["two_nodes_register"]["rows_after"] = _rows(dsn)
             out["vacuum2_s"] = _vacuum(dsn)
             out["two_nodes_deregister"] = _bulk_on([node1, node2], run, "deregister")
+            out["two_nodes_deregister"]["rows_after"] = _rows(dsn)
             out["vacuum3_s"] = _vacuum(dsn)
             out["singles"] = _singles([node1, node2], run)
         finally:

@@ -17,6 +17,7 @@ Server lifetimes (each a fresh process, so one scenario's garbage does not blur 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -414,15 +415,21 @@ def summarize_profile(text: str, top: int = 15) -> dict[str, Any]:
 # --- the load generator child ----------------------------------------------------------------
 
 
+_LOADGEN_NUMBERS = itertools.count(1)
+
+
 class LoadGen:
     """`python -m bench.loadgen MODE --params FILE`: JSON lines out, one "go" line in."""
 
     def __init__(self, run: Run, server: Msgd, mode: str, **params: Any) -> None:
         params = {"host": "127.0.0.1", "port": server.port, "pki": run.pki,
                   "secret": run.secret, **params}
-        self.name = f"{mode}-{params.get('op', '')}-{int(time.time() * 1000)}"
+        # A sequence number, not the time: two generators made in the same millisecond once
+        # shared one params file, and both de-registered the same half of the two-node bulk.
+        self.name = f"{mode}-{params.get('op', '')}-{next(_LOADGEN_NUMBERS):04d}"
         path = run.dir / f"loadgen-{self.name}.json"
-        path.write_text(json.dumps(params))
+        with open(path, "x") as file:  # never another generator's file
+            file.write(json.dumps(params))
         self.stderr_path = run.dir / f"loadgen-{self.name}.err"
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(

@@ -8,6 +8,7 @@ import hmac
 from .constants import CREDENTIAL_SIZE, NONCE_SIZE, Operation
 
 _LABEL = b"MSGin5G-GW/1\x00"
+_sha256 = hashlib.sha256
 KEY_SIZE = 32
 
 
@@ -21,11 +22,20 @@ def compute_proof(key: bytes, nonce: bytes, op: Operation | int, ue_service_id: 
     return hmac.new(key, msg, hashlib.sha256).digest()
 
 
+# HMAC's pads (RFC 2104) as translation tables: `block.translate(_IPAD)` is block XOR 0x36.
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_KEY_FILL = bytes(hashlib.sha256().block_size - KEY_SIZE)
+
+
 class ProofChecker:
     """verify_proof for one session's nonce, without per-call set-up: the label, nonce and op
-    octets are joined once, and the HMAC is the one-shot `hmac.digest` (OpenSSL's HMAC in one
-    C call; `hmac.new(...).digest()` builds two hash objects per call and cost ~1.5x more,
-    docs/performance.md)."""
+    octets are joined once, and the HMAC is written out as RFC 2104 defines it, two SHA-256
+    calls over the padded key. Measured on the benchmark VM (OpenSSL 3.0): 1.3-2.1 µs per
+    proof against 2.6-4.5 µs for the one-shot `hmac.digest`, whose OpenSSL HMAC fetches and
+    sets up a MAC context per call (docs/performance.md). A 32-octet key needs no hashing
+    (RFC 2104: only keys longer than the 64-octet block are hashed first); the differential
+    test holds this equal to `hmac`."""
 
     __slots__ = ("_prefixes",)
 
@@ -40,9 +50,10 @@ class ProofChecker:
         """True when `proof` is right for `key`; compared in constant time."""
         if len(proof) != CREDENTIAL_SIZE or len(key) != KEY_SIZE:
             return False
-        expected = hmac.digest(
-            key, self._prefixes[op] + ue_service_id.encode("utf-8"), "sha256")
-        return hmac.compare_digest(expected, proof)
+        block = key + _KEY_FILL
+        inner = _sha256(block.translate(_IPAD) + self._prefixes[op]
+                        + ue_service_id.encode("utf-8")).digest()
+        return hmac.compare_digest(_sha256(block.translate(_OPAD) + inner).digest(), proof)
 
 
 def verify_proof(

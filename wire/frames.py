@@ -39,6 +39,8 @@ FRAME_HEADER = struct.Struct(
     ">" + "".join(sub.subcon.fmtstr.lstrip("<>=!") for sub in FrameHeaderStruct.subcons))
 assert FRAME_HEADER.size == FrameHeaderStruct.sizeof() == HEADER_SIZE
 
+_MORE = int(FrameFlag.MORE)
+
 # Compact the buffer once this many consumed octets sit at its front.
 _COMPACT_AT = 1 << 16
 
@@ -53,7 +55,8 @@ class FrameHeader:
 
     @property
     def more(self) -> bool:
-        return bool(self.flags & FrameFlag.MORE)
+        # An int mask: `int & FrameFlag` goes through enum.Flag's operators (~1 µs a frame).
+        return bool(self.flags & _MORE)
 
 
 def encode_frame(

@@ -516,6 +516,12 @@ def decode_body(
     message_type: MessageType, transaction_id: int, body: bytes, *, reference: bool = False
 ) -> Message:
     """Decode the body of a complete non-bulk message."""
+    if not reference:
+        fast = _FAST_REQUEST.get(message_type)
+        if fast is not None:
+            values = fast[0](body)
+            if values is not None:
+                return fast[1](transaction_id, *values, ())
     spec = MESSAGE_SPECS[message_type]
     pairs = reference_split(body) if reference else split_ies(body)
     return spec.cls(transaction_id=transaction_id, **_walk(spec, pairs, reference))
@@ -669,6 +675,18 @@ _FAST_ENTRY = {
 }
 
 
+# A single (de-)registration request has the IEs of the matching entry's value, in the same
+# order (wire-v1 §4): the entry's shortcut reads it (values as a tuple), the request is built
+# around them. tests/wire/test_differential.py holds it to the generic decoder.
+_FAST_REQUEST = {
+    MessageType.UE_REGISTRATION_REQUEST: (
+        _fast_entry_decoder(lambda *values: values, True), frozen_builder(UeRegistrationRequest)),
+    MessageType.UE_DEREGISTRATION_REQUEST: (
+        _fast_entry_decoder(lambda *values: values, False),
+        frozen_builder(UeDeregistrationRequest)),
+}
+
+
 def _entry_decoder(entry_iei: IEI) -> Any:
     """decode_entry() for one entry IEI that returns the EntryError instead of raising it."""
     spec = ENTRY_SPECS[entry_iei]
@@ -767,6 +785,62 @@ _FAST_RESPONSE = {
 }
 
 
+# A single (de-)registration response has the IEs of the matching response entry's value,
+# in the same order (wire-v1 §4; the differential test holds them equal): the same octets.
+_UID_HEAD = struct.Struct(">BH")
+_FAST_SINGLE_RESPONSE = {
+    UeRegistrationResponse: _FAST_RESPONSE[RegistrationResponseEntry][1:],
+    UeDeregistrationResponse: _FAST_RESPONSE[DeregistrationResponseEntry][1:],
+}
+
+
+def _result_encoder(cls: type) -> Callable[[str, int | None, int | None], bytes]:
+    """(UE Service ID, failure cause or None, Retry after or None) -> the response entry IE
+    of `cls`, as encode_entry(cls(...)) gives it; without building the entry on the common
+    path (no Retry after, a valid UE Service ID): the bulk answers' hot path."""
+    iei, success, failure = _FAST_RESPONSE[cls]
+    build = frozen_builder(cls)
+    head = _RESPONSE_HEAD.pack
+
+    def encode(ue_service_id: str, cause: int | None, retry_after: int | None) -> bytes:
+        if retry_after is None:
+            uid = octets_or_none(ue_service_id, 1, UE_SERVICE_ID_MAX)
+            if uid is not None:
+                n = len(uid)
+                if cause is None:
+                    return head(iei, n + 7, _UID, n) + uid + success
+                if 0 <= cause <= 0xFF:
+                    return head(iei, n + 11, _UID, n) + uid + failure[cause]
+        result = Result.SUCCESS if cause is None else Result.FAILURE
+        return encode_entry(build(ue_service_id, result, cause, retry_after))
+
+    return encode
+
+
+# Per bulk response entry IEI: what Session.send_bulk_results encodes its answers with.
+RESULT_ENCODERS = {
+    IEI.REGISTRATION_RESPONSE_ENTRY: _result_encoder(RegistrationResponseEntry),
+    IEI.DEREGISTRATION_RESPONSE_ENTRY: _result_encoder(DeregistrationResponseEntry),
+}
+
+
+def _fast_single_response(message: Any) -> bytes | None:
+    """The body of the common single response (no Retry after, no unknown IE), or None."""
+    fast = _FAST_SINGLE_RESPONSE.get(message.__class__)
+    if fast is None or message.retry_after is not None or message.unknown_ies:
+        return None
+    uid = octets_or_none(message.ue_service_id, 1, UE_SERVICE_ID_MAX)
+    if uid is None:
+        return None
+    success, failure = fast
+    result, cause = message.result, message.failure_cause
+    if result == 0 and cause is None:
+        return _UID_HEAD.pack(_UID, len(uid)) + uid + success
+    if result == 1 and cause is not None and 0 <= cause <= 0xFF:
+        return _UID_HEAD.pack(_UID, len(uid)) + uid + failure[cause]
+    return None
+
+
 def encode_message(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
     """Encode a whole message as frames (bulk messages are split to fit `max_frame_size`)."""
     if isinstance(message, BulkMessage):
@@ -779,7 +853,9 @@ def encode_message(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_
             message.transaction_id, message.bucket_bits, message.digests,
             max_frame_size=max_frame_size))
     message_type = MESSAGE_CLASSES[type(message)]
-    body = encode_group(MESSAGE_SPECS[message_type], message)
+    body = _fast_single_response(message)
+    if body is None:
+        body = encode_group(MESSAGE_SPECS[message_type], message)
     if len(body) > max_frame_size:
         raise LocalProtocolError(f"{message_type.name}: body of {len(body)} octets too large")
     return encode_frame(message_type, message.transaction_id, body)

@@ -84,6 +84,7 @@ from .frames import FrameBuffer, FrameHeader
 from .messages import (
     ENTRY_DECODERS,
     ENTRY_IEI_OF,
+    RESULT_ENCODERS,
     Error,
     Goodbye,
     Hello,
@@ -1304,12 +1305,40 @@ class Session:
     ) -> bool:
         """send_bulk_entry for several entries in order, with the transaction's checks and
         state change done once (the server answers a batch of entries in one call)."""
+        txn = self._bulk_out(transaction_id, len(entries), handle)
+        if txn is None:
+            return False
+        entry_iei = txn.writer.entry_iei
+        for entry in entries:
+            if ENTRY_IEI_OF.get(type(entry)) is not entry_iei:
+                raise LocalProtocolError(f"{type(entry).__name__} does not belong in this bulk")
+        self._add_bulk_ies(txn, [encode_entry(entry) for entry in entries])
+        return True
+
+    def send_bulk_results(
+        self, transaction_id: int, results: Sequence[tuple[str, int | None, int | None]],
+        handle: object = None,
+    ) -> bool:
+        """send_bulk_entries for a bulk response given as (UE Service ID, failure cause or
+        None, Retry after or None) per entry: no entry object is built on the common path
+        (wire.messages.RESULT_ENCODERS)."""
+        txn = self._bulk_out(transaction_id, len(results), handle)
+        if txn is None:
+            return False
+        encode = RESULT_ENCODERS.get(txn.writer.entry_iei)
+        if encode is None:
+            raise LocalProtocolError(f"transaction {transaction_id} is not a bulk response")
+        self._add_bulk_ies(txn, [encode(uid, cause, retry) for uid, cause, retry in results])
+        return True
+
+    def _bulk_out(self, transaction_id: int, count: int, handle: object) -> _Txn | None:
+        """The bulk transaction `count` more entries go out on, its writer begun; None when
+        it has ended (or `handle` no longer names it)."""
         txn = self._txns.get(transaction_id)
         if txn is None or txn.state is _DISCARDING or (handle is not None and txn is not handle):
-            return False
+            return None
         if not txn.is_bulk:
             raise LocalProtocolError(f"transaction {transaction_id} is not a bulk")
-        count = len(entries)
         if self._is_server:
             if txn.in_count < 0:
                 raise LocalProtocolError("answering a bulk before its count arrived")
@@ -1320,18 +1349,17 @@ class Session:
                 self._begin_bulk_out(txn)
         elif txn.out_sent + count > txn.out_count:
             raise LocalProtocolError("more entries than the bulk announced")
-        writer = txn.writer
-        assert writer is not None
-        entry_iei = writer.entry_iei
-        add = writer.add
+        return txn
+
+    def _add_bulk_ies(self, txn: _Txn, ies: list[bytes]) -> None:
+        """Queue encoded entry IEs on the transaction's writer; the state change they make."""
+        add = txn.writer.add
         out = self._out
-        for entry in entries:
-            if ENTRY_IEI_OF.get(type(entry)) is not entry_iei:
-                raise LocalProtocolError(f"{type(entry).__name__} does not belong in this bulk")
-            frame = add(encode_entry(entry))
+        for ie in ies:
+            frame = add(ie)
             if frame is not None:
                 out.append(frame)
-        sent = txn.out_sent = txn.out_sent + count
+        sent = txn.out_sent = txn.out_sent + len(ies)
         if self._is_server:
             state = txn.state
             if state is _FAILED_RECEIVING or state is _FAILED_ANSWERING:
@@ -1352,7 +1380,6 @@ class Session:
             self._flush_bulk(txn, final=True)
         else:
             self._dirty.add(txn)
-        return True
 
     def _finish_response(self, txn: _Txn) -> None:
         if txn.writer is None:

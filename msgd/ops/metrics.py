@@ -184,6 +184,7 @@ class Metrics:
         ProcessCollector(registry=r)
 
         self._children: dict[tuple[int, Any], Any] = {}
+        self._message_children: dict[str, Any] = {}
         self._bulk_children = {kind: self.bulk_entries.labels(kind.label)
                                for kind in Procedure if kind.is_bulk}
         for kind, name in zip(Procedure, PROCEDURES, strict=True):
@@ -217,7 +218,11 @@ class Metrics:
         self.bulk_transactions.labels(PROCEDURES[kind]).inc()
 
     def message(self, type_name: str) -> None:
-        self.messages.labels(type_name).inc()
+        # Children kept: labels() takes a lock and builds a key per call, once per message.
+        child = self._message_children.get(type_name)
+        if child is None:
+            child = self._message_children[type_name] = self.messages.labels(type_name)
+        child.inc()
 
     def protocol_error(self, cause: ErrorCause) -> None:
         self.protocol_errors.labels(cause.name).inc()

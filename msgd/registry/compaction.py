@@ -6,35 +6,39 @@ journal row `covered` (the last row committed when it begins) from the file alon
 from memory:
 
 1. it deletes what an earlier compaction or clean-up left unfinished (garbage);
-2. it folds the journal rows (snapshot_seq, covered] into `changes`, each UE's latest value
-   (None: de-registered); memory holds only those UEs, not the registry;
-3. it streams the live snapshot chunk by chunk, drops the UEs `changes` names, and writes the
-   rest as new chunks numbered after every chunk in the table, then the UEs `changes`
-   registers;
+2. a worker process (`compaction_worker`) folds the journal rows (snapshot_seq, covered]
+   into each UE's latest value, streams the live snapshot with the UEs the fold names
+   taken out, and sends the new chunks, then the UEs the fold registers;
+3. the writer thread inserts each chunk, numbered after every chunk in the table;
 4. in ONE transaction it points `meta` at the new chunks, with snapshot_seq = covered;
 5. it deletes the old chunks and the journal rows up to `covered` (now garbage).
 
 So the new snapshot is exactly what a load would compute from rows up to `covered`, whatever
 the daemon does meanwhile: later commits land in rows after `covered`, which stay and are
-replayed on top, and a commit that fails never reaches the rows it reads. A kill -9 at any
+replayed on top, and a commit that fails never reaches the rows read. A kill -9 at any
 instant leaves either the old `meta` (the new chunks are garbage) or the new one (the old
 chunks and rows are garbage), and loads ignore garbage.
 
-Every step runs on the writer thread between group commits (`Writer._step`: a batch, then one
-step) and is bounded: it stops after STEP_BUDGET seconds of work or one chunk written, and
-each write is its own short transaction, so a commit that arrives during a step waits for at
-most about one commit's time, and the event loop only for the GIL slices of that step.
-Policy (`CompactionPolicy`): begin when the live journal holds at least `journal_changes`
-changes and at least `journal_ratio` times the registered UEs, and `min_interval` seconds
-after the previous one ended. docs/registry.md ("Online compaction") has the measurements.
+The worker holds the CPU work (seconds of Python for a million registrations, which in this
+process the GIL would take from the event loop) and the fold's memory. Every step on the
+writer thread is small (one chunk insert, one delete of about 1 MiB, the switch) and runs
+between group commits (`Writer._step`: a batch, then one step), so a commit waits for at
+most about one commit's time. Policy (`CompactionPolicy`): begin when the live journal
+holds at least `journal_changes` changes and at least `journal_ratio` times the registered
+UEs, `min_interval` seconds after the previous one ended. docs/registry.md ("Online
+compaction") has the measurements.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
+import json
 import logging
+import os
+import queue
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,26 +47,19 @@ from pathlib import Path
 from typing import Any
 
 from msgd.errors import RegistryError
-from msgd.registry.blobs import (
-    Value,
-    decode_gateway_names,
-    decode_snapshot_chunk,
-    encode_gateway_names,
-    encode_snapshot_chunk,
-    fold_journal,
-)
+from msgd.registry.blobs import decode_gateway_names
+from msgd.registry.compaction_worker import COUNT, FRAME
 from msgd.registry.snapshot import JournalSize, live_range
 from msgd.registry.sql import describe, one_line, rollback_quietly
 
-__all__ = ["COMPACT_CHUNK", "STEP_BUDGET", "CompactionPolicy", "CompactionReport", "Compactor"]
+__all__ = ["CompactionPolicy", "CompactionReport", "Compactor"]
 
 log = logging.getLogger("msgd.registry")
 
-COMPACT_CHUNK = 4_096  # registrations per chunk written online (~0.5 ms to encode)
-STEP_BUDGET = 0.001  # seconds of work after which a step ends (a commit may be waiting)
 DELETE_OCTETS = 1 << 20  # garbage deleted per step: freeing pages reads overflow chains
 FAILURE_BACKOFF = 10.0  # seconds before an automatic retry after a failed compaction
-_SLICE = 1_024  # entries filtered between budget checks
+_WAIT = object()  # yielded by a step that waits for the worker
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # where `msgd` was imported from
 
 
 @dataclass(frozen=True)
@@ -129,7 +126,6 @@ class Compactor:
         wake: threading.Event,
         garbage: bool,
         synchronous: str = "full",
-        changes_waiting: Callable[[], bool] = lambda: False,
     ) -> None:
         self.conn = conn
         self._synchronous = synchronous.upper()
@@ -140,18 +136,18 @@ class Compactor:
         self._journal_seq = journal_seq
         self.journal = journal
         self._registered = registered
-        self._changes_waiting = changes_waiting
         self._wake = wake
         self._requests: list[concurrent.futures.Future[CompactionReport]] = []
         self._requests_lock = threading.Lock()
 
         # Writer-thread state.
-        self._job: Iterator[None] | None = None
+        self._job: Iterator[object] | None = None
+        self._blocked = False  # the last step waits for the worker
+        self._worker: _Worker | None = None
         self._report: CompactionReport | None = None
         self._waiting: list[concurrent.futures.Future[CompactionReport]] = []
         self._due: str | None = "cleanup" if garbage else None
         self._not_before = 0.0  # monotonic: no automatic start before this
-        self._step_started = 0.0
         self._started = 0.0
 
         # Shown to other threads (each a single attribute store).
@@ -193,8 +189,10 @@ class Compactor:
             self._due = None
 
     def ready(self) -> bool:
-        """Whether step() has work now."""
-        return self._job is not None or self._due is not None or bool(self._requests)
+        """Whether step() has work now (not while it only waits for the worker)."""
+        if self._job is not None:
+            return not self._blocked or (self._worker is not None and self._worker.ready())
+        return self._due is not None or bool(self._requests)
 
     def step(self) -> None:
         """One bounded step: begin a compaction, advance it, or end it."""
@@ -203,7 +201,7 @@ class Compactor:
         job = self._job
         report = self._report
         assert job is not None and report is not None
-        self._step_started = started = time.perf_counter()
+        started = time.perf_counter()
         conn = self.conn
         # No fsync of its own: the next group commit syncs the WAL, and the WAL's frames
         # before it with it; until then a power loss can only lose compaction work, and
@@ -212,7 +210,7 @@ class Compactor:
         try:
             if relaxed:
                 conn.execute("PRAGMA synchronous = NORMAL")
-            next(job)
+            self._blocked = next(job) is _WAIT
         except StopIteration:
             self._end(None)
         except sqlite3.Error as exc:
@@ -236,7 +234,7 @@ class Compactor:
         """The writer stops: drop the compaction in progress (its chunks are garbage that the
         next compaction deletes) and fail whoever waits for one."""
         if self._job is not None:
-            self._job.close()
+            self._job.close()  # closes its worker too (the generator's finally)
             rollback_quietly(self.conn, self.path)
             self._job = None
             self.running = False
@@ -276,6 +274,7 @@ class Compactor:
         report.error = error
         report.seconds = time.monotonic() - self._started
         self._job = None
+        self._blocked = False
         self._report = None
         self.running = False
         self.phase = "idle"
@@ -309,14 +308,9 @@ class Compactor:
             else:
                 future.set_exception(RegistryError(f"registry compaction failed: {error}"))
 
-    def _spent(self) -> bool:
-        """Whether the step should end after the unit of work just done: its budget is used,
-        or changes wait to be committed (each step still does at least one unit)."""
-        return (time.perf_counter() - self._step_started >= STEP_BUDGET
-                or self._changes_waiting())
-
-    def _run(self, report: CompactionReport, *, fold: bool) -> Iterator[None]:
-        """The compaction as a generator: each `yield` ends a step (see the module doc).
+    def _run(self, report: CompactionReport, *, fold: bool) -> Iterator[object]:
+        """The compaction as a generator: each `yield` ends a step, `yield _WAIT` one that
+        waits for the worker (see the module doc).
 
 Long on purpose: the steps share the fold's local state (the seq it started from, the
 chunks written so far), and a yield between them is what lets group commits run between
@@ -331,64 +325,47 @@ steps; split into functions, that state would have to live on an object."""
         report.covered_seq = covered
         if covered <= snapshot_seq:
             return  # nothing to fold
-        (names_blob,) = conn.execute(
-            "SELECT value FROM meta WHERE key = 'snapshot_gateways'").fetchone()
-        names = decode_gateway_names(names_blob)
 
-        # 2. Fold the journal rows the new snapshot will cover.
+        # 2-3. The worker folds and encodes; this thread inserts what it sends.
         self.phase = "fold"
-        changes: dict[str, Value | None] = {}
-        seq = snapshot_seq
-        while seq < covered:
-            row = conn.execute(
-                "SELECT seq, ops FROM journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT 1",
-                (seq, covered)).fetchone()
-            if row is None:
-                break
-            seq, blob = row
-            for folded in fold_journal(blob, changes, names):
-                report.changes_folded += folded
-                if self._spent():
-                    yield
-            report.journal_rows_folded += 1
-            report.journal_octets_folded += len(blob)
-        # Rows committed after `covered` name gateways from index len(names) on: the new
-        # snapshot's table is exactly the one a load has after replaying up to `covered`.
-        gw_index = {name: index for index, name in enumerate(names)}
-
-        # 3. The live snapshot without the UEs folded, then the UEs the fold registers.
-        self.phase = "write"
         (base,) = conn.execute("SELECT coalesce(max(chunk) + 1, 0) FROM snapshot").fetchone()
-        out = _Chunk(self, base, gw_index, report)
-        for chunk in range(first, end):
-            (blob,) = conn.execute("SELECT data FROM snapshot WHERE chunk = ?",
-                                   (chunk,)).fetchone()
-            keys, values = decode_snapshot_chunk(blob, names)
-            yield
-            for at in range(0, len(keys), _SLICE):
-                part = keys[at:at + _SLICE]
-                kept = [key not in changes for key in part]
-                out.keys.extend(itertools.compress(part, kept))
-                out.values.extend(itertools.compress(values[at:at + _SLICE], kept))
-                if out.full():
-                    yield  # the encoding and the insert get a step of their own
-                    out.flush()
+        worker = _Worker(self.path, (snapshot_seq, first, end, covered), self._wake)
+        self._worker = worker
+        try:
+            chunk_no = base
+            while True:
+                frame = worker.take()
+                if frame is None:
+                    yield _WAIT
+                    continue
+                kind, payload = frame
+                if kind == b"C":
+                    self.phase = "write"
+                    (count,) = COUNT.unpack_from(payload)
+                    data = payload[COUNT.size:]
+                    conn.execute("INSERT INTO snapshot(chunk, data) VALUES (?, ?)",
+                                 (chunk_no, data))
+                    self.wrote(len(data))
+                    chunk_no += 1
+                    report.registrations += count
+                    report.chunks_written += 1
                     yield
-                elif self._spent():
-                    yield
-        for key, value in changes.items():
-            if value is not None:
-                out.keys.append(key)
-                out.values.append(value)
-                if out.full():
-                    yield
-                    out.flush()
-                    yield
-        if out.keys:
-            yield
-            out.flush()
-        chunk_no = out.next_chunk
-        yield
+                elif kind == b"E":
+                    summary = json.loads(payload)
+                    break
+                else:
+                    raise RegistryError(f"compaction worker failed: {worker.failure()}")
+        finally:
+            worker.close()
+            self._worker = None
+        if (summary["registrations"], summary["chunks"]) != (report.registrations,
+                                                             report.chunks_written):
+            raise RegistryError("compaction worker: its summary does not match its chunks")
+        report.changes_folded = summary["changes"]
+        report.journal_rows_folded = summary["rows"]
+        report.journal_octets_folded = summary["octets"]
+        names_blob = bytes.fromhex(summary["names"])
+        decode_gateway_names(names_blob)  # a table this msgd reads, or the switch fails
 
         # 4. The switch: one transaction makes the new snapshot the live one.
         self.phase = "switch"
@@ -400,7 +377,7 @@ steps; split into functions, that state would have to live on an object."""
             [
                 ("snapshot_seq", covered),
                 ("snapshot_count", report.registrations),
-                ("snapshot_gateways", encode_gateway_names(names)),
+                ("snapshot_gateways", names_blob),
                 ("snapshot_chunk_first", base),
                 ("snapshot_chunk_end", chunk_no),
             ],
@@ -410,7 +387,6 @@ steps; split into functions, that state would have to live on an object."""
         journal.changes -= report.changes_folded
         journal.rows -= report.journal_rows_folded
         journal.octets -= report.journal_octets_folded
-        del changes
         yield
 
         # 5. The old chunks and the folded rows are garbage now.
@@ -450,32 +426,85 @@ steps; split into functions, that state would have to live on an object."""
             yield
 
 
-class _Chunk:
-    """The registrations of the next new chunk, as parallel lists (no pair tuples)."""
+class _Worker:
+    """The compaction worker process (`compaction_worker`), and a thread that reads its
+    frames into a small queue (the pipe and the queue hold back a worker that runs ahead of
+    the inserts) and wakes the writer for each."""
 
-    def __init__(self, compactor: Compactor, first: int, gw_index: dict[str, int],
-                 report: CompactionReport) -> None:
-        self.compactor = compactor
-        self.next_chunk = first
-        self.gw_index = gw_index
-        self.report = report
-        self.keys: list[str] = []
-        self.values: list[Value] = []
+    def __init__(self, path: Path, numbers: tuple[int, int, int, int],
+                 wake: threading.Event) -> None:
+        env = dict(os.environ)
+        # The child imports msgd from where this msgd was imported, however it was started.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(_PACKAGE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "msgd.registry.compaction_worker", str(path),
+             *map(str, numbers)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # Its own session: a Ctrl-C meant for msgd must not kill it mid-way (msgd's close
+            # does); it dies with the writer thread that started it (PR_SET_PDEATHSIG).
+            close_fds=True, start_new_session=True, env=env)
+        self._wake = wake
+        self._frames: queue.Queue[tuple[bytes, bytes]] = queue.Queue(maxsize=8)
+        self._closing = False
+        self._thread = threading.Thread(target=self._read, name="msgd-registry-compaction",
+                                        daemon=True)
+        self._thread.start()
 
-    def full(self) -> bool:
-        return len(self.keys) >= COMPACT_CHUNK
+    def _read(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        try:
+            while True:
+                head = stdout.read(FRAME.size)
+                if len(head) < FRAME.size:
+                    break
+                kind, size = FRAME.unpack(head)
+                payload = stdout.read(size)
+                if len(payload) < size:
+                    break
+                self._put((kind, payload))
+        except (OSError, ValueError):
+            pass  # closed under us by close(): nobody waits for more
+        self._put((b"", b""))  # the end of the stream (after an E frame, or instead of it)
 
-    def flush(self) -> None:
-        """Write (at most COMPACT_CHUNK of) what is gathered as chunk `next_chunk`."""
-        keys, values = self.keys[:COMPACT_CHUNK], self.values[:COMPACT_CHUNK]
-        del self.keys[:COMPACT_CHUNK], self.values[:COMPACT_CHUNK]
-        data = encode_snapshot_chunk(keys, values, self.gw_index)
-        self.compactor.conn.execute("INSERT INTO snapshot(chunk, data) VALUES (?, ?)",
-                                    (self.next_chunk, data))
-        self.compactor.wrote(len(data))
-        self.next_chunk += 1
-        self.report.registrations += len(keys)
-        self.report.chunks_written += 1
+    def _put(self, frame: tuple[bytes, bytes]) -> None:
+        while not self._closing:
+            try:
+                self._frames.put(frame, timeout=0.1)
+            except queue.Full:
+                continue
+            self._wake.set()
+            return
+
+    def ready(self) -> bool:
+        return not self._frames.empty()
+
+    def take(self) -> tuple[bytes, bytes] | None:
+        try:
+            return self._frames.get_nowait()
+        except queue.Empty:
+            return None
+
+    def failure(self) -> str:
+        """Why the worker ended without its summary: its stderr, or its exit status."""
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            return "it stopped answering"
+        assert self.proc.stderr is not None
+        text = one_line(self.proc.stderr.read().decode(errors="replace"))[:300]
+        return text or f"exit status {self.proc.returncode}"
+
+    def close(self) -> None:
+        self._closing = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._thread.join()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def _within(rows: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -109,8 +109,7 @@ are in modules of their own.
         self._compactor = Compactor(
             conn, path, journal_seq=lambda: writer.journal_seq, journal=writer.journal,
             registered=regs.__len__, policy=compaction, wake=writer.wake,
-            garbage=state.garbage, synchronous=synchronous,
-            changes_waiting=writer.ops.__len__)
+            garbage=state.garbage, synchronous=synchronous)
         writer.compactor = self._compactor
 
         # Loop-thread state.

@@ -15,13 +15,7 @@ from typing import Any
 from msgd.procedures import Procedure
 from msgd.registry.port import Change, Outcome, Registrar
 from wire.constants import FailureCause, Result
-from wire.messages import (
-    DeregistrationResponseEntry,
-    RegistrationResponseEntry,
-    UeDeregistrationResponse,
-    UeRegistrationResponse,
-    frozen_builder,
-)
+from wire.messages import UeDeregistrationResponse, UeRegistrationResponse
 from wire.session import Session
 
 __all__ = ["DECIDED", "AnswerQueue"]
@@ -32,11 +26,6 @@ DECIDED: Any = object()
 _RESPONSE = {
     Procedure.REGISTRATION: UeRegistrationResponse,
     Procedure.DEREGISTRATION: UeDeregistrationResponse,
-}
-# Built without the frozen __init__ (one per answered entry; wire.messages.frozen_builder).
-_ENTRY = {
-    Procedure.BULK_REGISTRATION: frozen_builder(RegistrationResponseEntry),
-    Procedure.BULK_DEREGISTRATION: frozen_builder(DeregistrationResponseEntry),
 }
 _FIRST_BULK = Procedure.BULK_REGISTRATION
 
@@ -115,12 +104,13 @@ class AnswerQueue:
     ) -> None:
         """Encode into `session` the answers of the decided batches at the head, in order;
         `count` those sent, by (procedure, cause actually sent), in one call. Consecutive
-        entries of one bulk go to the session in one call (send_bulk_entries)."""
+        entries of one bulk go to the session in one call, as (UE Service ID, cause, Retry
+        after) tuples: no response entry object is built (send_bulk_results)."""
         order = self._submitted
-        send_entries = session.send_bulk_entries
+        send_entries = session.send_bulk_results
         send_response = session.send_response
         tally: dict[tuple[Procedure, FailureCause | None], int] = {}
-        run: list[Any] = []  # response entries of one bulk transaction, not yet handed over
+        run: list[Any] = []  # answers of one bulk transaction, not yet handed over
         run_tid = run_handle = run_kind = None
         run_causes: list[FailureCause | None] = []
         while order:
@@ -135,23 +125,21 @@ class AnswerQueue:
                 retry = None
                 if cause is DECIDED:
                     cause, retry = next(decided)
-                if cause is None:
-                    result, cause_value = Result.SUCCESS, None
-                else:
-                    result, cause_value = Result.FAILURE, int(cause)
+                cause_value = None if cause is None else int(cause)
                 if kind >= _FIRST_BULK:
                     if run and (tid != run_tid or handle is not run_handle):
                         _send_run(send_entries, run_tid, run, run_handle, run_kind, run_causes,
                                   tally)
                         run, run_causes = [], []
                     run_tid, run_handle, run_kind = tid, handle, kind
-                    run.append(_ENTRY[kind](uid, result, cause_value, retry))
+                    run.append((uid, cause_value, retry))
                     run_causes.append(cause)
                     continue
                 if run:
                     _send_run(send_entries, run_tid, run, run_handle, run_kind, run_causes,
                               tally)
                     run, run_causes = [], []
+                result = Result.SUCCESS if cause is None else Result.FAILURE
                 if send_response(_RESPONSE[kind](tid, uid, result, cause_value, retry), handle):
                     key = (kind, cause)
                     tally[key] = tally.get(key, 0) + 1

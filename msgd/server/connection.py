@@ -67,6 +67,8 @@ EVENTS_PER_TURN = 256
 OCTETS_PER_TURN = 16 * 1024
 
 SINGLE_REG, SINGLE_DEREG, BULK_REG, BULK_DEREG = Procedure
+# A NamedTuple made from a tuple without its generated __new__ (a Python-level call).
+_new_tuple = tuple.__new__
 _KIND_OF = {
     MessageType.UE_REGISTRATION_REQUEST: SINGLE_REG,
     MessageType.UE_DEREGISTRATION_REQUEST: SINGLE_DEREG,
@@ -393,15 +395,7 @@ class GatewayConnection(asyncio.Protocol):
         handle = session.transaction(tid)
         if handle is None:  # pragma: no cover - the session delivers live requests only
             return
-        self._decide(
-            _KIND_OF[type(request).message_type],
-            tid,
-            handle,
-            request.ue_service_id,
-            request.credential,
-            getattr(request, "profile", None),
-            getattr(request, "release", None),
-        )
+        self._decide(_KIND_OF[type(request).message_type], tid, handle, (request,))
 
     def _on_sync_request(self, request: Any) -> None:
         """v1.1 DIGEST / LIST REQUEST: answered by msgd.server.sync in a task of its own."""
@@ -415,43 +409,45 @@ class GatewayConnection(asyncio.Protocol):
     def _on_bulk_entries(self, event: BulkEntriesReceived) -> None:
         tid = event.transaction_id
         kind, handle = self._bulk_kinds[tid]
-        decide = self._decide
-        for entry in event.entries:
-            if entry.__class__ is EntryError:
-                self._answers.answers.append(
-                    (tid, handle, kind, entry.ue_service_id or "", FailureCause.INVALID_ENTRY))
-                continue
-            decide(kind, tid, handle, entry.ue_service_id, entry.credential,
-                   getattr(entry, "profile", None), getattr(entry, "release", None))
+        self._decide(kind, tid, handle, event.entries)
 
-    def _decide(
-        self, kind: Procedure, tid: int, handle: object, uid: str, credential: bytes | None,
-        profile: Any, release: int | None = None,
-    ) -> None:
-        """The rules that need only provisioning decide now; the rest joins this turn's batch
-        for the registry port (`_submit`)."""
-        rules = self.server.rules
-        answers = self._answers
+    def _decide(self, kind: Procedure, tid: int, handle: object, entries: Any) -> None:
+        """The rules that need only provisioning decide a run of requests or bulk entries (each
+        with ue_service_id, credential and, registering, profile) now; the rest joins this
+        turn's batch for the registry port (`_submit`). One loop per run: what the rules look
+        up is taken once per run, not per entry (about 1 µs of a 10 µs bulk entry)."""
         policy = self.policy
         proofs = self.proofs
         assert policy is not None and proofs is not None
-        self.entries_processed += 1
-        if kind is SINGLE_REG or kind is BULK_REG:
-            cause = rules.registration(policy, proofs, uid, credential)
-            if cause is not None:
-                answers.answers.append((tid, handle, kind, uid, cause))
-                return
-            stored = profile_octets(profile) if profile is not None else None
-            answers.changes.append(Change(uid, True, stored))
-        elif release:
-            # v1.1 Release (docs/protocol.md §6.4): no credential; the port still refuses a UE
-            # not registered (NOT_REGISTERED) or registered through another gateway.
-            self.log.info("ue.release", gateway=policy.identity, ue=uid)
-            answers.changes.append(Change(uid, False, None, None))
-        else:
-            verdict = rules.deregistration(policy, proofs, uid, credential)
-            answers.changes.append(Change(uid, False, None, verdict))
-        answers.answers.append((tid, handle, kind, uid, DECIDED))
+        self.entries_processed += len(entries)
+        answer = self._answers.answers.append
+        change = self._answers.changes.append
+        registering = kind is BULK_REG or kind is SINGLE_REG
+        check = self.server.rules.registration if registering else \
+            self.server.rules.deregistration
+        for entry in entries:
+            if entry.__class__ is EntryError:
+                answer((tid, handle, kind, entry.ue_service_id or "", FailureCause.INVALID_ENTRY))
+                continue
+            uid = entry.ue_service_id
+            if not registering and entry.release:
+                # v1.1 Release (docs/protocol.md §6.4): no credential; the port still refuses
+                # a UE not registered (NOT_REGISTERED) or registered through another gateway.
+                self.log.info("ue.release", gateway=policy.identity, ue=uid)
+                change(_new_tuple(Change, (uid, False, None, None)))
+                answer((tid, handle, kind, uid, DECIDED))
+                continue
+            cause = check(policy, proofs, uid, entry.credential)
+            if registering:
+                if cause is not None:
+                    answer((tid, handle, kind, uid, cause))
+                    continue
+                profile = entry.profile
+                change(_new_tuple(Change, (
+                    uid, True, profile_octets(profile) if profile is not None else None, None)))
+            else:
+                change(_new_tuple(Change, (uid, False, None, cause)))
+            answer((tid, handle, kind, uid, DECIDED))
 
     def _submit(self) -> None:
         """Hand this turn's decisions to the registry port as one batch."""

@@ -17,11 +17,18 @@ def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _logs(run_dir: Path) -> str:
+    """The nodes' and load generators' logs, for a failure's message."""
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                     for p in sorted(run_dir.glob("**/*.log")))
+
+
 def test_quick_postgresql_benchmark_reports_every_number(tmp_path: Path) -> None:
     out = tmp_path / "quick.json"
+    (tmp_path / "run").mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--registry", "postgresql", "--quick",
-         "--dir", str(tmp_path), "--json", str(out)],
+         "--dir", str(tmp_path / "run"), "--keep", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| bulk registration, one node |" in proc.stdout
@@ -32,7 +39,10 @@ def test_quick_postgresql_benchmark_reports_every_number(tmp_path: Path) -> None
                  "two_nodes_deregister"):
         result = pg[name]
         # Every UE answered SUCCESS: a benchmark of failures would measure nothing.
-        assert (result["n"], result["ok"], result["failed"]) == (n, n, 0), (name, result)
+        assert (result["n"], result["ok"], result["failed"]) == (n, n, 0), (
+            name, result, _logs(tmp_path / "run"))
+        # What the answers claim is what the database holds.
+        assert result["rows_after"] == (n if name.endswith("_register") else 0), (name, result)
         assert _number(result["ue_per_s"]) and _number(result["server_cpu_us_per_ue"])
     singles = pg["singles"]
     assert singles["ok"] > 0 and singles["ok"] == singles["answered"], singles

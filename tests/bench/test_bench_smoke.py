@@ -22,6 +22,7 @@ TABLE_KEYS = {
     "singles_p99_ms", "singles_p999_ms", "singles_half_per_s", "singles_half_p50_ms",
     "singles_half_p99_ms", "singles_half_p999_ms", "bulk_register_cpu_us",
     "bulk_deregister_cpu_us", "singles_cpu_us", "rss_peak_mb", "rss_per_registered_ue",
+    "rss_per_ue_all_included",
     "rss_growth_beyond_registry_mb", "handshakes_per_s", "handshake_cpu_ms",
     "idle_connections", "rss_per_connection_kb", "ready_s", "ready_empty_s",
 }

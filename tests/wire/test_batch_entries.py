@@ -150,3 +150,35 @@ def test_send_bulk_entries_refuses_more_than_were_received() -> None:
         session.send_bulk_entries(tid, [RegistrationResponseEntry(f"ue-{i}", 0) for i in range(4)])
     assert session.send_bulk_entries(tid, [RegistrationResponseEntry(f"ue-{i}", 0)
                                            for i in range(3)])
+
+
+def test_send_bulk_results_is_send_bulk_entries_without_the_objects() -> None:
+    from wire.messages import RegistrationResponseEntry
+
+    # Successes, failures, a Retry after (the slow path) and a long UE Service ID.
+    results = [(f"ue-{i}" + "x" * (i % 200), None if i % 3 else 6, 700 if i % 97 == 0 else None)
+               for i in range(2000)]
+    results = [(uid, 10 if retry else cause, retry) for uid, cause, retry in results]
+    entries = [RegistrationResponseEntry(uid, 0 if cause is None else 1, cause, retry)
+               for uid, cause, retry in results]
+    objects, tid = _server_with_entries(2000)
+    assert objects.send_bulk_entries(tid, entries)
+    tuples, _ = _server_with_entries(2000)
+    assert tuples.send_bulk_results(tid, results[:1234])
+    assert tuples.send_bulk_results(tid, results[1234:])
+    assert tuples.data_to_send() == objects.data_to_send()
+    assert tuples.in_progress() == objects.in_progress() == []
+
+
+def test_send_bulk_results_refuses_what_send_bulk_entries_refuses() -> None:
+    import pytest
+
+    from wire.errors import LocalProtocolError
+
+    session, tid = _server_with_entries(3)
+    with pytest.raises(LocalProtocolError):
+        session.send_bulk_results(tid, [(f"ue-{i}", None, None) for i in range(4)])
+    with pytest.raises(LocalProtocolError):  # a UE Service ID the wire cannot carry
+        session.send_bulk_results(tid, [("", None, None)])
+    assert session.send_bulk_results(tid, [(f"ue-{i}", None, None) for i in range(3)])
+    assert session.send_bulk_results(tid + 2, [("ue-x", None, None)]) is False  # no such bulk

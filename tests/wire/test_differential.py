@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from tests.wire import strategies as ws
 from tests.wire.test_fuzz import mutated
 from wire.bulk import BULK_SPECS, BulkReader
-from wire.constants import IEI
+from wire.constants import IEI, MessageType
 from wire.errors import WireError
+from wire.frames import encode_frame
 from wire.ies import (
     IE_VALUE,
     decode_value,
@@ -29,10 +30,14 @@ from wire.ies import (
 )
 from wire.messages import (
     _FAST_ENTRY,
+    _FAST_REQUEST,
     ENTRY_DECODERS,
     ENTRY_SPECS,
     MESSAGE_SPECS,
     PROFILE_SPEC,
+    UeDeregistrationResponse,
+    UeRegistrationResponse,
+    _fast_single_response,
     decode_body,
     decode_entry,
     decode_group,
@@ -107,6 +112,25 @@ def test_message_bodies(item: tuple[Any, Any], data: st.DataObject) -> None:
     body = data.draw(st.one_of(st.just(body), mutated([body])))
     assert_same(lambda: decode_body(mtype, 5, body),
                 lambda: decode_body(mtype, 5, body, reference=True))
+
+
+SINGLE_REQUESTS = [MessageType.UE_REGISTRATION_REQUEST, MessageType.UE_DEREGISTRATION_REQUEST]
+
+
+@DIFF
+@given(st.sampled_from(SINGLE_REQUESTS).flatmap(
+    lambda t: st.tuples(st.just(t), ws.SINGLE_WITH_UNKNOWN[t])), st.data())
+def test_single_request_bodies(item: tuple[Any, Any], data: st.DataObject) -> None:
+    """The single requests' shortcut (_FAST_REQUEST) against the reference decoder."""
+    test_message_bodies.hypothesis.inner_test(item, data)
+
+
+@pytest.mark.parametrize("mtype", SINGLE_REQUESTS, ids=lambda t: t.name)
+def test_the_single_request_shortcut_is_exercised(mtype: MessageType) -> None:
+    message = MESSAGE_SPECS[mtype].cls(5, "ue-1@gw1.example", bytes(32))
+    body = encode_message(message)[12:]
+    assert _FAST_REQUEST[mtype][0](body) is not None
+    assert decode_body(mtype, 5, body) == message
 
 
 ENTRY_STRATEGIES = {
@@ -184,6 +208,38 @@ def test_fast_response_entry_encoder(entry: Any) -> None:
 
     iei = ENTRY_IEI_OF[type(entry)]
     assert encode_entry(entry) == encode_ie(iei, encode_group(ENTRY_SPECS[iei], entry))
+
+
+@DIFF
+@given(st.one_of(ws.registration_response_entries, ws.deregistration_response_entries))
+def test_result_encoders(entry: Any) -> None:
+    """Session.send_bulk_results' encoders against encode_entry of the same answer (entries
+    whose result and cause agree: the only ones an answer tuple can express)."""
+    from hypothesis import assume
+
+    from wire.messages import ENTRY_IEI_OF, RESULT_ENCODERS
+
+    assume((entry.result == 0) == (entry.failure_cause is None))
+    encode = RESULT_ENCODERS[ENTRY_IEI_OF[type(entry)]]
+    assert_same(lambda: encode(entry.ue_service_id, entry.failure_cause, entry.retry_after),
+                lambda: encode_entry(entry))
+
+
+@DIFF
+@given(st.one_of(ws.registration_responses, ws.deregistration_responses))
+def test_fast_single_response_encoder(message: Any) -> None:
+    """encode_message's shortcut for single responses against the generic encoder."""
+    message_type = type(message).message_type
+    body = encode_group(MESSAGE_SPECS[message_type], message)
+    assert encode_message(message) == encode_frame(message_type, message.transaction_id, body)
+
+
+def test_the_single_response_shortcut_is_exercised() -> None:
+    """Success and failure shapes do take the shortcut (else the test above proves little)."""
+    for cls in (UeRegistrationResponse, UeDeregistrationResponse):
+        assert _fast_single_response(cls(7, "ue-1@gw1.example", 0)) is not None
+        assert _fast_single_response(cls(7, "ue-1@gw1.example", 1, 3)) is not None
+        assert _fast_single_response(cls(7, "ue-1@gw1.example", 1, 3, 500)) is None
 
 
 @pytest.mark.parametrize("iei", list(_FAST_ENTRY), ids=lambda i: i.name)
