@@ -98,3 +98,27 @@ async def compare(client: SyncClient, ues: Iterable[GatewayUe] | LocalView, *,
         for uid in report.extra:
             report.repaired.append(await client.release(uid))
     return report
+
+
+# At most this many buckets (b = 12) are listed to settle a dropped run: ~250 UEs each at
+# 1,000,000 UEs through the gateway. More UEs in flight are simply sent again.
+SETTLE_MAX_BUCKETS = 64
+
+
+async def settle(client: SyncClient, in_flight: list[GatewayUe], registering: bool,
+                 ) -> set[str] | None:
+    """Which of the UEs a lost connection left without a result (sent, not answered) the
+    server already settled: registered through us with our profile (a registration), or no
+    longer registered through us (a de-registration). One LIST REQUEST of their buckets; None
+    when there are too many buckets to ask for. Sending a de-registration again would be
+    answered NOT_REGISTERED when the first one had been decided: this tells it apart."""
+    view = LocalView(in_flight)
+    buckets = tuple(sorted({bucket for _, bucket in view.hashes.values()}))
+    if not buckets or len(buckets) > SETTLE_MAX_BUCKETS:
+        return None
+    listed = (await client.sync_request(
+        lambda tid: ListRequest(tid, BUCKET_BITS_MAX, buckets))).entries
+    held = {e.ue_service_id: e.ue_hash for e in listed}
+    if registering:
+        return {uid for uid, (digest, _) in view.hashes.items() if held.get(uid) == digest}
+    return {uid for uid in view.hashes if uid not in held}
