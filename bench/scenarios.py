@@ -625,3 +625,37 @@ def registered(run: Run) -> dict[str, Any]:
     finally:
         out.update({f"server_{k}": v for k, v in server.stop().items()})
     return out
+
+
+def sync(run: Run) -> dict[str, Any]:
+    """Server E: every bulk UE registered; registry sync with repair of 10 differences
+    (bench/sync.py), then the full re-registration it saves, on the same server."""
+    import asyncio
+
+    from bench.sync import measure_sync
+
+    server = Msgd(run, "E-sync")
+    out: dict[str, Any] = {"ready_s": server.start()}
+    try:
+        out["registry_load_s"] = server.registry_load_s()
+        started = time.perf_counter()
+        deadline = started + 300.0
+        while "sync digests rebuilt" not in server.log_text():  # bounded poll of the log
+            if time.perf_counter() > deadline:
+                raise RuntimeError("msgd did not rebuild its sync digests within 300 s")
+            time.sleep(0.05)
+        out["digests_rebuilt_after_ready_s"] = time.perf_counter() - started
+        out["rss_ready"] = server.rss()
+        out["sync"] = asyncio.run(measure_sync(run.pki, run.secret, server.port, BULK_GATEWAY,
+                                               BULK_SEED, run.sizes.bulk_n))
+        gen = LoadGen(run, server, "bulk", op="register", n=run.sizes.bulk_n, seed=BULK_SEED,
+                      identity=BULK_GATEWAY)
+        gen.wait_for("prepared")
+        gen.send()
+        full = gen.finish()
+        out["full_reregistration"] = {k: full[k] for k in
+                                      ("n", "ok", "failed", "wall_s", "request_octets")}
+    finally:
+        out.update({f"server_{k}": v for k, v in server.stop().items()})
+    return out
+

@@ -25,3 +25,7 @@ def vectors_path() -> Path:
 VECTORS = json.loads(vectors_path().read_text())
 VALID = {v["name"]: v for v in VECTORS["valid"]}
 INVALID = {v["name"]: v for v in VECTORS["invalid"]}
+
+# msgd's wire v1.1 vectors (docs/protocol.md §6.5), written by hand beside the tests.
+V1_1 = json.loads((ROOT / "tests" / "wire" / "vectors_v1_1.json").read_text())
+V1_1_VALID = {v["name"]: v for v in V1_1["valid"]}

@@ -26,9 +26,10 @@ from .ies import KNOWN_IEIS, decode_value, encode_ie
 
 @dataclass(frozen=True)
 class BulkSpec:
-    """Bulk message layout (wire-v1 §5): indicator, Number of individual entries, entries."""
+    """Bulk message layout (wire-v1 §5): indicator, Number of individual entries, entries.
+    v1.1's LIST RESPONSE (docs/protocol.md §6.2) has the same layout without an indicator."""
 
-    indicator: IEI
+    indicator: IEI | None
     entry: IEI
 
 
@@ -41,14 +42,17 @@ BULK_SPECS: dict[MessageType, BulkSpec] = {
         IEI.BULK_DEREGISTRATION_INDICATOR, IEI.DEREGISTRATION_ENTRY),
     MessageType.BULK_DEREGISTRATION_RESPONSE: BulkSpec(
         IEI.BULK_DEREGISTRATION_RESPONSE_INDICATOR, IEI.DEREGISTRATION_RESPONSE_ENTRY),
+    MessageType.LIST_RESPONSE: BulkSpec(None, IEI.LISTED_UE),
 }
 
 
 def bulk_header_ies(message_type: MessageType, count: int) -> bytes:
     """The IEs that open a bulk message's first frame: its indicator and the number."""
     spec = BULK_SPECS[message_type]
-    return encode_ie(spec.indicator, b"\x01") + encode_ie(
-        IEI.NUMBER_OF_INDIVIDUAL_ENTRIES, count.to_bytes(4, "big"))
+    number = encode_ie(IEI.NUMBER_OF_INDIVIDUAL_ENTRIES, count.to_bytes(4, "big"))
+    if spec.indicator is None:
+        return number
+    return encode_ie(spec.indicator, b"\x01") + number
 
 
 # One entry's value -> the entry, or an EntryError (INVALID_ENTRY); never raises.
@@ -74,7 +78,8 @@ class BulkReader:
         self.spec = BULK_SPECS[message_type]
         self.entry_iei = int(self.spec.entry)
         self.type_name = message_type.name
-        self.phase = 0  # 0: expect indicator, 1: expect number, 2: entries
+        # 0: expect indicator, 1: expect number, 2: entries
+        self.phase = 0 if self.spec.indicator is not None else 1
         self.count = -1
         self.entries = 0
         self.first_frame = True

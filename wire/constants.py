@@ -39,6 +39,11 @@ class MessageType(IntEnum):
     BULK_REGISTRATION_RESPONSE = 0x15
     BULK_DEREGISTRATION_REQUEST = 0x16
     BULK_DEREGISTRATION_RESPONSE = 0x17
+    # v1.1, registry sync (docs/protocol.md §6.2).
+    DIGEST_REQUEST = 0x18
+    DIGEST_RESPONSE = 0x19
+    LIST_REQUEST = 0x1A
+    LIST_RESPONSE = 0x1B
 
 
 # The message names used by the vectors file and by logs ("UE REGISTRATION REQUEST").
@@ -57,6 +62,10 @@ MESSAGE_NAMES: dict[MessageType, str] = {
     MessageType.BULK_REGISTRATION_RESPONSE: "BULK REGISTRATION RESPONSE",
     MessageType.BULK_DEREGISTRATION_REQUEST: "BULK DE-REGISTRATION REQUEST",
     MessageType.BULK_DEREGISTRATION_RESPONSE: "BULK DE-REGISTRATION RESPONSE",
+    MessageType.DIGEST_REQUEST: "DIGEST REQUEST",
+    MessageType.DIGEST_RESPONSE: "DIGEST RESPONSE",
+    MessageType.LIST_REQUEST: "LIST REQUEST",
+    MessageType.LIST_RESPONSE: "LIST RESPONSE",
 }
 
 BULK_REQUESTS = frozenset(
@@ -69,6 +78,13 @@ BULK_MESSAGES = BULK_REQUESTS | BULK_RESPONSES
 SINGLE_REQUESTS = frozenset(
     {MessageType.UE_REGISTRATION_REQUEST, MessageType.UE_DEREGISTRATION_REQUEST}
 )
+# v1.1 (docs/protocol.md §6): met only on a session whose HELLO ACK announced Sync supported;
+# elsewhere they are unknown message types, as on a v1 server.
+SYNC_REQUESTS = frozenset({MessageType.DIGEST_REQUEST, MessageType.LIST_REQUEST})
+SYNC_RESPONSES = frozenset({MessageType.DIGEST_RESPONSE, MessageType.LIST_RESPONSE})
+SYNC_MESSAGES = SYNC_REQUESTS | SYNC_RESPONSES
+# wire-v1 §2 allows MORE on bulk messages only; v1.1 adds the two sync responses (§6.2).
+FRAGMENTED_MESSAGES = BULK_MESSAGES | SYNC_RESPONSES
 # Request type -> the response type that answers it.
 RESPONSE_TO: dict[MessageType, MessageType] = {
     MessageType.HELLO: MessageType.HELLO_ACK,
@@ -77,6 +93,8 @@ RESPONSE_TO: dict[MessageType, MessageType] = {
     MessageType.UE_DEREGISTRATION_REQUEST: MessageType.UE_DEREGISTRATION_RESPONSE,
     MessageType.BULK_REGISTRATION_REQUEST: MessageType.BULK_REGISTRATION_RESPONSE,
     MessageType.BULK_DEREGISTRATION_REQUEST: MessageType.BULK_DEREGISTRATION_RESPONSE,
+    MessageType.DIGEST_REQUEST: MessageType.DIGEST_RESPONSE,
+    MessageType.LIST_REQUEST: MessageType.LIST_RESPONSE,
 }
 
 
@@ -116,6 +134,18 @@ class IEI(IntEnum):
     DIAGNOSTIC = 0x1A
     GATEWAY_TYPE = 0x1B
     UE_AUTHENTICATION_REQUIRED = 0x1C
+    # v1.1, registry sync (docs/protocol.md §6.2).
+    SYNC_SUPPORTED = 0x1D
+    BUCKET_BITS = 0x1E
+    FIRST_BUCKET = 0x1F
+    BUCKET_DIGESTS = 0x20
+    BUCKET_LIST = 0x21
+    LISTED_UE = 0x22
+    UE_HASH = 0x23
+    # Release is IE 0x24 always sent with bit 7 (comprehension required) set, so that a v1
+    # server refuses it (UNKNOWN_MANDATORY_IE) instead of skipping it: 0xA4 is its IEI on the
+    # wire, and 0x24 alone is no known IE (docs/protocol.md §6.4).
+    RELEASE = 0xA4
     # Profile sub-IEs (inside NON_MSGIN5G_UE_PROFILE).
     UE_TYPE = 0x30
     TRIGGERING_UE_IDENTIFIER = 0x31
@@ -240,3 +270,8 @@ TRIGGERING_UE_IDENTIFIER_MAX = 64
 APPLICATION_DATA_MAX = 1024
 CREDENTIAL_SIZE = 32
 NONCE_SIZE = 32
+
+# docs/protocol.md §6.1: a gateway splits its UEs into 2^b buckets, 0 <= b <= 12.
+BUCKET_BITS_MAX = 12
+DIGEST_SIZE = 16
+UE_HASH_SIZE = 16

@@ -38,6 +38,32 @@ class RequestReceived(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SyncRequestReceived(Event):
+    """Server, v1.1: a DIGEST REQUEST or LIST REQUEST (docs/protocol.md §6.2); answer it with
+    send_digest_response() or start_list_response() / send_list_entries()."""
+
+    request: Any
+
+
+@dataclass(frozen=True, slots=True)
+class DigestReceived(Event):
+    """Gateway, v1.1: the whole DIGEST RESPONSE, its fragments joined: 2^bucket_bits digests
+    of 16 octets, bucket 0 first."""
+
+    transaction_id: int
+    bucket_bits: int
+    digests: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ListReceived(Event):
+    """Gateway, v1.1: the whole LIST RESPONSE, its fragments joined (ListedUe entries)."""
+
+    transaction_id: int
+    entries: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseReceived(Event):
     """Gateway: the answer to a single request."""
 

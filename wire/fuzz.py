@@ -217,7 +217,7 @@ def new_server(established: bool) -> Any:
         server.receive_data(encode_message(Hello(1, 2, node_name="gw1.example")), 0.0)
         server.next_event()
         server.accept_hello(server_nonce=NONCE, bulk_allowed=True,
-                            ue_authentication_required=False)
+                            ue_authentication_required=False, sync_supported=True)
         server.data_to_send()
     return server
 
@@ -225,12 +225,15 @@ def new_server(established: bool) -> Any:
 def new_gateway(established: bool) -> Any:
     """A gateway session that sent HELLO (id 1); established, it also has transactions that
     the spec vectors answer: registration 2, de-registration 4, bulk registration 6 (3
-    entries), bulk de-registration 7 (3 entries), and registration 8."""
+    entries), bulk de-registration 7 (3 entries), registration 8, and (v1.1, answered by
+    tests/wire/vectors_v1_1.json) DIGEST REQUEST 3 (b = 2) and LIST REQUEST 5."""
     from .constants import MessageType
     from .messages import (
         DeregistrationEntry,
+        DigestRequest,
         Hello,
         HelloAck,
+        ListRequest,
         RegistrationEntry,
         UeDeregistrationRequest,
         UeRegistrationRequest,
@@ -241,7 +244,8 @@ def new_gateway(established: bool) -> Any:
     gateway = Session(Role.GATEWAY, 0.0)
     gateway.send_hello(Hello(1, 2, node_name="gw1.example"))
     if established:
-        gateway.receive_data(encode_message(HelloAck(1, NONCE, 65535, 1000, 64, 30, 1, 0)), 0.0)
+        gateway.receive_data(encode_message(
+            HelloAck(1, NONCE, 65535, 1000, 64, 30, 1, 0, sync_supported=1)), 0.0)
         gateway.next_event()
         gateway.send_request(UeRegistrationRequest(2, "ue-0001@gw1.example"))
         gateway.send_request(UeDeregistrationRequest(4, "ue-0001@gw1.example"))
@@ -252,6 +256,8 @@ def new_gateway(established: bool) -> Any:
             for n in range(3):
                 gateway.send_bulk_entry(tid, cls(f"ue-{n:04d}@gw1.example"))
         gateway.send_request(UeRegistrationRequest(8, "ue-0008@gw1.example"))
+        gateway.send_request(DigestRequest(3, 2))
+        gateway.send_request(ListRequest(5, 12, (1, 2)))
     gateway.data_to_send()
     return gateway
 
@@ -260,9 +266,10 @@ def answer(session: Any, event: Any) -> None:
     """A well-behaved server user: accept, answer every request and entry at once (success,
     or INVALID_ENTRY for a malformed entry). Shared with tests/wire."""
     from .constants import FailureCause, MessageType
-    from .events import BulkEntryReceived, HelloReceived, RequestReceived
+    from .events import BulkEntryReceived, HelloReceived, RequestReceived, SyncRequestReceived
     from .messages import (
         DeregistrationResponseEntry,
+        ListedUe,
         RegistrationResponseEntry,
         UeDeregistrationResponse,
         UeRegistrationResponse,
@@ -270,7 +277,17 @@ def answer(session: Any, event: Any) -> None:
 
     if isinstance(event, HelloReceived):
         session.accept_hello(server_nonce=NONCE, bulk_allowed=True,
-                             ue_authentication_required=False)
+                             ue_authentication_required=False, sync_supported=True)
+    elif isinstance(event, SyncRequestReceived):
+        request = event.request
+        tid = request.transaction_id
+        if request.message_type is MessageType.DIGEST_REQUEST:
+            session.send_digest_response(tid, request.bucket_bits,
+                                         bytes(16 << request.bucket_bits))
+        else:
+            session.start_list_response(tid, len(request.buckets))
+            session.send_list_entries(tid, [ListedUe(f"ue-{b}", bytes(16))
+                                            for b in request.buckets])
     elif isinstance(event, RequestReceived):
         request = event.request
         cls = (UeRegistrationResponse
@@ -346,7 +363,8 @@ def _finish(session: Any) -> None:
 
 def check_sent(data: bytes) -> None:
     """Every frame we send is well-formed: a peer decodes it without error."""
-    from .constants import BULK_MESSAGES, HEADER_SIZE, MAX_FRAME_SIZE_LIMIT, MessageType
+    from .bulk import BULK_SPECS
+    from .constants import HEADER_SIZE, MAX_FRAME_SIZE_LIMIT, MessageType
     from .errors import WireError
     from .frames import check_header, decode_header
     from .ies import split_ies
@@ -367,7 +385,7 @@ def check_sent(data: bytes) -> None:
         if len(body) != length:
             raise FuzzFailure(f"we sent a frame shorter than its header {raw_header.hex()}")
         try:
-            if header.message_type in BULK_MESSAGES:
+            if header.message_type in BULK_SPECS:  # (v1.1's LIST RESPONSE too)
                 split_ies(body)
             else:
                 decode_body(MessageType(header.message_type), header.transaction_id, body)
@@ -483,8 +501,10 @@ def find_vectors(explicit: str | None = None) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
-_GATEWAY_SENDS = {0x01, 0x03, 0x04, 0x05, 0x06, 0x10, 0x12, 0x14, 0x16}
-_SERVER_SENDS = {0x02, 0x03, 0x04, 0x05, 0x06, 0x11, 0x13, 0x15, 0x17}
+_GATEWAY_SENDS = {0x01, 0x03, 0x04, 0x05, 0x06, 0x10, 0x12, 0x14, 0x16, 0x18, 0x1A}
+_SERVER_SENDS = {0x02, 0x03, 0x04, 0x05, 0x06, 0x11, 0x13, 0x15, 0x17, 0x19, 0x1B}
+# msgd's own v1.1 vectors (docs/protocol.md §6.5) seed every target beside the spec's.
+_V1_1_VECTORS = REPO / "tests" / "wire" / "vectors_v1_1.json"
 
 
 def seeds(target: str, vectors: dict[str, Any] | None) -> dict[str, bytes]:
@@ -492,9 +512,12 @@ def seeds(target: str, vectors: dict[str, Any] | None) -> dict[str, bytes]:
     from .ies import split_ies
     from .messages import ENTRY_SPECS, Hello, encode_message
 
-    valid = [(v["name"], bytes.fromhex(v["hex"])) for v in (vectors or {}).get("valid", [])]
+    sets = [vectors or {}]
+    if _V1_1_VECTORS.is_file():
+        sets.append(json.loads(_V1_1_VECTORS.read_text()))
+    valid = [(v["name"], bytes.fromhex(v["hex"])) for vs in sets for v in vs.get("valid", [])]
     invalid = [(v["name"], v["context"], bytes.fromhex(v["hex"]))
-               for v in (vectors or {}).get("invalid", [])]
+               for vs in sets for v in vs.get("invalid", [])]
     frames = [(n, d) for n, d in valid if len(d) >= 12 and d[0] == 1]
     hello = encode_message(Hello(1, 2, node_name="gw1.example"))
     out: dict[str, bytes] = {}
@@ -525,8 +548,8 @@ def seeds(target: str, vectors: dict[str, Any] | None) -> dict[str, bytes]:
         if server:
             out["before-hello"] = b"\x00\x03" + hello + b"".join(d for _, d in mine)
             for name, context, data in invalid:
-                out[f"invalid-{name}"] = (b"\x01\x02" if context == "after HELLO"
-                                          else b"\x00\x02") + data
+                established = context in ("after HELLO", "server, sync announced")
+                out[f"invalid-{name}"] = (b"\x01\x02" if established else b"\x00\x02") + data
         else:
             ack = dict(frames).get("hello_ack")
             if ack:

@@ -12,6 +12,7 @@ decoders are derived from them:
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from collections.abc import Callable
@@ -22,13 +23,16 @@ import construct as cs
 
 from .constants import (
     APPLICATION_DATA_MAX,
+    BUCKET_BITS_MAX,
     CREDENTIAL_SIZE,
     DIAGNOSTIC_MAX,
+    DIGEST_SIZE,
     IEI,
     NODE_NAME_MAX,
     NONCE_SIZE,
     PROFILE_MAX,
     TRIGGERING_UE_IDENTIFIER_MAX,
+    UE_HASH_SIZE,
     UE_SERVICE_ID_MAX,
     GatewayType,
     Result,
@@ -106,6 +110,55 @@ class OneOfValues(cs.Validator):
         return obj in self.valids
 
 
+class Records(cs.Adapter):
+    """One or more records of `size` octets, kept as the octets (Bucket digests, v1.1)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(cs.GreedyBytes)
+        self.size = size
+
+    def _decode(self, obj: bytes, context: Any, path: str) -> bytes:
+        if not obj or len(obj) % self.size:
+            raise cs.ValidationError(f"{len(obj)} octets: not n >= 1 records of {self.size}",
+                                     path=path)
+        return bytes(obj)
+
+    def _encode(self, obj: bytes, context: Any, path: str) -> bytes:
+        return self._decode(obj, context, path)
+
+
+class AscendingU16s(cs.Adapter):
+    """One or more u16, strictly ascending (Bucket list, v1.1). Whether each is below 2^b
+    depends on the message's Bucket bits and is checked with the message (messages.py)."""
+
+    def __init__(self) -> None:
+        super().__init__(cs.GreedyRange(cs.Int16ub))
+
+    def _decode(self, obj: Any, context: Any, path: str) -> tuple[int, ...]:
+        values = tuple(obj)
+        _check_ascending(values)
+        return values
+
+    def _encode(self, obj: Any, context: Any, path: str) -> list[int]:
+        values = tuple(obj)
+        _check_ascending(values)
+        return list(values)
+
+
+def _check_ascending(values: tuple[int, ...]) -> None:
+    problem = _ascending_problem(values)
+    if problem:
+        raise cs.ValidationError(problem)
+
+
+def _ascending_problem(values: tuple[int, ...]) -> str | None:
+    if not values:
+        return "empty"
+    if any(a >= b for a, b in itertools.pairwise(values)):
+        return "not strictly ascending"
+    return None
+
+
 def _one_of(subcon: cs.Construct, enum: Any) -> cs.Construct:
     return OneOfValues(subcon, frozenset(int(v) for v in enum))
 
@@ -155,6 +208,15 @@ IE_VALUE: dict[IEI, cs.Construct] = {
     IEI.COMMUNICATION_AVAILABILITY: cs.Sequence(cs.Int32ub, cs.Int32ub),
     IEI.MAXIMUM_SEGMENT_SIZE: cs.Int32ub,
     IEI.APPLICATION_DATA: BoundedBytes(APPLICATION_DATA_MAX),
+    # v1.1, registry sync (docs/protocol.md §6.2).
+    IEI.SYNC_SUPPORTED: Indicator,
+    IEI.BUCKET_BITS: OneOfValues(cs.Int8ub, frozenset(range(BUCKET_BITS_MAX + 1))),
+    IEI.FIRST_BUCKET: cs.Int16ub,
+    IEI.BUCKET_DIGESTS: Records(DIGEST_SIZE),
+    IEI.BUCKET_LIST: AscendingU16s(),
+    IEI.LISTED_UE: Grouped,
+    IEI.UE_HASH: cs.Bytes(UE_HASH_SIZE),
+    IEI.RELEASE: Indicator,
 }
 
 # wire-v1 §3: the profile is "at most 2 048 octets".
@@ -166,6 +228,7 @@ GROUPED = frozenset(
         IEI.REGISTRATION_RESPONSE_ENTRY,
         IEI.DEREGISTRATION_ENTRY,
         IEI.DEREGISTRATION_RESPONSE_ENTRY,
+        IEI.LISTED_UE,
     }
 )
 KNOWN_IEIS = frozenset(int(i) for i in IEI)
@@ -239,6 +302,10 @@ def _fast_codec(iei: IEI, c: cs.Construct) -> FastCodec:
         return _fast_bounded(name, c.max_len)
     if c is Grouped:
         return FastCodec(bytes, bytes)
+    if isinstance(c, Records):
+        return _fast_records(name, c.size)
+    if isinstance(c, AscendingU16s):
+        return _fast_ascending_u16s(name)
     raise TypeError(f"no fast codec for {name}: {c!r}")
 
 
@@ -352,6 +419,43 @@ def _fast_bounded(name: str, max_len: int) -> FastCodec:
         if len(value) > max_len:
             raise ValueError(f"IE {name}: more than {max_len} octets")
         return bytes(value)
+
+    return FastCodec(decode, encode)
+
+
+def _fast_records(name: str, size: int) -> FastCodec:
+    def decode(raw: bytes) -> bytes:
+        if not raw or len(raw) % size:
+            raise InvalidMessage(f"IE {name}: {len(raw)} octets, not n >= 1 records of {size}")
+        return bytes(raw)
+
+    def encode(value: bytes) -> bytes:
+        if not value or len(value) % size:
+            raise ValueError(f"IE {name}: {len(value)} octets, not n >= 1 records of {size}")
+        return bytes(value)
+
+    return FastCodec(decode, encode)
+
+
+def _fast_ascending_u16s(name: str) -> FastCodec:
+    def decode(raw: bytes) -> tuple[int, ...]:
+        if len(raw) % 2:
+            raise InvalidMessage(f"IE {name}: odd length {len(raw)}")
+        values = struct.unpack(f">{len(raw) // 2}H", raw)
+        problem = _ascending_problem(values)
+        if problem:
+            raise InvalidMessage(f"IE {name}: {problem}")
+        return values
+
+    def encode(value: Any) -> bytes:
+        values = tuple(value)
+        problem = _ascending_problem(values)
+        if problem:
+            raise ValueError(f"IE {name}: {problem}")
+        try:
+            return struct.pack(f">{len(values)}H", *values)
+        except struct.error as exc:
+            raise ValueError(f"IE {name}: {exc}") from exc
 
     return FastCodec(decode, encode)
 

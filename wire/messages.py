@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 from .bulk import BULK_SPECS, BulkReader, BulkWriter, EntryDecoder, bulk_header_ies
 from .constants import (
     APPLICATION_DATA_MAX,
-    BULK_MESSAGES,
+    BUCKET_BITS_MAX,
     COMPREHENSION_REQUIRED,
     CREDENTIAL_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
+    DIGEST_SIZE,
     HEADER_SIZE,
     IEI,
     PROFILE_MAX,
@@ -119,6 +120,8 @@ class RegistrationEntry:
 class DeregistrationEntry:
     ue_service_id: str
     credential: bytes | None = None
+    # v1.1 Release (docs/protocol.md §6.4): 1 asks the server to decide without a credential.
+    release: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +140,18 @@ class DeregistrationResponseEntry:
     retry_after: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ListedUe:
+    """An entry of LIST RESPONSE (v1.1, docs/protocol.md §6.2): a UE the server holds for
+    this gateway and its ue_hash (§6.1)."""
+
+    ue_service_id: str
+    ue_hash: bytes
+
+
 Entry = (
     RegistrationEntry | DeregistrationEntry
-    | RegistrationResponseEntry | DeregistrationResponseEntry
+    | RegistrationResponseEntry | DeregistrationResponseEntry | ListedUe
 )
 
 
@@ -168,6 +180,8 @@ class HelloAck:
     ue_authentication_required: int
     protocol_version: int = PROTOCOL_VERSION
     node_name: str | None = None
+    # v1.1: 1 when the server speaks registry sync (docs/protocol.md §6); a v1 server omits it.
+    sync_supported: int | None = None
     # Unknown optional IEs kept for byte-exact re-encoding: (known IEs before it, IEI, value).
     unknown_ies: tuple[tuple[int, int, bytes], ...] = ()
 
@@ -239,6 +253,8 @@ class UeDeregistrationRequest:
     transaction_id: int
     ue_service_id: str
     credential: bytes | None = None
+    # v1.1 Release (docs/protocol.md §6.4): 1 asks the server to decide without a credential.
+    release: int | None = None
     # Unknown optional IEs kept for byte-exact re-encoding: (known IEs before it, IEI, value).
     unknown_ies: tuple[tuple[int, int, bytes], ...] = ()
 
@@ -251,6 +267,44 @@ class UeDeregistrationResponse:
     result: int
     failure_cause: int | None = None
     retry_after: int | None = None
+    # Unknown optional IEs kept for byte-exact re-encoding: (known IEs before it, IEI, value).
+    unknown_ies: tuple[tuple[int, int, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DigestRequest:
+    """v1.1 (docs/protocol.md §6.2): the gateway asks for its 2^bucket_bits bucket digests."""
+
+    message_type: ClassVar[MessageType] = MessageType.DIGEST_REQUEST
+    transaction_id: int
+    bucket_bits: int
+    # Unknown optional IEs kept for byte-exact re-encoding: (known IEs before it, IEI, value).
+    unknown_ies: tuple[tuple[int, int, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DigestResponse:
+    """v1.1: one frame of DIGEST RESPONSE (the digests of buckets first_bucket ...), or, from
+    decode_frames / for encode_message, the whole response (first_bucket 0, every digest).
+    `bucket_bits` is in the first frame only. `digests` holds n x 16 octets."""
+
+    message_type: ClassVar[MessageType] = MessageType.DIGEST_RESPONSE
+    transaction_id: int
+    first_bucket: int
+    digests: bytes
+    bucket_bits: int | None = None
+    # Unknown optional IEs kept for byte-exact re-encoding: (known IEs before it, IEI, value).
+    unknown_ies: tuple[tuple[int, int, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListRequest:
+    """v1.1: the gateway asks for the UEs the server holds for it in `buckets` (of 2^b)."""
+
+    message_type: ClassVar[MessageType] = MessageType.LIST_REQUEST
+    transaction_id: int
+    bucket_bits: int
+    buckets: tuple[int, ...]
     # Unknown optional IEs kept for byte-exact re-encoding: (known IEs before it, IEI, value).
     unknown_ies: tuple[tuple[int, int, bytes], ...] = ()
 
@@ -276,6 +330,9 @@ Message = (
     | UeRegistrationResponse
     | UeDeregistrationRequest
     | UeDeregistrationResponse
+    | DigestRequest
+    | DigestResponse
+    | ListRequest
     | BulkMessage
 )
 
@@ -318,7 +375,8 @@ PROFILE_SPEC = GroupSpec(
 
 _REG = ((IEI.UE_SERVICE_ID, "ue_service_id", M), (IEI.UE_CREDENTIAL, "credential", C),
         (IEI.NON_MSGIN5G_UE_PROFILE, "profile", O))
-_DEREG = ((IEI.UE_SERVICE_ID, "ue_service_id", M), (IEI.UE_CREDENTIAL, "credential", C))
+_DEREG = ((IEI.UE_SERVICE_ID, "ue_service_id", M), (IEI.UE_CREDENTIAL, "credential", C),
+          (IEI.RELEASE, "release", O))
 _REG_RSP = ((IEI.UE_SERVICE_ID, "ue_service_id", M), (IEI.REGISTRATION_RESULT, "result", M),
             (IEI.FAILURE_CAUSE, "failure_cause", C), (IEI.RETRY_AFTER, "retry_after", O))
 _DEREG_RSP = ((IEI.UE_SERVICE_ID, "ue_service_id", M), (IEI.DEREGISTRATION_RESULT, "result", M),
@@ -333,6 +391,9 @@ ENTRY_SPECS: dict[IEI, GroupSpec] = {
         "Registration response entry", RegistrationResponseEntry, *_REG_RSP),
     IEI.DEREGISTRATION_RESPONSE_ENTRY: GroupSpec(
         "De-registration response entry", DeregistrationResponseEntry, *_DEREG_RSP),
+    IEI.LISTED_UE: GroupSpec(
+        "Listed UE", ListedUe,
+        (IEI.UE_SERVICE_ID, "ue_service_id", M), (IEI.UE_HASH, "ue_hash", M)),
 }
 ENTRY_IEI_OF: dict[type, IEI] = {spec.cls: iei for iei, spec in ENTRY_SPECS.items()}
 GROUP_SPECS: dict[IEI, GroupSpec] = {IEI.NON_MSGIN5G_UE_PROFILE: PROFILE_SPEC, **ENTRY_SPECS}
@@ -350,7 +411,7 @@ MESSAGE_SPECS: dict[MessageType, GroupSpec] = {
         (IEI.MAXIMUM_OUTSTANDING_TRANSACTIONS, "max_outstanding", M),
         (IEI.KEEPALIVE_INTERVAL, "keepalive_interval", M), (IEI.BULK_ALLOWED, "bulk_allowed", M),
         (IEI.UE_AUTHENTICATION_REQUIRED, "ue_authentication_required", M),
-        (IEI.NODE_NAME, "node_name", O)),
+        (IEI.NODE_NAME, "node_name", O), (IEI.SYNC_SUPPORTED, "sync_supported", O)),
     MessageType.KEEPALIVE: GroupSpec("KEEPALIVE", Keepalive),
     MessageType.KEEPALIVE_ACK: GroupSpec("KEEPALIVE ACK", KeepaliveAck),
     MessageType.GOODBYE: GroupSpec("GOODBYE", Goodbye, *_CAUSE),
@@ -363,6 +424,15 @@ MESSAGE_SPECS: dict[MessageType, GroupSpec] = {
         "UE DE-REGISTRATION REQUEST", UeDeregistrationRequest, *_DEREG),
     MessageType.UE_DEREGISTRATION_RESPONSE: GroupSpec(
         "UE DE-REGISTRATION RESPONSE", UeDeregistrationResponse, *_DEREG_RSP),
+    MessageType.DIGEST_REQUEST: GroupSpec(
+        "DIGEST REQUEST", DigestRequest, (IEI.BUCKET_BITS, "bucket_bits", M)),
+    # One frame of the response: Bucket bits is in the first frame only (wire/sync.py checks).
+    MessageType.DIGEST_RESPONSE: GroupSpec(
+        "DIGEST RESPONSE", DigestResponse, (IEI.BUCKET_BITS, "bucket_bits", O),
+        (IEI.FIRST_BUCKET, "first_bucket", M), (IEI.BUCKET_DIGESTS, "digests", M)),
+    MessageType.LIST_REQUEST: GroupSpec(
+        "LIST REQUEST", ListRequest, (IEI.BUCKET_BITS, "bucket_bits", M),
+        (IEI.BUCKET_LIST, "buckets", M)),
 }
 MESSAGE_CLASSES: dict[type, MessageType] = {s.cls: t for t, s in MESSAGE_SPECS.items()}
 
@@ -430,6 +500,10 @@ def _check_conditions(spec: GroupSpec, values: dict[str, Any]) -> None:
             raise InvalidMessage(f"{spec.name}: empty UE Service ID")
     elif "ue_service_id" in values and values["ue_service_id"] == "":
         raise InvalidMessage(f"{spec.name}: UE Service ID of 0 octets")
+    elif spec.cls is ListRequest and values["buckets"][-1] >> values["bucket_bits"]:
+        # docs/protocol.md §6.3: a bucket number >= 2^b (the list is ascending: the last).
+        raise InvalidMessage(f"{spec.name}: bucket {values['buckets'][-1]} >= "
+                             f"2^{values['bucket_bits']}")
 
 
 def decode_group(spec: GroupSpec, body: bytes, *, reference: bool = False) -> Any:
@@ -543,7 +617,8 @@ def _fast_profile(raw: bytes) -> Profile | None:
 
 def _fast_entry_decoder(build: Callable[..., Any], with_profile: bool) -> Callable[[bytes], Any]:
     """The shortcut for one entry IEI: UE Service ID, optional credential, then (Registration
-    entry, `with_profile`) an optional profile; `build` makes the entry."""
+    entry, `with_profile`) an optional profile; `build` makes the entry. Anything else (a
+    De-registration entry with Release, v1.1) takes the generic path."""
 
     def decode(raw: bytes) -> Any:
         n = len(raw)
@@ -571,9 +646,8 @@ def _fast_entry_decoder(build: Callable[..., Any], with_profile: bool) -> Callab
             profile = _fast_profile(raw[start:])
             if profile is None:
                 return None
-        if with_profile:
-            return build(uid, credential, profile)
-        return build(uid, credential)
+        # (A De-registration entry's third field is Release, which this shape never has.)
+        return build(uid, credential, profile)
 
     return decode
 
@@ -771,6 +845,13 @@ def encode_message(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_
     """Encode a whole message as frames (bulk messages are split to fit `max_frame_size`)."""
     if isinstance(message, BulkMessage):
         return b"".join(encode_bulk(message, max_frame_size=max_frame_size))
+    if (isinstance(message, DigestResponse) and message.bucket_bits is not None
+            and message.first_bucket == 0
+            and len(message.digests) == DIGEST_SIZE << message.bucket_bits):
+        # A whole DIGEST RESPONSE: fragmented to fit (docs/protocol.md §6.2).
+        return b"".join(encode_digest_response(
+            message.transaction_id, message.bucket_bits, message.digests,
+            max_frame_size=max_frame_size))
     message_type = MESSAGE_CLASSES[type(message)]
     body = _fast_single_response(message)
     if body is None:
@@ -780,11 +861,47 @@ def encode_message(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_
     return encode_frame(message_type, message.transaction_id, body)
 
 
+# Octets of a DIGEST RESPONSE frame around its digests: First bucket (3 + 2) and the Bucket
+# digests IE header (3); the first frame adds Bucket bits (3 + 1).
+_DIGEST_FRAME_OVERHEAD = 8
+_BUCKET_BITS_IE = 4
+_DIGESTS_PER_IE = 0xFFFF // DIGEST_SIZE
+
+
+def encode_digest_response(
+    transaction_id: int, bucket_bits: int, digests: bytes, *,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+) -> list[bytes]:
+    """The frames of a DIGEST RESPONSE (docs/protocol.md §6.2): the 2^b digests in order, as
+    many per frame as fit `max_frame_size` (and one IE's u16 length), MORE on all but the
+    last; Bucket bits in the first frame only."""
+    if not 0 <= bucket_bits <= BUCKET_BITS_MAX:
+        raise LocalProtocolError(f"bucket bits {bucket_bits} outside 0..{BUCKET_BITS_MAX}")
+    total = 1 << bucket_bits
+    if len(digests) != total * DIGEST_SIZE:
+        raise LocalProtocolError(f"{len(digests)} octets of digests for {total} buckets")
+    frames = []
+    first = 0
+    while first < total:
+        room = max_frame_size - _DIGEST_FRAME_OVERHEAD - (_BUCKET_BITS_IE if not first else 0)
+        n = min(room // DIGEST_SIZE, _DIGESTS_PER_IE, total - first)
+        if n < 1:
+            raise LocalProtocolError("no digest fits the maximum frame size")
+        fragment = DigestResponse(transaction_id, first,
+                                  digests[first * DIGEST_SIZE:(first + n) * DIGEST_SIZE],
+                                  bucket_bits if not first else None)
+        body = encode_group(MESSAGE_SPECS[MessageType.DIGEST_RESPONSE], fragment)
+        first += n
+        frames.append(encode_frame(MessageType.DIGEST_RESPONSE, transaction_id, body,
+                                   more=first < total))
+    return frames
+
+
 def encode_bulk(
     message: BulkMessage, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
 ) -> Iterator[bytes]:
     """Yield the frames of a bulk message: entries packed greedily, MORE on all but the last."""
-    if message.message_type not in BULK_MESSAGES:
+    if message.message_type not in BULK_SPECS:
         raise LocalProtocolError(f"{message.message_type!r} is not a bulk message")
     if len(message.entries) != message.count:
         raise LocalProtocolError("bulk count does not match its entries")
@@ -827,6 +944,8 @@ __all__ = [
     "BulkReader",
     "DeregistrationEntry",
     "DeregistrationResponseEntry",
+    "DigestRequest",
+    "DigestResponse",
     "Error",
     "ErrorCause",
     "Goodbye",
@@ -834,6 +953,8 @@ __all__ = [
     "HelloAck",
     "Keepalive",
     "KeepaliveAck",
+    "ListRequest",
+    "ListedUe",
     "Message",
     "Profile",
     "RegistrationEntry",
@@ -848,6 +969,7 @@ __all__ = [
     "decode_group",
     "decode_profile",
     "encode_bulk",
+    "encode_digest_response",
     "encode_entry",
     "encode_frame",
     "encode_message",
@@ -866,6 +988,7 @@ def decode_frames(data: bytes, *, max_frame_size: int = 16_777_215) -> list[Mess
     buf.feed(data)
     out: list[Message] = []
     bulks: dict[int, tuple[BulkReader, list[Any], int]] = {}
+    digests: dict[int, tuple[list[DigestResponse], int]] = {}
     while len(buf):
         header = buf.read_header()
         if header is None:
@@ -879,7 +1002,12 @@ def decode_frames(data: bytes, *, max_frame_size: int = 16_777_215) -> list[Mess
             from .errors import UnknownMessageType
 
             raise UnknownMessageType(f"message type 0x{header.message_type:02x}") from exc
-        if mtype not in BULK_MESSAGES:
+        if mtype is MessageType.DIGEST_RESPONSE and (header.more or header.transaction_id
+                                                     in digests):
+            _join_digest_fragment(out, digests, header.transaction_id, header.more,
+                                  decode_body(mtype, header.transaction_id, body))
+            continue
+        if mtype not in BULK_SPECS:
             if header.more:
                 from .errors import InvalidFrame
 
@@ -905,6 +1033,30 @@ def decode_frames(data: bytes, *, max_frame_size: int = 16_777_215) -> list[Mess
             if len(entries) != reader.count:
                 raise InvalidMessage(f"{reader.count} entries announced, {len(entries)} sent")
             out[position] = BulkMessage(mtype, key, reader.count, tuple(entries))
-    if bulks:
-        raise InvalidMessage("bulk message without its last fragment")
+    if bulks or digests:
+        raise InvalidMessage("fragmented message without its last fragment")
     return out
+
+
+def _join_digest_fragment(out: list[Any], pending: dict[int, tuple[list[DigestResponse], int]],
+                          tid: int, more: bool, fragment: Any) -> None:
+    """decode_frames(): the frames of one DIGEST RESPONSE joined as one whole DigestResponse
+    (the gateway's session checks the same rules with sync.DigestAssembler)."""
+    parts, position = pending.get(tid, ([], len(out)))
+    if not parts:
+        out.append(None)
+    expected = sum(len(p.digests) for p in parts) // DIGEST_SIZE
+    if fragment.first_bucket != expected or (fragment.bucket_bits is None) != bool(parts):
+        raise InvalidMessage("DIGEST RESPONSE fragments out of order")
+    parts.append(fragment)
+    pending[tid] = (parts, position)
+    if more:
+        return
+    del pending[tid]
+    whole = b"".join(p.digests for p in parts)
+    bits = parts[0].bucket_bits
+    assert bits is not None
+    if len(whole) != DIGEST_SIZE << bits:
+        raise InvalidMessage(f"DIGEST RESPONSE: {len(whole) // DIGEST_SIZE} of {1 << bits} "
+                             "buckets")
+    out[position] = DigestResponse(tid, 0, whole, bits)

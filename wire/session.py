@@ -41,6 +41,9 @@ from .constants import (
     RESPONSE_TO,
     SERVER_TID_BIT,
     SINGLE_REQUESTS,
+    SYNC_MESSAGES,
+    SYNC_REQUESTS,
+    SYNC_RESPONSES,
     ErrorCause,
     MessageType,
     error_closes_connection,
@@ -62,14 +65,17 @@ from .events import (
     BulkEnded,
     BulkStarted,
     ConnectionClosed,
+    DigestReceived,
     ErrorReceived,
     Event,
     GoodbyeReceived,
     HelloAckReceived,
     HelloReceived,
+    ListReceived,
     ProtocolErrorDetected,
     RequestReceived,
     ResponseReceived,
+    SyncRequestReceived,
     TransactionFailed,
     _build_bulk_entries_received,
     _build_bulk_entry_received,
@@ -85,10 +91,13 @@ from .messages import (
     HelloAck,
     Keepalive,
     KeepaliveAck,
+    ListedUe,
     decode_body,
+    encode_digest_response,
     encode_entry,
     encode_message,
 )
+from .sync import DigestAssembler, ListAssembler
 
 log = logging.getLogger("wire.session")
 
@@ -151,13 +160,13 @@ _ROLE_INPUTS = {
 _RECEIVES = {
     Role.SERVER: frozenset(
         {MessageType.HELLO, MessageType.KEEPALIVE, MessageType.KEEPALIVE_ACK, MessageType.GOODBYE,
-         MessageType.ERROR, *SINGLE_REQUESTS, *BULK_REQUESTS}
+         MessageType.ERROR, *SINGLE_REQUESTS, *BULK_REQUESTS, *SYNC_REQUESTS}
     ),
     Role.GATEWAY: frozenset(
         {MessageType.HELLO_ACK, MessageType.KEEPALIVE, MessageType.KEEPALIVE_ACK,
          MessageType.GOODBYE, MessageType.ERROR, MessageType.UE_REGISTRATION_RESPONSE,
          MessageType.UE_DEREGISTRATION_RESPONSE, MessageType.BULK_REGISTRATION_RESPONSE,
-         MessageType.BULK_DEREGISTRATION_RESPONSE}
+         MessageType.BULK_DEREGISTRATION_RESPONSE, *SYNC_RESPONSES}
     ),
 }
 
@@ -307,12 +316,14 @@ class _Txn:
     * out: `writer` frames our entries (`out_sent` of them so far, `out_count` announced), and
       is dropped once our last fragment or our ERROR went out;
     * failure: `failed` is the error the ERROR carries (the peer's, or our user's) and
-      `retry_after` what our user gave with it.
+      `retry_after` what our user gave with it;
+    * v1.1 sync (a single request answered in fragments): the gateway's `sync` assembles the
+      response; the server streams a LIST RESPONSE through `writer` (`out_count` announced).
     """
 
     __slots__ = (
         "failed", "in_count", "in_delivered", "in_reader", "is_bulk", "out_count", "out_sent",
-        "request_type", "retry_after", "state", "tid", "writer",
+        "request_type", "retry_after", "state", "sync", "tid", "writer",
     )
 
     def __init__(self, tid: int, request_type: MessageType, role: Role) -> None:
@@ -328,6 +339,7 @@ class _Txn:
         self.out_sent = 0
         self.failed: WireError | None = None
         self.retry_after: int | None = None
+        self.sync: DigestAssembler | ListAssembler | None = None
 
 
 class _Frame:
@@ -386,6 +398,9 @@ class Session:
         self.peer_hello: Hello | None = None
         self.hello_ack: HelloAck | None = None
         self.bulk_allowed = True
+        # v1.1: announced in HELLO ACK (docs/protocol.md §6); until then the sync messages are
+        # unknown message types, as on a v1 peer.
+        self.sync_enabled = False
         self.goodbye_sent = False
         self.goodbye_received = False
         # Timers (aioquic): deadlines derive from the last time anything was received and from
@@ -561,6 +576,8 @@ class Session:
     def _start_frame(self, header: FrameHeader) -> None:
         tid = header.transaction_id
         mtype = _MESSAGE_TYPES.get(header.message_type)
+        if mtype in SYNC_MESSAGES and not self.sync_enabled:
+            mtype = None  # §6: not announced, so as unknown as on a v1 peer
         state = self.state
         if (state is not SessionState.ESTABLISHED and state is not SessionState.CLOSING
                 and not self._check_not_established(mtype)):
@@ -588,12 +605,21 @@ class Session:
         if mtype in BULK_MESSAGES:
             self._start_bulk_frame(header, mtype)
             return
-        if header.more:
+        if mtype in SYNC_RESPONSES:
+            # v1.1 amends wire-v1 §2: these two are fragmented like bulk responses (§6.2).
+            if self._discarding.get(tid) is mtype:
+                self._skip_frame(header)
+                if not header.more:
+                    del self._discarding[tid]
+                return
+        elif header.more:
             raise InvalidFrame(f"MORE set on {mtype.name}")
         if mtype not in self._receives:
             self._skip_frame(header)
             self._reject(InvalidMessage(f"{mtype.name} is not sent to a {self.role.value}",
                                         transaction_id=tid))
+            if header.more:
+                self._discard(tid, mtype)
             return
         self._frame = _Frame(header, None, mtype)
 
@@ -635,6 +661,9 @@ class Session:
         if self.state is SessionState.CLOSED:
             return
         tid = header.transaction_id
+        if mtype in SYNC_RESPONSES:
+            self._on_sync_fragment(header, mtype, body)
+            return
         try:
             message = decode_body(mtype, tid, body)
         except MessageError as exc:
@@ -685,6 +714,7 @@ class Session:
         self.hello_ack = ack
         self.peer_max_frame_size = ack.max_frame_size
         self.bulk_allowed = bool(ack.bulk_allowed)
+        self.sync_enabled = ack.sync_supported == 1
         self._apply(I.RECV_HELLO_ACK)
         self._events.append(HelloAckReceived(ack))
 
@@ -770,6 +800,111 @@ class Session:
             return
         self._advance(txn, TxnInput.RECV_LAST)
         self._events.append(ResponseReceived(response))
+
+    # --- v1.1 registry sync (docs/protocol.md §6) -------------------------------------------
+
+    def _on_sync_request(self, request: Any) -> None:
+        """Server: DIGEST REQUEST / LIST REQUEST, a single request answered in fragments."""
+        if not self._new_request_ok(request.transaction_id):
+            return
+        txn = _Txn(request.transaction_id, type(request).message_type, self.role)
+        self._txns[txn.tid] = txn
+        self._events.append(SyncRequestReceived(request))
+
+    def _on_sync_fragment(self, header: FrameHeader, mtype: MessageType, body: bytes) -> None:
+        """Gateway: one frame of DIGEST RESPONSE / LIST RESPONSE, assembled per transaction;
+        a response that breaks §6.2 is answered with ERROR and its later frames dropped."""
+        tid = header.transaction_id
+        txn = self._txns.get(tid)
+        if (txn is None or txn.sync is None or txn.state is not TxnState.AWAITING
+                or RESPONSE_TO[txn.request_type] is not mtype):
+            self._reject(InvalidMessage("response to no request of that type",
+                                        transaction_id=tid))
+            if header.more:
+                self._discard(tid, mtype)
+            return
+        try:
+            whole = txn.sync.feed(tid, body, header.more)
+        except WireError as exc:
+            exc.transaction_id = tid
+            txn.failed = exc
+            self._events.append(ProtocolErrorDetected(exc))
+            self._send_error_of(txn)
+            self._advance(txn, TxnInput.SEND_ERROR)
+            if header.more:
+                self._discard(tid, mtype)
+            return
+        if whole is None:
+            return
+        sync = txn.sync
+        self._advance(txn, TxnInput.RECV_LAST)
+        if isinstance(sync, DigestAssembler):
+            self._events.append(DigestReceived(tid, sync.bucket_bits, whole))  # type: ignore
+        else:
+            self._events.append(ListReceived(tid, tuple(whole)))  # type: ignore[arg-type]
+
+    def _sync_txn(self, transaction_id: int, request_type: MessageType,
+                  handle: object) -> _Txn | None:
+        """Server: the live sync transaction an answer is for, or None when it has ended."""
+        if not self._is_server:
+            raise LocalProtocolError("a gateway sends no responses")
+        txn = self._txns.get(transaction_id)
+        if txn is None or (handle is not None and txn is not handle):
+            return None
+        if txn.request_type is not request_type or txn.state is not TxnState.ANSWERING:
+            raise LocalProtocolError(f"transaction {transaction_id} is not a "
+                                     f"{request_type.name} being answered")
+        return txn
+
+    def send_digest_response(self, transaction_id: int, bucket_bits: int, digests: bytes,
+                             handle: object = None) -> bool:
+        """Server: answer a DIGEST REQUEST with its 2^b digests (fragmented to fit the
+        gateway's maximum frame size). False when the transaction has ended meanwhile."""
+        txn = self._sync_txn(transaction_id, MessageType.DIGEST_REQUEST, handle)
+        if txn is None:
+            return False
+        self._out.extend(encode_digest_response(transaction_id, bucket_bits, digests,
+                                                max_frame_size=self.peer_max_frame_size))
+        self._advance(txn, TxnInput.SEND_LAST)
+        return True
+
+    def start_list_response(self, transaction_id: int, count: int,
+                            handle: object = None) -> bool:
+        """Server: open the LIST RESPONSE of a LIST REQUEST with its Number of entries; the
+        entries follow with send_list_entries(). False when the transaction has ended."""
+        txn = self._sync_txn(transaction_id, MessageType.LIST_REQUEST, handle)
+        if txn is None:
+            return False
+        if txn.writer is not None or not 0 <= count <= 0xFFFF_FFFF:
+            raise LocalProtocolError("LIST RESPONSE already started, or a bad count")
+        txn.out_count = count
+        txn.writer = BulkWriter(MessageType.LIST_RESPONSE, transaction_id, count,
+                                self.peer_max_frame_size)
+        if count == 0:
+            self._flush_bulk(txn, final=True)
+        return True
+
+    def send_list_entries(self, transaction_id: int, entries: Sequence[ListedUe],
+                          handle: object = None) -> bool:
+        """Server: the next entries of a LIST RESPONSE; the last one ends it. False when the
+        transaction has ended meanwhile (the gateway's ERROR, or the connection)."""
+        txn = self._sync_txn(transaction_id, MessageType.LIST_REQUEST, handle)
+        if txn is None:
+            return False
+        writer = txn.writer
+        if writer is None or txn.out_sent + len(entries) > txn.out_count:
+            raise LocalProtocolError("LIST RESPONSE not started, or more entries than its count")
+        out = self._out
+        for entry in entries:
+            frame = writer.add(encode_entry(entry))
+            if frame is not None:
+                out.append(frame)
+        txn.out_sent += len(entries)
+        if txn.out_sent == txn.out_count:
+            self._flush_bulk(txn, final=True)
+        else:
+            self._dirty.add(txn)
+        return True
 
     # --- bulk messages (streamed) -----------------------------------------------------------
 
@@ -1069,8 +1204,10 @@ class Session:
         bulk_allowed: bool,
         ue_authentication_required: bool,
         node_name: str | None = None,
+        sync_supported: bool = False,
     ) -> HelloAck:
-        """Server: answer the pending HELLO with HELLO ACK."""
+        """Server: answer the pending HELLO with HELLO ACK (announcing v1.1 registry sync
+        when `sync_supported`, docs/protocol.md §6)."""
         if self.peer_hello is None or self.state is not SessionState.HELLO_PENDING:
             raise LocalProtocolError("no HELLO to accept")
         if len(server_nonce) != NONCE_SIZE:
@@ -1085,11 +1222,13 @@ class Session:
             bulk_allowed=int(bulk_allowed),
             ue_authentication_required=int(ue_authentication_required),
             node_name=node_name,
+            sync_supported=1 if sync_supported else None,
         )
         data = encode_message(ack, max_frame_size=self.peer_max_frame_size)
         self._apply(I.SEND_HELLO_ACK)
         self.hello_ack = ack
         self.bulk_allowed = bulk_allowed
+        self.sync_enabled = sync_supported
         self._out.append(data)
         return ack
 
@@ -1103,13 +1242,22 @@ class Session:
         self._close(cause, diagnostic or cause.name, by_peer=False)
 
     def send_request(self, request: Any) -> None:
-        """Gateway: a single UE (DE-)REGISTRATION REQUEST."""
+        """Gateway: a single UE (DE-)REGISTRATION REQUEST, or (once the server announced
+        Sync supported) a DIGEST REQUEST or LIST REQUEST, answered by DigestReceived /
+        ListReceived."""
         mtype = type(request).message_type
-        if self.role is not Role.GATEWAY or mtype not in SINGLE_REQUESTS:
+        sync = mtype in SYNC_REQUESTS
+        if self.role is not Role.GATEWAY or not (mtype in SINGLE_REQUESTS or sync):
             raise LocalProtocolError(f"a {self.role.value} cannot send {mtype.name}")
+        if sync and not self.sync_enabled:
+            raise LocalProtocolError("the server did not announce Sync supported")
         self._check_new_transaction(request.transaction_id)
         data = encode_message(request, max_frame_size=self.peer_max_frame_size)
-        self._txns[request.transaction_id] = _Txn(request.transaction_id, mtype, self.role)
+        txn = _Txn(request.transaction_id, mtype, self.role)
+        if sync:
+            txn.sync = (DigestAssembler(request.bucket_bits)
+                        if mtype is MessageType.DIGEST_REQUEST else ListAssembler())
+        self._txns[request.transaction_id] = txn
         self._out.append(data)
 
     def start_bulk(self, message_type: MessageType, transaction_id: int, count: int) -> None:
@@ -1305,8 +1453,10 @@ class Session:
             Error(transaction_id, int(cause), retry_after, diagnostic or None)))
         if txn is not None:
             self._advance(txn, TxnInput.SEND_ERROR)
-            if txn.is_bulk:  # (a gateway's: the server's own bulks took the branch above)
-                # Response fragments the server sent before our ERROR reached it are dropped.
+            if txn.is_bulk or txn.sync is not None:
+                # (A gateway's bulk or sync request: the server's own bulks took the branch
+                # above.) Response fragments the server sent before our ERROR reached it are
+                # dropped, not answered as unknown.
                 self._discard(txn.tid, RESPONSE_TO[txn.request_type])
             self._events.append(TransactionFailed(transaction_id, cause, diagnostic, sent=True,
                                                   retry_after=retry_after))
@@ -1404,4 +1554,6 @@ Session._HANDLERS = {
     MessageType.UE_DEREGISTRATION_REQUEST: Session._on_request,
     MessageType.UE_REGISTRATION_RESPONSE: Session._on_response,
     MessageType.UE_DEREGISTRATION_RESPONSE: Session._on_response,
+    MessageType.DIGEST_REQUEST: Session._on_sync_request,
+    MessageType.LIST_REQUEST: Session._on_sync_request,
 }

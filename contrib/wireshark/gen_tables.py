@@ -81,6 +81,15 @@ PRESENTATION: dict[C.IEI, tuple[str, str, type[IntEnum] | dict[int, str] | None]
     I.COMMUNICATION_AVAILABILITY: ("Communication availability", "availability", None),
     I.MAXIMUM_SEGMENT_SIZE: ("Maximum segment size", "max_segment_size", None),
     I.APPLICATION_DATA: ("Application data", "application_data", None),
+    # v1.1, registry sync (docs/protocol.md §6.2)
+    I.SYNC_SUPPORTED: ("Sync supported", "sync_supported", None),
+    I.BUCKET_BITS: ("Bucket bits", "bucket_bits", None),
+    I.FIRST_BUCKET: ("First bucket", "first_bucket", None),
+    I.BUCKET_DIGESTS: ("Bucket digests", "bucket_digests", None),
+    I.BUCKET_LIST: ("Bucket list", "bucket_list", None),
+    I.LISTED_UE: ("Listed UE", "listed_ue", None),
+    I.UE_HASH: ("UE hash", "ue_hash", None),
+    I.RELEASE: ("Release", "release", None),
 }
 # The parts of a value made of several numbers (wire-v1 §3: "u32 period, u32 window").
 PARTS: dict[C.IEI, tuple[str, ...]] = {I.COMMUNICATION_AVAILABILITY: ("period", "window")}
@@ -110,6 +119,8 @@ def value_shape(iei: C.IEI) -> dict[str, object]:
         return {"kind": "bytes", "len": c.length}
     if isinstance(c, ies.BoundedBytes):
         return {"kind": "opaque", "max": c.max_len}
+    if isinstance(c, ies.Records | ies.AscendingU16s):
+        return {"kind": "opaque", "max": ies.IE_VALUE_MAX}  # (v1.1 lists, shown as octets)
     if isinstance(c, ies.Utf8Text):
         return {"kind": "text", "min": c.min_len, "max": c.max_len,
                 "no_controls": c.no_controls}
@@ -199,10 +210,13 @@ def generate() -> str:
         parts = [f"name = {lua_str(C.MESSAGE_NAMES[mtype])}", f"sender = {lua_str(sender)}"]
         if mtype in messages.BULK_SPECS:
             bulk = messages.BULK_SPECS[mtype]
-            parts.append(f"bulk = {{indicator = 0x{int(bulk.indicator):02X}, "
-                         f"entry = 0x{int(bulk.entry):02X}}}")
+            indicator = ("" if bulk.indicator is None  # (v1.1 LIST RESPONSE has none)
+                         else f"indicator = 0x{int(bulk.indicator):02X}, ")
+            parts.append(f"bulk = {{{indicator}entry = 0x{int(bulk.entry):02X}}}")
         else:
             parts.append(f"ies = {spec_table(messages.MESSAGE_SPECS[mtype])}")
+        if mtype in C.FRAGMENTED_MESSAGES and mtype not in messages.BULK_SPECS:
+            parts.append("fragmented = true")  # v1.1 DIGEST RESPONSE: MORE allowed
         out.append(f"    [0x{int(mtype):02X}] = {{{', '.join(parts)}}},")
     out.append("}")
     out += ["", "-- request type -> the response type that answers it", "local RESPONSE_TO = {"]

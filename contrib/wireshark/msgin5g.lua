@@ -66,6 +66,14 @@ local IES = {
     [0x1A] = {name = "Diagnostic", field = "diagnostic", kind = "text", min = 0, max = 1024, no_controls = false},
     [0x1B] = {name = "Gateway type", field = "gateway_type", kind = "uint", size = 1, allowed = {1, 2}, names = {[1] = "LEGACY_3GPP", [2] = "NON_3GPP"}},
     [0x1C] = {name = "UE authentication required", field = "ue_authentication_required", kind = "uint", size = 1, allowed = {0, 1}, names = {[0] = "no", [1] = "yes"}},
+    [0x1D] = {name = "Sync supported", field = "sync_supported", kind = "uint", size = 1, allowed = {1}},
+    [0x1E] = {name = "Bucket bits", field = "bucket_bits", kind = "uint", size = 1, allowed = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}},
+    [0x1F] = {name = "First bucket", field = "first_bucket", kind = "uint", size = 2},
+    [0x20] = {name = "Bucket digests", field = "bucket_digests", kind = "opaque", max = 65535},
+    [0x21] = {name = "Bucket list", field = "bucket_list", kind = "opaque", max = 65535},
+    [0x22] = {name = "Listed UE", field = "listed_ue", kind = "group", max = 65535},
+    [0x23] = {name = "UE hash", field = "ue_hash", kind = "bytes", len = 16},
+    [0xA4] = {name = "Release", field = "release", kind = "uint", size = 1, allowed = {1}},
     [0x30] = {name = "UE type", field = "ue_type", kind = "uint", size = 1, allowed = {1, 2}, names = {[1] = "LEGACY_3GPP_UE", [2] = "NON_3GPP_UE"}},
     [0x31] = {name = "Triggering UE identifier", field = "triggering_ue_id", kind = "text", min = 1, max = 64, no_controls = true},
     [0x32] = {name = "Triggering port", field = "triggering_port", kind = "uint", size = 2},
@@ -76,35 +84,40 @@ local IES = {
 }
 
 -- names for the code below (wire/constants.py)
-local IEI = {UE_SERVICE_ID = 0x01, UE_CREDENTIAL = 0x02, NON_MSGIN5G_UE_PROFILE = 0x03, REGISTRATION_RESULT = 0x04, DEREGISTRATION_RESULT = 0x05, FAILURE_CAUSE = 0x06, BULK_REGISTRATION_INDICATOR = 0x07, BULK_REGISTRATION_RESPONSE_INDICATOR = 0x08, BULK_DEREGISTRATION_INDICATOR = 0x09, BULK_DEREGISTRATION_RESPONSE_INDICATOR = 0x0A, NUMBER_OF_INDIVIDUAL_ENTRIES = 0x0B, REGISTRATION_ENTRY = 0x0C, REGISTRATION_RESPONSE_ENTRY = 0x0D, DEREGISTRATION_ENTRY = 0x0E, DEREGISTRATION_RESPONSE_ENTRY = 0x0F, PROTOCOL_VERSION = 0x10, SERVER_NONCE = 0x11, MAXIMUM_FRAME_SIZE = 0x12, MAXIMUM_BULK_ENTRIES = 0x13, MAXIMUM_OUTSTANDING_TRANSACTIONS = 0x14, KEEPALIVE_INTERVAL = 0x15, NODE_NAME = 0x16, BULK_ALLOWED = 0x17, RETRY_AFTER = 0x18, ERROR_CAUSE = 0x19, DIAGNOSTIC = 0x1A, GATEWAY_TYPE = 0x1B, UE_AUTHENTICATION_REQUIRED = 0x1C, UE_TYPE = 0x30, TRIGGERING_UE_IDENTIFIER = 0x31, TRIGGERING_PORT = 0x32, TRIGGERING_PROTOCOL = 0x33, COMMUNICATION_AVAILABILITY = 0x34, MAXIMUM_SEGMENT_SIZE = 0x35, APPLICATION_DATA = 0x36}
-local MT = {HELLO = 0x01, HELLO_ACK = 0x02, KEEPALIVE = 0x03, KEEPALIVE_ACK = 0x04, GOODBYE = 0x05, ERROR = 0x06, UE_REGISTRATION_REQUEST = 0x10, UE_REGISTRATION_RESPONSE = 0x11, UE_DEREGISTRATION_REQUEST = 0x12, UE_DEREGISTRATION_RESPONSE = 0x13, BULK_REGISTRATION_REQUEST = 0x14, BULK_REGISTRATION_RESPONSE = 0x15, BULK_DEREGISTRATION_REQUEST = 0x16, BULK_DEREGISTRATION_RESPONSE = 0x17}
+local IEI = {UE_SERVICE_ID = 0x01, UE_CREDENTIAL = 0x02, NON_MSGIN5G_UE_PROFILE = 0x03, REGISTRATION_RESULT = 0x04, DEREGISTRATION_RESULT = 0x05, FAILURE_CAUSE = 0x06, BULK_REGISTRATION_INDICATOR = 0x07, BULK_REGISTRATION_RESPONSE_INDICATOR = 0x08, BULK_DEREGISTRATION_INDICATOR = 0x09, BULK_DEREGISTRATION_RESPONSE_INDICATOR = 0x0A, NUMBER_OF_INDIVIDUAL_ENTRIES = 0x0B, REGISTRATION_ENTRY = 0x0C, REGISTRATION_RESPONSE_ENTRY = 0x0D, DEREGISTRATION_ENTRY = 0x0E, DEREGISTRATION_RESPONSE_ENTRY = 0x0F, PROTOCOL_VERSION = 0x10, SERVER_NONCE = 0x11, MAXIMUM_FRAME_SIZE = 0x12, MAXIMUM_BULK_ENTRIES = 0x13, MAXIMUM_OUTSTANDING_TRANSACTIONS = 0x14, KEEPALIVE_INTERVAL = 0x15, NODE_NAME = 0x16, BULK_ALLOWED = 0x17, RETRY_AFTER = 0x18, ERROR_CAUSE = 0x19, DIAGNOSTIC = 0x1A, GATEWAY_TYPE = 0x1B, UE_AUTHENTICATION_REQUIRED = 0x1C, SYNC_SUPPORTED = 0x1D, BUCKET_BITS = 0x1E, FIRST_BUCKET = 0x1F, BUCKET_DIGESTS = 0x20, BUCKET_LIST = 0x21, LISTED_UE = 0x22, UE_HASH = 0x23, RELEASE = 0xA4, UE_TYPE = 0x30, TRIGGERING_UE_IDENTIFIER = 0x31, TRIGGERING_PORT = 0x32, TRIGGERING_PROTOCOL = 0x33, COMMUNICATION_AVAILABILITY = 0x34, MAXIMUM_SEGMENT_SIZE = 0x35, APPLICATION_DATA = 0x36}
+local MT = {HELLO = 0x01, HELLO_ACK = 0x02, KEEPALIVE = 0x03, KEEPALIVE_ACK = 0x04, GOODBYE = 0x05, ERROR = 0x06, UE_REGISTRATION_REQUEST = 0x10, UE_REGISTRATION_RESPONSE = 0x11, UE_DEREGISTRATION_REQUEST = 0x12, UE_DEREGISTRATION_RESPONSE = 0x13, BULK_REGISTRATION_REQUEST = 0x14, BULK_REGISTRATION_RESPONSE = 0x15, BULK_DEREGISTRATION_REQUEST = 0x16, BULK_DEREGISTRATION_RESPONSE = 0x17, DIGEST_REQUEST = 0x18, DIGEST_RESPONSE = 0x19, LIST_REQUEST = 0x1A, LIST_RESPONSE = 0x1B}
 local EC = {NORMAL = 0, UNSUPPORTED_VERSION = 1, INVALID_FRAME = 2, FRAME_TOO_LARGE = 3, UNKNOWN_MESSAGE_TYPE = 4, INVALID_MESSAGE = 5, UNKNOWN_MANDATORY_IE = 6, SESSION_NOT_ESTABLISHED = 7, TRANSACTION_ID_IN_USE = 8, TOO_MANY_OUTSTANDING = 9, COUNT_MISMATCH = 10, BULK_NOT_ALLOWED = 11, TOO_MANY_ENTRIES = 12, SHUTTING_DOWN = 13, IDLE_TIMEOUT = 14, INTERNAL_ERROR = 15, OVERLOADED = 16, GATEWAY_NOT_ALLOWED = 17}
 
 -- Grouped IEs: their IE tables (IEI, presence M/O/C), in order
 local GROUPS = {
     [0x03] = {{0x30, "O"}, {0x31, "O"}, {0x32, "O"}, {0x33, "O"}, {0x34, "O"}, {0x35, "O"}, {0x36, "O"}},
     [0x0C] = {{0x01, "M"}, {0x02, "C"}, {0x03, "O"}},
-    [0x0E] = {{0x01, "M"}, {0x02, "C"}},
+    [0x0E] = {{0x01, "M"}, {0x02, "C"}, {0xA4, "O"}},
     [0x0D] = {{0x01, "M"}, {0x04, "M"}, {0x06, "C"}, {0x18, "O"}},
     [0x0F] = {{0x01, "M"}, {0x05, "M"}, {0x06, "C"}, {0x18, "O"}},
+    [0x22] = {{0x01, "M"}, {0x23, "M"}},
 }
 
 -- wire-v1 §4, §5: message type -> name, sender, IE table or bulk layout
 local MESSAGES = {
     [0x01] = {name = "HELLO", sender = "gateway", ies = {{0x10, "M"}, {0x1B, "M"}, {0x16, "O"}, {0x12, "O"}}},
-    [0x02] = {name = "HELLO ACK", sender = "server", ies = {{0x10, "M"}, {0x11, "M"}, {0x12, "M"}, {0x13, "M"}, {0x14, "M"}, {0x15, "M"}, {0x17, "M"}, {0x1C, "M"}, {0x16, "O"}}},
+    [0x02] = {name = "HELLO ACK", sender = "server", ies = {{0x10, "M"}, {0x11, "M"}, {0x12, "M"}, {0x13, "M"}, {0x14, "M"}, {0x15, "M"}, {0x17, "M"}, {0x1C, "M"}, {0x16, "O"}, {0x1D, "O"}}},
     [0x03] = {name = "KEEPALIVE", sender = "both", ies = {}},
     [0x04] = {name = "KEEPALIVE ACK", sender = "both", ies = {}},
     [0x05] = {name = "GOODBYE", sender = "both", ies = {{0x19, "M"}, {0x18, "O"}, {0x1A, "O"}}},
     [0x06] = {name = "ERROR", sender = "both", ies = {{0x19, "M"}, {0x18, "O"}, {0x1A, "O"}}},
     [0x10] = {name = "UE REGISTRATION REQUEST", sender = "gateway", ies = {{0x01, "M"}, {0x02, "C"}, {0x03, "O"}}},
     [0x11] = {name = "UE REGISTRATION RESPONSE", sender = "server", ies = {{0x01, "M"}, {0x04, "M"}, {0x06, "C"}, {0x18, "O"}}},
-    [0x12] = {name = "UE DE-REGISTRATION REQUEST", sender = "gateway", ies = {{0x01, "M"}, {0x02, "C"}}},
+    [0x12] = {name = "UE DE-REGISTRATION REQUEST", sender = "gateway", ies = {{0x01, "M"}, {0x02, "C"}, {0xA4, "O"}}},
     [0x13] = {name = "UE DE-REGISTRATION RESPONSE", sender = "server", ies = {{0x01, "M"}, {0x05, "M"}, {0x06, "C"}, {0x18, "O"}}},
     [0x14] = {name = "BULK REGISTRATION REQUEST", sender = "gateway", bulk = {indicator = 0x07, entry = 0x0C}},
     [0x15] = {name = "BULK REGISTRATION RESPONSE", sender = "server", bulk = {indicator = 0x08, entry = 0x0D}},
     [0x16] = {name = "BULK DE-REGISTRATION REQUEST", sender = "gateway", bulk = {indicator = 0x09, entry = 0x0E}},
     [0x17] = {name = "BULK DE-REGISTRATION RESPONSE", sender = "server", bulk = {indicator = 0x0A, entry = 0x0F}},
+    [0x18] = {name = "DIGEST REQUEST", sender = "gateway", ies = {{0x1E, "M"}}},
+    [0x19] = {name = "DIGEST RESPONSE", sender = "server", ies = {{0x1E, "O"}, {0x1F, "M"}, {0x20, "M"}}, fragmented = true},
+    [0x1A] = {name = "LIST REQUEST", sender = "gateway", ies = {{0x1E, "M"}, {0x21, "M"}}},
+    [0x1B] = {name = "LIST RESPONSE", sender = "server", bulk = {entry = 0x22}},
 }
 
 -- request type -> the response type that answers it
@@ -115,6 +128,8 @@ local RESPONSE_TO = {
     [0x12] = 0x13,  -- UE_DEREGISTRATION_REQUEST -> UE_DEREGISTRATION_RESPONSE
     [0x14] = 0x15,  -- BULK_REGISTRATION_REQUEST -> BULK_REGISTRATION_RESPONSE
     [0x16] = 0x17,  -- BULK_DEREGISTRATION_REQUEST -> BULK_DEREGISTRATION_RESPONSE
+    [0x18] = 0x19,  -- DIGEST_REQUEST -> DIGEST_RESPONSE
+    [0x1A] = 0x1B,  -- LIST_REQUEST -> LIST_RESPONSE
 }
 -- END GENERATED TABLES
 
@@ -579,7 +594,8 @@ local function dissect_bulk_body(tvb, msg, tree, scope, pinfo, is_first, first_e
     local offset = HEADER_SIZE
     local indicator, entry_iei = msg.bulk.indicator, msg.bulk.entry
     local n, count, failed = 0, nil, 0
-    local phase = is_first and 0 or 2 -- 0: expect the indicator, 1: the Number, 2: entries
+    -- 0: expect the indicator, 1: the Number, 2: entries (v1.1 LIST RESPONSE: no indicator)
+    local phase = is_first and (indicator and 0 or 1) or 2
     while offset < stop do
         local iei, value, item
         iei, value, item, offset = dissect_ie(tvb, offset, stop, tree, scope, pinfo)
@@ -694,7 +710,7 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
         item:add_proto_expert_info(ef.reserved_flags, string.format(
             "Reserved flag bits 0x%04x set (INVALID_FRAME)", flags - (more and FLAG_MORE or 0)))
     end
-    if more and msg and not msg.bulk then
+    if more and msg and not msg.bulk and not msg.fragmented then
         item:add_proto_expert_info(ef.more_on_single, string.format(
             "MORE set on %s, which is not a bulk message (INVALID_FRAME)", name))
     end
@@ -862,7 +878,7 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
         -- too, except TRANSACTION_ID_IN_USE (wire-v1 §7.2).
         if (IS_RESPONSE[mtype] or mtype == MT.ERROR) and tid ~= 0 then
             local ends = (mtype == MT.ERROR and cause ~= EC.TRANSACTION_ID_IN_USE)
-                or (mtype ~= MT.ERROR and (not msg.bulk or not more))
+                or (mtype ~= MT.ERROR and ((not msg.bulk and not msg.fragmented) or not more))
             if ends then
                 conv.txns[tid] = nil
                 if mtype == MT.ERROR then conv.bulks[tid] = nil end

@@ -64,9 +64,12 @@ def add_parser(commands: Any) -> None:
             fromfile_prefix_chars="@")
         _add_options(parser)
         parser.set_defaults(func=run, operation=name)
+    from msgd.cli.gateway_sync import add_sync_parser
+
+    add_sync_parser(actions, _add_options)
 
 
-def _add_options(parser: argparse.ArgumentParser) -> None:
+def _add_options(parser: argparse.ArgumentParser, *, sync: bool = False) -> None:
     parser.add_argument("--server", required=True, type=parse_server, metavar="HOST:PORT",
                         help=f"the MSGin5G Server (port {DEFAULT_PORT} if omitted; "
                              "[v6addr]:port for IPv6)")
@@ -77,6 +80,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ues", required=True, metavar="FILE",
                         help="UE file: ue_service_id,key[,profile columns] CSV "
                              "(docs/gateway.md); - reads standard input")
+    if sync:  # msgctl gateway sync: the connection and the file, --json
+        parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+        parser.add_argument("--server-name", metavar="NAME",
+                            help="name to verify in the server certificate (default: HOST)")
+        return
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--bulk", dest="mode", action="store_const", const="bulk",
                       help="bulk procedures only; fail if the server does not allow bulk "

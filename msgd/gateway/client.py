@@ -27,6 +27,7 @@ from msgd.gateway.errors import (
 )
 from msgd.gateway.procedures import Procedures, UeIterable
 from msgd.gateway.scheduler import Run, UeSource
+from msgd.gateway.sync import LocalView, SyncReport, compare
 from msgd.gateway.transactions import ConnectionEnding, Outstanding
 from msgd.gateway.values import Tracer, UeResult, as_failure_cause
 from msgd.log import get_logger
@@ -44,14 +45,16 @@ from wire.events import (
     BulkEntryReceived,
     BulkStarted,
     ConnectionClosed,
+    DigestReceived,
     ErrorReceived,
     GoodbyeReceived,
     HelloAckReceived,
+    ListReceived,
     ProtocolErrorDetected,
     ResponseReceived,
     TransactionFailed,
 )
-from wire.messages import Hello, HelloAck
+from wire.messages import Hello, HelloAck, UeDeregistrationRequest
 from wire.session import Limits, Role, Session
 
 __all__ = ["GatewayClient", "client_context"]
@@ -127,6 +130,10 @@ class GatewayClient(Procedures, asyncio.Protocol):
         self._hello: asyncio.Future[HelloAck] = self.loop.create_future()
         # Single requests made through the session directly (tests poke here): tid -> waiter.
         self._singles: dict[int, tuple[asyncio.Future[UeResult], str]] = {}
+        # v1.1 sync requests (msgd.gateway.sync) waiting for DigestReceived / ListReceived.
+        self._sync_waiters: dict[int, asyncio.Future[Any]] = {}
+        # Protocol octets (frames, not TLS records) received and written: what a bench counts.
+        self.octets_in = self.octets_out = 0
         self.outstanding = Outstanding(self.session, is_open=lambda: self.is_open,
                                        flush=self.flush, on_end=self._maybe_close)
         self._runs: set[Run] = set()
@@ -244,6 +251,7 @@ class GatewayClient(Procedures, asyncio.Protocol):
     # --- bytes in ---------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self.octets_in += len(data)
         self.session.receive_data(data, self.loop.time())
         self._process()
 
@@ -299,6 +307,10 @@ class GatewayClient(Procedures, asyncio.Protocol):
                 if owner is not None:
                     owner.on_answer(tid, r.result, r.failure_cause, r.retry_after)
                     owner.on_end(tid)
+            elif kind is DigestReceived or kind is ListReceived:
+                sync_waiter = self._sync_waiters.pop(event.transaction_id, None)
+                if sync_waiter is not None and not sync_waiter.done():
+                    sync_waiter.set_result(event)
             elif kind is BulkEnded:
                 owner = owners.get(event.transaction_id)
                 if owner is not None:
@@ -368,6 +380,12 @@ class GatewayClient(Procedures, asyncio.Protocol):
 
     def _on_transaction_failed(self, event: TransactionFailed) -> None:
         tid = event.transaction_id
+        sync_waiter = self._sync_waiters.pop(tid, None)
+        if sync_waiter is not None:
+            if not sync_waiter.done():
+                sync_waiter.set_exception(TransactionError(
+                    event.cause, event.diagnostic, retry_after=event.retry_after))
+            return
         single = self._singles.pop(tid, None)
         if single is not None:
             if not single[0].done():
@@ -383,6 +401,10 @@ class GatewayClient(Procedures, asyncio.Protocol):
             retryable = not (isinstance(exc, ssl.SSLError) and _is_alert(exc))
             self._hello.set_exception(HandshakeError(
                 _refusal(exc) if isinstance(exc, ssl.SSLError) else reason, retryable=retryable))
+        for waiter in self._sync_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(self._lost_error())
+        self._sync_waiters.clear()
         for fut, _uid in self._singles.values():
             if not fut.done():
                 fut.set_exception(ConnectionLost(reason))
@@ -404,6 +426,7 @@ class GatewayClient(Procedures, asyncio.Protocol):
     def flush(self) -> None:
         data = self.session.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
+            self.octets_out += len(data)
             self.transport.write(data)
 
     def _arm_timer(self) -> None:
@@ -471,6 +494,44 @@ class GatewayClient(Procedures, asyncio.Protocol):
         finally:
             if own_source:
                 source.close()
+
+    # --- v1.1 registry sync (msgd.gateway.sync) ----------------------------------------------
+
+    @property
+    def sync_supported(self) -> bool:
+        return self.hello_ack is not None and self.hello_ack.sync_supported == 1
+
+    async def sync_request(self, make: Any) -> Any:
+        """Send the DIGEST / LIST REQUEST `make(tid)`; its DigestReceived / ListReceived."""
+        return await self._one_transaction(make, self._sync_waiters)
+
+    async def release(self, ue_service_id: str) -> UeResult:
+        """De-register a UE registered through us without its credential (v1.1 Release)."""
+        return await self._one_transaction(
+            lambda tid: UeDeregistrationRequest(tid, ue_service_id, None, 1),
+            self._singles, ue_service_id)  # type: ignore[no-any-return]
+
+    async def _one_transaction(self, make: Any, waiters: dict[int, Any], *extra: Any) -> Any:
+        self._check_open()
+        if not self.sync_supported:
+            raise ClientError("the server does not support registry sync (wire v1.1)")
+        await self.outstanding.acquire_slot()
+        try:
+            tid = self.session.next_transaction_id()
+            future: asyncio.Future[Any] = self.loop.create_future()
+            waiters[tid] = (future, *extra) if extra else future
+            self.session.send_request(make(tid))
+            self.flush()
+            return await future
+        finally:
+            self.outstanding.release_slot()
+            self._maybe_close()
+
+    async def sync(self, ues: Any, *, repair: bool = False) -> SyncReport:
+        """Compare the server's registrations through us with `ues` (GatewayUe), and with
+        `repair` fix the differences (msgd.gateway.sync.compare)."""
+        return await compare(self, ues if isinstance(ues, LocalView) else list(ues),
+                             repair=repair)
 
     def _check_open(self) -> None:
         if self.hello_ack is None:

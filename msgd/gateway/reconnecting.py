@@ -20,6 +20,7 @@ from msgd.gateway.client import GatewayClient
 from msgd.gateway.errors import ClientError, ConnectionLost, HandshakeError
 from msgd.gateway.procedures import Procedures, UeIterable
 from msgd.gateway.scheduler import UeSource
+from msgd.gateway.sync import SyncReport, settle
 from msgd.gateway.values import Tracer, UeResult
 from msgd.log import get_logger
 from wire.constants import GatewayType, Operation
@@ -196,6 +197,9 @@ class GatewaySession(Procedures):
                     raise
                 progressed = False
                 try:
+                    async for result in self._settle(client, source, op):
+                        progressed = True
+                        yield result
                     async for result in client.stream_from(source, op, use_bulk=use_bulk):
                         if not progressed:
                             progressed = True
@@ -213,6 +217,36 @@ class GatewaySession(Procedures):
                     raise
         finally:
             source.close()
+
+    async def _settle(self, client: GatewayClient, source: UeSource,
+                      op: Operation) -> AsyncIterator[UeResult]:
+        """After a reconnect, with a server that speaks v1.1 sync: the UEs sent on the lost
+        connection and left without a result, which the server had already decided, get
+        their result now instead of being sent again (msgd.gateway.sync.settle)."""
+        sent = [item for item in source.front if item.sends]
+        if not sent or not client.sync_supported:
+            return
+        try:
+            done = await settle(client, [item.ue for item in sent],
+                                op is Operation.REGISTRATION)
+        except ClientError as exc:
+            log.info("client.settle_failed", reason=str(exc))
+            return
+        if not done:
+            return
+        settled = [item for item in sent if item.ue.ue_service_id in done]
+        kept = [item for item in source.front if item.ue.ue_service_id not in done]
+        source.front.clear()
+        source.front.extend(kept)
+        log.info("client.settled", ues=len(settled), of=len(sent))
+        for item in settled:
+            yield UeResult(item.ue.ue_service_id, True, None, None, item.sends)
+
+    async def sync(self, ues: Any, *, repair: bool = False) -> SyncReport:
+        """v1.1 registry sync on the current connection (GatewayClient.sync): the UEs
+        missing on the server, extra, and with another profile; with `repair`, fixed."""
+        client = await self.connect()
+        return await client.sync(ues, repair=repair)
 
     async def close(self) -> None:
         self._closed = True

@@ -117,6 +117,25 @@ END
 $fn$
 """
 
+# wire v1.1 sync (docs/protocol.md §6.1), in SQL: the bucket (b = 12) and ue_hash of a row,
+# kept as stored generated columns, so that every node reads the same digests from committed
+# rows, and a DIGEST REQUEST is one aggregate over the gateway's rows (bit_xor, PostgreSQL
+# 14+). Declared IMMUTABLE: they depend on nothing but their arguments (convert_to to UTF-8 is
+# fixed for a UTF-8 database, which msgd's UE Service IDs need anyway).
+_SYNC_FUNCTIONS = (
+    r"""CREATE FUNCTION msgd_sync_bucket(p_ue text) RETURNS smallint
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT (((get_byte(d, 0) << 8) | get_byte(d, 1)) >> 4)::smallint
+          FROM (SELECT sha256(convert_to(p_ue, 'UTF8')) AS d) AS s $$""",
+    r"""CREATE FUNCTION msgd_sync_hash(p_ue text, p_profile bytea) RETURNS bytea
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT substr(sha256('\x4d5347696e35472d53594e432f3100'::bytea
+                             || substr(int2send(octet_length(u)::int2), 2, 1) || u
+                             || coalesce('\x03'::bytea || int2send(octet_length(p_profile)::int2)
+                                         || p_profile, ''::bytea)), 1, 16)
+          FROM (SELECT convert_to(p_ue, 'UTF8') AS u) AS s $$""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "registrations and the batch decision function", (
         # COLLATE "C": UE Service IDs compare as octets, as the wire and the SQLite registry
@@ -128,6 +147,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
         "CREATE INDEX msgd_registration_gateway ON msgd_registration (gateway)",
         _DECIDE_V1,
+    )),
+    Migration(2, "wire v1.1 sync: bucket and ue_hash of each registration", (
+        *_SYNC_FUNCTIONS,
+        """ALTER TABLE msgd_registration
+             ADD COLUMN sync_bucket smallint
+                 GENERATED ALWAYS AS (msgd_sync_bucket(ue_service_id)) STORED,
+             ADD COLUMN sync_hash bytea
+                 GENERATED ALWAYS AS (msgd_sync_hash(ue_service_id, profile)) STORED""",
+        "CREATE INDEX msgd_registration_sync ON msgd_registration (gateway, sync_bucket)",
     )),
 )
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -51,7 +51,8 @@ from msgd.registry.memory_provisioning import MemoryProvisioning
 from msgd.registry.port import BUSY_RETRY_MS, SUCCESS, Change, Decided, Outcome
 from msgd.registry.provisioning import ProvisionedUe
 from msgd.registry.store import Listener, Registration
-from wire.constants import FailureCause
+from wire.constants import BUCKET_BITS_MAX, FailureCause
+from wire.sync import FineDigests
 
 __all__ = ["PgRegistry", "PgSettings", "redact_dsn"]
 
@@ -479,6 +480,32 @@ connection's state; the admin reads are the part to move out first."""
                 raise RegistryError(
                     f"registry {self.dsn_shown}: {_error_text(exc)}") from None
 
+    # -- wire v1.1 sync reads (docs/protocol.md §6): committed rows are the durable state ---
+
+    async def sync_digests(self, gateway: str, bucket_bits: int) -> bytes:
+        """The 2^b bucket digests of `gateway`, aggregated in the database (every node
+        answers the same): bit_xor of each ue_hash's two halves per fine bucket, folded."""
+        rows = await self._read(
+            "SELECT sync_bucket,"
+            " bit_xor(('x' || encode(substr(sync_hash, 1, 8), 'hex'))::bit(64)::bigint),"
+            " bit_xor(('x' || encode(substr(sync_hash, 9, 8), 'hex'))::bit(64)::bigint)"
+            " FROM msgd_registration WHERE gateway = %s GROUP BY sync_bucket", (gateway,))
+        fine = FineDigests()
+        mask = (1 << 64) - 1
+        for bucket, high, low in rows:
+            fine.table[bucket] = ((high & mask) << 64) | (low & mask)
+        return fine.digests(bucket_bits)
+
+    async def sync_list(self, gateway: str, bucket_bits: int,
+                        buckets: tuple[int, ...]) -> list[tuple[str, bytes]]:
+        """(UE Service ID, ue_hash) of `gateway`'s committed registrations in `buckets`."""
+        per = 1 << (BUCKET_BITS_MAX - bucket_bits)
+        fine = [k for b in buckets for k in range(b * per, (b + 1) * per)]
+        rows = await self._read(
+            "SELECT ue_service_id, sync_hash FROM msgd_registration"
+            " WHERE gateway = %s AND sync_bucket = ANY(%s)", (gateway, fine))
+        return [(uid, bytes(digest)) for uid, digest in rows]
+
     async def count(self) -> int:
         """Registered UEs now (a query; registered_count() is the cached figure)."""
         (row,) = await self._read("SELECT count(*) FROM msgd_registration")
@@ -562,6 +589,9 @@ connection's state; the admin reads are the part to move out first."""
                     await conn.close()
         self._conn = self._rconn = None
         log.info("registry.closed", dsn=self.dsn_shown)
+
+    def begin_sync_rebuild(self) -> None:
+        """Nothing to rebuild: the database keeps each row's bucket and ue_hash."""
 
     def close_sync(self) -> None:
         """close() for a registry never started (main's early exits): no connection is

@@ -65,6 +65,7 @@ class RegistryService(Protocol):
     def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
     async def close(self) -> None: ...
     def close_sync(self) -> None: ...  # before start(), or once its loop has stopped
+    def begin_sync_rebuild(self) -> None: ...  # after READY=1: v1.1 digests (digests.py)
 
 
 class RegistryReads(Protocol):
@@ -75,6 +76,10 @@ class RegistryReads(Protocol):
     async def count(self) -> int: ...
     def describe(self) -> dict[str, Any]: ...
     def health(self) -> str | None: ...
+    # wire v1.1 sync (docs/protocol.md §6): over durable state only.
+    async def sync_digests(self, gateway: str, bucket_bits: int) -> bytes: ...
+    async def sync_list(self, gateway: str, bucket_bits: int,
+                        buckets: tuple[int, ...]) -> list[tuple[str, bytes]]: ...
 
 
 class LocalReads:
@@ -96,6 +101,13 @@ class LocalReads:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "sqlite", "path": self._path}
+
+    async def sync_digests(self, gateway: str, bucket_bits: int) -> bytes:
+        return await self._registry.sync_digests(gateway, bucket_bits)
+
+    async def sync_list(self, gateway: str, bucket_bits: int,
+                        buckets: tuple[int, ...]) -> list[tuple[str, bytes]]:
+        return await self._registry.sync_list(gateway, bucket_bits, buckets)
 
     def health(self) -> str | None:
         return None

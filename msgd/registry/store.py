@@ -41,6 +41,7 @@ from typing import TypeAlias
 from msgd.errors import RegistryError
 from msgd.registry.blobs import Op, Value
 from msgd.registry.compaction import CompactionPolicy, CompactionReport, Compactor
+from msgd.registry.digests import DurableDigests
 from msgd.registry.provisioning import ProvisionedUe
 from msgd.registry.provisioning_store import ProvisioningStore
 from msgd.registry.schema import SYNCHRONOUS_MODES, open_file
@@ -123,6 +124,10 @@ are in modules of their own.
         self._loop: asyncio.AbstractEventLoop | None = None
 
         self.provisioning = ProvisioningStore(path, self._writer)
+        # wire v1.1 sync: digests of durable state, rebuilt after start (digests.py says why).
+        self._digests = DurableDigests(regs.items())
+        self._digests_ready: asyncio.Event | None = None
+        self._rebuild_begun = False
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -186,6 +191,46 @@ are in modules of their own.
             raise RuntimeError("registry already started")
         self._loop = loop
         self._writer.start(functools.partial(loop.call_soon_threadsafe, self._drain_outbox))
+        self._digests_ready = asyncio.Event()
+
+    def begin_sync_rebuild(self) -> None:
+        """Hash the registrations loaded at open into the sync digests, in slices on the loop
+        (digests.py says why not before READY). The daemon calls it once READY=1 is sent."""
+        if self._loop is None:
+            raise RuntimeError("registry not started")
+        if not self._rebuild_begun:
+            self._rebuild_begun = True
+            self._loop.call_soon(self._rebuild_digests)
+
+    def _rebuild_digests(self) -> None:
+        if self._closed:
+            return
+        if self._digests.rebuild_step():
+            assert self._digests_ready is not None
+            self._digests_ready.set()
+            log.info("registry: sync digests rebuilt (%d UEs)", len(self._regs))
+        else:
+            assert self._loop is not None
+            self._loop.call_soon(self._rebuild_digests)
+
+    # -- wire v1.1 sync reads (docs/protocol.md §6): durable state only ------------------------
+
+    async def sync_digests(self, gateway: str, bucket_bits: int) -> bytes:
+        """The 2^b bucket digests of `gateway`'s durable registrations."""
+        await self._await_digests()
+        return self._digests.digests(gateway, bucket_bits)
+
+    async def sync_list(self, gateway: str, bucket_bits: int,
+                        buckets: tuple[int, ...]) -> list[tuple[str, bytes]]:
+        """(UE Service ID, ue_hash) of `gateway`'s durable registrations in `buckets`."""
+        await self._await_digests()
+        return self._digests.listed(self._regs, self._undo, gateway, bucket_bits, buckets)
+
+    async def _await_digests(self) -> None:
+        if self._digests_ready is None:
+            raise RuntimeError("registry not started")
+        self.begin_sync_rebuild()  # (a sync read before READY=1 starts it: tests, tools)
+        await self._digests_ready.wait()
 
     # -- provisioning (the store is `provisioning`) -------------------------------------------
 
@@ -361,7 +406,9 @@ are in modules of their own.
     def _on_durable(self, first: int, last: int) -> None:
         if first != self._durable_seq + 1:  # cannot happen; say so loudly if it does
             log.error("registry: completion %d..%d out of order", first, last)
-        del self._undo[: last - first + 1]
+        durable = last - first + 1
+        self._digests.apply(self._undo[:durable])
+        del self._undo[:durable]
         self._durable_seq = last
         self._settle(first, last, None)
 

@@ -25,6 +25,7 @@ from msgd.registry.port import Change, Outcome
 from msgd.server.answers import DECIDED, AnswerQueue
 from msgd.server.frame_clock import FrameClock
 from msgd.server.ports import Refusal
+from msgd.server.sync import answer_sync
 from msgd.tls.contexts import negotiated_alpn_ok, peer_identity
 from wire.constants import ErrorCause, FailureCause, MessageType
 from wire.credential import ProofChecker
@@ -41,6 +42,7 @@ from wire.events import (
     HelloReceived,
     ProtocolErrorDetected,
     RequestReceived,
+    SyncRequestReceived,
     TransactionFailed,
 )
 from wire.messages import profile_octets
@@ -109,6 +111,9 @@ class GatewayConnection(asyncio.Protocol):
         self._timer_at = 0.0
         self._reading_paused = False
         self._writing_paused = False
+        self.writable = asyncio.Event()  # clear while the transport asks us to stop writing
+        self.writable.set()
+        self._sync_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._frame_clock = FrameClock()
         self._frame_timer: asyncio.TimerHandle | None = None
@@ -210,6 +215,8 @@ class GatewayConnection(asyncio.Protocol):
         self._closed = True
         self._answers.drop()
         self._unfed.clear()
+        for task in self._sync_tasks:  # a LIST RESPONSE waiting for a transport now gone
+            task.cancel()
         self.server.connection_ended(self)
         if was_open and self.session is not None:
             self.log.info("connection.closed", reason=str(exc) if exc else "peer closed",
@@ -217,10 +224,12 @@ class GatewayConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        self.writable.clear()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self.writable.set()
         self._update_reading()
 
     # --- events -----------------------------------------------------------------------------
@@ -277,6 +286,9 @@ class GatewayConnection(asyncio.Protocol):
                     session.send_error(tid, ErrorCause.OVERLOADED, "server overloaded", retry)
                     continue
                 self._bulk_kinds[tid] = (bulk_kind, session.transaction(tid))
+            elif kind is SyncRequestReceived:
+                server.metrics.message(type(event.request).message_type.name)
+                self._on_sync_request(event.request)
             elif kind is BulkEnded:
                 self._bulk_kinds.pop(event.transaction_id, None)
             elif kind is HelloReceived:
@@ -383,6 +395,7 @@ class GatewayConnection(asyncio.Protocol):
             bulk_allowed=policy.bulk_allowed,
             ue_authentication_required=policy.ue_authentication,
             node_name=self.server.settings.node_name,
+            sync_supported=hasattr(self.server.reads, "sync_digests"),
         )
         self.log.info(
             "gateway.hello", gateway_type=event.hello.gateway_type, node=event.hello.node_name
@@ -402,6 +415,15 @@ class GatewayConnection(asyncio.Protocol):
                 (tid, handle, kind, request.ue_service_id, Outcome(SERVER_BUSY, retry)))
             return
         self._decide(kind, tid, handle, (request,))
+
+    def _on_sync_request(self, request: Any) -> None:
+        """v1.1 DIGEST / LIST REQUEST: answered by msgd.server.sync in a task of its own."""
+        session = self.session
+        assert session is not None
+        task = self.server.loop.create_task(
+            answer_sync(self, request, session.transaction(request.transaction_id)))
+        self._sync_tasks.add(task)
+        task.add_done_callback(self._sync_tasks.discard)
 
     def _on_bulk_entries(self, event: BulkEntriesReceived) -> None:
         tid = event.transaction_id
@@ -430,6 +452,13 @@ class GatewayConnection(asyncio.Protocol):
                 answer((tid, handle, kind, entry.ue_service_id or "", FailureCause.INVALID_ENTRY))
                 continue
             uid = entry.ue_service_id
+            if not registering and entry.release:
+                # v1.1 Release (docs/protocol.md §6.4): no credential; the port still refuses
+                # a UE not registered (NOT_REGISTERED) or registered through another gateway.
+                self.log.info("ue.release", gateway=policy.identity, ue=uid)
+                change(_new_tuple(Change, (uid, False, None, None)))
+                answer((tid, handle, kind, uid, DECIDED))
+                continue
             cause = check(policy, proofs, uid, entry.credential)
             if registering:
                 if cause is not None:

@@ -71,6 +71,7 @@ class ConnectionHost(Protocol):
     metrics: Metrics
     rules: UeRules
     registrar: Registrar
+    reads: RegistryReads  # wire v1.1 sync reads (msgd.server.sync)
     settings: ConnectionSettings
 
     def admit(self, identity: str | None) -> GatewayPolicy | Refusal: ...

@@ -79,16 +79,40 @@ def test_msgctl_registry_migrate_dry_run_then_for_real(
     argv = ["registry", "migrate", "--config", str(dep.config_path)]
     assert cli.main([*argv, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "schema version 0 -> 1; would apply" in out and "CREATE TABLE msgd_registration" in out
+    latest = pg_schema.LATEST_VERSION
+    assert f"schema version 0 -> {latest}; would apply" in out
+    assert "CREATE TABLE msgd_registration" in out
     with psycopg.connect(pg_dsn) as conn:
         assert pg_schema.current_version(conn) == 0
     assert cli.main([*argv, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["current"] == 0 and [m["version"] for m in result["migrations"]] == [1]
+    assert result["current"] == 0
+    assert [m["version"] for m in result["migrations"]] == list(range(1, latest + 1))
     assert cli.main(argv) == 0
     assert "up to date" in capsys.readouterr().out
     with psycopg.connect(pg_dsn) as conn:
         assert pg_schema.current_version(conn) == pg_schema.LATEST_VERSION
+
+
+def test_migration_2_gives_existing_rows_their_sync_bucket_and_hash(pg_dsn: str) -> None:
+    """A database at version 1 with registrations: migration 2 (wire v1.1 sync) computes each
+    row's bucket and ue_hash as docs/protocol.md §6.1 says (wire.sync)."""
+    from wire.sync import bucket_of, ue_hash
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute(pg_schema._CREATE_VERSION_TABLE)
+            for statement in pg_schema.MIGRATIONS[0].statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO msgd_schema(version, description) VALUES (1, 'v1')")
+        rows = [("ue-1@example", "gw1", None), ("ü-2@example", "gw1", b"\x30\x00\x01\x02")]
+        for row in rows:
+            conn.execute("INSERT INTO msgd_registration VALUES (%s, %s, %s)", row)
+        plan = pg_schema.migrate(conn)
+        assert [m.version for m in plan.pending] == [2]
+        got = dict((u, (b, bytes(h))) for u, b, h in conn.execute(
+            "SELECT ue_service_id, sync_bucket, sync_hash FROM msgd_registration"))
+    assert got == {u: (bucket_of(u.encode(), 12), ue_hash(u.encode(), p)) for u, _, p in rows}
 
 
 # --- what is shown of the DSN -------------------------------------------------------------------

@@ -91,14 +91,16 @@ class Pair:
         self.server = Session(Role.SERVER, now, server_limits)
         self.gateway = Session(Role.GATEWAY, now, gateway_limits)
 
-    def handshake(self, *, bulk_allowed: bool = True, ue_auth: bool = False) -> None:
+    def handshake(self, *, bulk_allowed: bool = True, ue_auth: bool = False,
+                  sync: bool = False) -> None:
         gw, sv = self.gateway, self.server
         gw.send_hello(Hello(gw.next_transaction_id(), 2, node_name="gw1",
                             max_frame_size=gw.limits.max_frame_size))
         (hello,) = self.to_server()
         assert isinstance(hello, HelloReceived)
         sv.accept_hello(server_nonce=NONCE, bulk_allowed=bulk_allowed,
-                        ue_authentication_required=ue_auth, node_name="msgd")
+                        ue_authentication_required=ue_auth, node_name="msgd",
+                        sync_supported=sync)
         self.to_gateway()
 
     def to_server(self, extra: bytes = b"") -> list[Event]:

@@ -22,12 +22,16 @@ from wire.messages import (
     BulkMessage,
     DeregistrationEntry,
     DeregistrationResponseEntry,
+    DigestRequest,
+    DigestResponse,
     Error,
     Goodbye,
     Hello,
     HelloAck,
     Keepalive,
     KeepaliveAck,
+    ListedUe,
+    ListRequest,
     Profile,
     RegistrationEntry,
     RegistrationResponseEntry,
@@ -106,7 +110,9 @@ any_profiles = st.one_of(profiles, full_profiles)
 
 registration_entries = st.builds(RegistrationEntry, ue_service_ids, _opt(credentials),
                                  _opt(any_profiles))
-deregistration_entries = st.builds(DeregistrationEntry, ue_service_ids, _opt(credentials))
+deregistration_entries = st.builds(DeregistrationEntry, ue_service_ids, _opt(credentials),
+                                   _opt(st.just(1)))
+listed_ues = st.builds(ListedUe, ue_service_ids, st.binary(min_size=16, max_size=16))
 
 
 @st.composite
@@ -129,12 +135,13 @@ ENTRIES = {
     MessageType.BULK_DEREGISTRATION_REQUEST: deregistration_entries,
     MessageType.BULK_REGISTRATION_RESPONSE: registration_response_entries,
     MessageType.BULK_DEREGISTRATION_RESPONSE: deregistration_response_entries,
+    MessageType.LIST_RESPONSE: listed_ues,
 }
 
 # Unknown IEIs with bit 7 clear (skipped, kept for re-encoding) and with it set.
 _KNOWN = {int(i) for i in IEI}
 unknown_optional_ieis = st.integers(0x00, 0x7F).filter(lambda i: i not in _KNOWN)
-unknown_mandatory_ieis = st.integers(0x80, 0xFF)
+unknown_mandatory_ieis = st.integers(0x80, 0xFF).filter(lambda i: i not in _KNOWN)
 
 
 @st.composite
@@ -170,7 +177,7 @@ hello_acks = st.builds(HelloAck, any_tids, server_nonce=st.binary(min_size=32, m
                        max_frame_size=U32, max_bulk_entries=U32, max_outstanding=U16,
                        keepalive_interval=U32, bulk_allowed=st.sampled_from([0, 1]),
                        ue_authentication_required=st.sampled_from([0, 1]), protocol_version=U8,
-                       node_name=_opt(node_names))
+                       node_name=_opt(node_names), sync_supported=_opt(st.just(1)))
 keepalives = st.builds(Keepalive, any_tids)
 keepalive_acks = st.builds(KeepaliveAck, any_tids)
 goodbyes = st.builds(Goodbye, any_tids, U8, _opt(U32), _opt(diagnostics))
@@ -178,7 +185,23 @@ errors = st.builds(Error, any_tids, U8, _opt(U32), _opt(diagnostics))
 registration_requests = st.builds(UeRegistrationRequest, tids, ue_service_ids, _opt(credentials),
                                   _opt(any_profiles))
 deregistration_requests = st.builds(UeDeregistrationRequest, tids, ue_service_ids,
-                                    _opt(credentials))
+                                    _opt(credentials), _opt(st.just(1)))
+bucket_bits = st.integers(0, 12)
+digest_requests = st.builds(DigestRequest, tids, bucket_bits)
+# One frame of DIGEST RESPONSE (the whole response when it covers every bucket).
+digest_responses = st.builds(DigestResponse, any_tids, st.integers(0, 4095),
+                             st.integers(1, 8).map(lambda n: bytes(range(16)) * n),
+                             _opt(bucket_bits))
+
+
+@st.composite
+def _list_requests(draw: Any) -> ListRequest:
+    bits = draw(bucket_bits)
+    buckets = draw(st.sets(st.integers(0, (1 << bits) - 1), min_size=1, max_size=20))
+    return ListRequest(draw(tids), bits, tuple(sorted(buckets)))
+
+
+list_requests = _list_requests()
 registration_responses = _response(UeRegistrationResponse)
 deregistration_responses = _response(UeDeregistrationResponse)
 
@@ -193,6 +216,9 @@ SINGLE = {
     MessageType.UE_DEREGISTRATION_REQUEST: deregistration_requests,
     MessageType.UE_REGISTRATION_RESPONSE: registration_responses,
     MessageType.UE_DEREGISTRATION_RESPONSE: deregistration_responses,
+    MessageType.DIGEST_REQUEST: digest_requests,
+    MessageType.DIGEST_RESPONSE: digest_responses,
+    MessageType.LIST_REQUEST: list_requests,
 }
 SINGLE_WITH_UNKNOWN = {t: _with_unknown(s) for t, s in SINGLE.items()}
 
@@ -246,4 +272,13 @@ IE_VALUES: dict[IEI, st.SearchStrategy[Any]] = {
     IEI.APPLICATION_DATA: st.one_of(st.binary(max_size=APPLICATION_DATA_MAX),
                                     st.binary(min_size=APPLICATION_DATA_MAX,
                                               max_size=APPLICATION_DATA_MAX)),
+    IEI.SYNC_SUPPORTED: st.just(1),
+    IEI.BUCKET_BITS: bucket_bits,
+    IEI.FIRST_BUCKET: U16,
+    IEI.BUCKET_DIGESTS: st.integers(1, 20).flatmap(
+        lambda n: st.binary(min_size=16 * n, max_size=16 * n)),
+    IEI.BUCKET_LIST: st.sets(U16, min_size=1, max_size=30).map(lambda v: tuple(sorted(v))),
+    IEI.LISTED_UE: _GROUPED,
+    IEI.UE_HASH: st.binary(min_size=16, max_size=16),
+    IEI.RELEASE: st.just(1),
 }

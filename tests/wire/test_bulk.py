@@ -171,9 +171,10 @@ def test_reader_refuses_a_first_fragment_without_its_number() -> None:
 
 
 def test_every_bulk_message_type_has_a_layout() -> None:
-    from wire.constants import BULK_MESSAGES
+    from wire.constants import BULK_MESSAGES, MessageType
 
-    assert set(BULK_SPECS) == BULK_MESSAGES
+    # v1.1's LIST RESPONSE has the bulk layout without an indicator (docs/protocol.md §6.2).
+    assert set(BULK_SPECS) == BULK_MESSAGES | {MessageType.LIST_RESPONSE}
     for mtype, spec in BULK_SPECS.items():
         assert BulkReader(mtype, ENTRY_DECODERS).entry_iei == spec.entry
 

@@ -138,6 +138,7 @@ ENTRY_STRATEGIES = {
     IEI.DEREGISTRATION_ENTRY: ws.deregistration_entries,
     IEI.REGISTRATION_RESPONSE_ENTRY: ws.registration_response_entries,
     IEI.DEREGISTRATION_RESPONSE_ENTRY: ws.deregistration_response_entries,
+    IEI.LISTED_UE: ws.listed_ues,
 }
 
 

@@ -28,7 +28,7 @@ from wire.messages import (
 PROFILE_VALUES = (2, "+15551230001", 2000, 1, (3600, 60), 1200, b"\x00")
 BUILT: list[tuple[Any, type, tuple[Any, ...]]] = [
     (_REGISTRATION_ENTRY, RegistrationEntry, ("ue-1@gw1", bytes(32), Profile(ue_type=1))),
-    (_DEREGISTRATION_ENTRY, DeregistrationEntry, ("ue-1@gw1", None)),
+    (_DEREGISTRATION_ENTRY, DeregistrationEntry, ("ue-1@gw1", None, None)),
     (_PROFILE, Profile, PROFILE_VALUES),
     (_build_bulk_entry_received, BulkEntryReceived, (7, 3, RegistrationEntry("ue-2"), None)),
 ]

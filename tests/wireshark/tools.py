@@ -61,7 +61,8 @@ def load_gen_tables():
 # Sent by the server (the rest by the gateway), so each stream has the direction it would have.
 FROM_SERVER = {MessageType.HELLO_ACK, MessageType.UE_REGISTRATION_RESPONSE,
                MessageType.UE_DEREGISTRATION_RESPONSE, MessageType.BULK_REGISTRATION_RESPONSE,
-               MessageType.BULK_DEREGISTRATION_RESPONSE, MessageType.ERROR, MessageType.GOODBYE}
+               MessageType.BULK_DEREGISTRATION_RESPONSE, MessageType.ERROR, MessageType.GOODBYE,
+               MessageType.DIGEST_RESPONSE, MessageType.LIST_RESPONSE}
 
 def frames_of(vector: dict) -> bytes:
     data = bytes.fromhex(vector["hex"])

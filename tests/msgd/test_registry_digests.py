@@ -1,0 +1,83 @@
+"""wire v1.1 sync reads of the SQLite registry (msgd/registry/digests.py): durable state only,
+a takeover in both gateways' digests, a failed commit never seen, and the rebuild at start
+equal to the digests kept incrementally. Real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from msgd.errors import RegistryError
+from msgd.registry.store import Registry
+from wire.sync import digests_of, ue_hash
+
+
+def _expected(ues: dict[str, bytes | None], bits: int = 12) -> bytes:
+    return digests_of(((u.encode(), p) for u, p in ues.items()), bits)
+
+
+async def test_reads_show_durable_state_only(tmp_path: Path) -> None:
+    reg = Registry.open(tmp_path / "r.sqlite")
+    reg.start(asyncio.get_running_loop())
+    try:
+        await reg.wait_durable(reg.submit_register("a", "gw1", None))
+        assert await reg.sync_digests("gw1", 12) == _expected({"a": None})
+        seq = reg.submit_register("b", "gw1", b"\x30\x00\x01\x01")
+        reg.submit_deregister("a")
+        # Same turn: neither change is durable, so neither is in a LIST or a DIGEST.
+        assert await reg.sync_list("gw1", 0, (0,)) == [("a", ue_hash(b"a", None))]
+        assert reg._digests.digests("gw1", 4) == _expected({"a": None}, 4)
+        await reg.wait_durable(seq + 1)
+        assert await reg.sync_list("gw1", 0, (0,)) == [("b", ue_hash(b"b", b"\x30\x00\x01\x01"))]
+        assert await reg.sync_digests("gw1", 3) == _expected({"b": b"\x30\x00\x01\x01"}, 3)
+        # Takeover: b leaves gw1's digest and enters gw2's.
+        await reg.wait_durable(reg.submit_register("b", "gw2", None))
+        assert await reg.sync_digests("gw1", 12) == bytes(16 * 4096)
+        assert await reg.sync_digests("gw2", 12) == _expected({"b": None})
+        assert await reg.sync_list("gw1", 12, tuple(range(4096))) == []
+    finally:
+        await reg.close()
+
+
+async def test_a_failed_commit_never_reaches_the_digests(tmp_path: Path) -> None:
+    reg = Registry.open(tmp_path / "r.sqlite")
+    reg.start(asyncio.get_running_loop())
+    try:
+        await reg.wait_durable(reg.submit_register("keep", "gw1", None))
+        before = await reg.sync_digests("gw1", 12)
+        reg._debug_set_max_page_count(None)
+        big = bytes(range(256)) * 32
+        last = [reg.submit_register(f"ue-{n}", "gw1", big) for n in range(20)][-1]
+        with pytest.raises(RegistryError):
+            await reg.wait_durable(last)
+        assert await reg.sync_digests("gw1", 12) == before
+        assert await reg.sync_list("gw1", 0, (0,)) == [("keep", ue_hash(b"keep", None))]
+    finally:
+        reg._debug_set_max_page_count(1 << 30)
+        await reg.close()
+
+
+async def test_rebuild_at_start_equals_the_kept_digests(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    reg = Registry.open(path)
+    reg.start(asyncio.get_running_loop())
+    ues = {f"ue-{n}": (None if n % 2 else bytes([0x30, 0, 1, 1 + n % 2])) for n in range(300)}
+    try:
+        for uid, profile in ues.items():
+            reg.submit_register(uid, "gw1", profile)
+        await reg.wait_durable(reg.submit_deregister("ue-0"))
+        del ues["ue-0"]
+        kept = await reg.sync_digests("gw1", 12)
+    finally:
+        await reg.close()
+    assert kept == _expected(ues)
+    reopened = Registry.open(path)
+    reopened.start(asyncio.get_running_loop())
+    try:
+        assert await reopened.sync_digests("gw1", 12) == kept
+        assert sorted(await reopened.sync_list("gw1", 1, (0, 1))) == sorted(
+            (u, ue_hash(u.encode(), p)) for u, p in ues.items())
+    finally:
+        await reopened.close()
