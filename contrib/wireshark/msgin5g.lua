@@ -314,6 +314,9 @@ proto.experts = all_experts
 -- what a packet shows does not depend on which packet was looked at before it.
 
 local f_tcp_stream = Field.new("tcp.stream")
+-- The TLS records of the packet dissected so far: the one whose data this call decodes is the
+-- last of them (nothing on plaintext TCP).
+local f_tls_app_data = Field.new("tls.app_data")
 local conversations, pdus = {}, {}
 
 function proto.init()
@@ -1122,6 +1125,10 @@ function proto.dissector(tvb, pinfo, root)
     local len = tvb:len()
     local offset, index = 0, 0
     local conv = conversation(pinfo)
+    -- One TCP segment may carry several TLS records, each decrypted into a tvb of its own that
+    -- starts at 0: frames of the same length and header in two of them (full fragments of one
+    -- DIGEST RESPONSE) would share their state without the record's position in the key.
+    local record = select("#", f_tls_app_data())
     while offset < len do
         local left = len - offset
         if left < HEADER_SIZE then
@@ -1149,7 +1156,7 @@ function proto.dissector(tvb, pinfo, root)
             pinfo.desegment_len = size - left
             return len
         end
-        local key = string.format("%d:%d:%d:%d:%s", pinfo.number, len, offset, index,
+        local key = string.format("%d:%d:%d:%d:%d:%s", pinfo.number, record, len, offset, index,
             tvb(offset, 8):bytes():tohex())
         dissect_pdu(tvb(offset, size):tvb(), pinfo, root, conv, key)
         offset = offset + size
