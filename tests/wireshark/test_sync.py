@@ -16,7 +16,7 @@ import pytest
 
 from tests.vectors import V1_1
 from tests.wireshark.pcap import Capture
-from tests.wireshark.tools import Node, decode
+from tests.wireshark.tools import Node, decode, from_server
 from wire.constants import IEI, MESSAGE_NAMES, ErrorCause, MessageType
 from wire.messages import (
     BulkMessage,
@@ -80,7 +80,6 @@ SCALARS = {"transaction_id": "tid", "node_name": "node_name", "max_frame_size": 
            "sync_supported": "sync.supported", "bucket_bits": "sync.bucket_bits",
            "count": "count", "ue_service_id": "ue_id", "release": "release"}
 OCTETS = {"sync.ue_hash", "sync.digest"}
-FROM_SERVER = {MessageType.HELLO_ACK, MessageType.DIGEST_RESPONSE, MessageType.LIST_RESPONSE}
 
 
 def u16(v: int) -> bytes:
@@ -160,7 +159,7 @@ def vector_stream(vector: dict):
             to_server = context.startswith("server")
         data = bytes.fromhex(vector["hex"])
         if context is None:
-            to_server = data[1] not in FROM_SERVER
+            to_server = not from_server(data)
         stream.send(data, from_client=to_server, cuts=(5, len(data) // 2))
     return build
 
