@@ -163,7 +163,9 @@ for t, m in pairs(MESSAGES) do
 end
 -- docs/protocol.md §6.1: the largest Bucket bits a request may carry.
 local BUCKET_BITS_MAX = 0
-for _, b in ipairs(IES[IEI.BUCKET_BITS].allowed) do BUCKET_BITS_MAX = math.max(BUCKET_BITS_MAX, b) end
+for _, b in ipairs(IES[IEI.BUCKET_BITS].allowed) do
+    BUCKET_BITS_MAX = math.max(BUCKET_BITS_MAX, b)
+end
 for i, list in pairs(GROUPS) do GROUP_SPECS[i] = make_spec(IES[i].name, list) end
 
 -- --- fields -----------------------------------------------------------------------------------
@@ -533,8 +535,8 @@ local function dissect_value(tvb, voff, vlen, iei, ie, item, scope, pinfo)
             return wrong_length(string.format("n x %d octets with n >= 1%s", ie.size,
                 vlen == 0 and ": it is empty" or ""))
         end
-        if ie.kind == "records" then return dissect_records(tvb, voff, vlen, iei, ie, item, scope) end
-        return dissect_list(tvb, voff, vlen, iei, ie, item, scope)
+        local dissect = ie.kind == "records" and dissect_records or dissect_list
+        return dissect(tvb, voff, vlen, iei, ie, item, scope)
     elseif ie.kind == "text" then
         local raw = vrange:raw()
         local valid, ctrl, shown = check_text(raw)
