@@ -875,15 +875,16 @@ local function learn_sender(conv, pinfo, msg, pdu)
 end
 
 local function set_info(pinfo, text)
-    -- The protocol column is fresh on every dissection of a packet: the first PDU of the
-    -- packet replaces the Info column, later ones are appended.
-    if tostring(pinfo.cols.protocol) ~= "MSGin5G" then
-        pinfo.cols.protocol = "MSGin5G"
-        pinfo.cols.info:clear_fence()
-        pinfo.cols.info:set(text)
-    else
-        pinfo.cols.info:append(" | " .. text)
-    end
+    -- The Info column lists every PDU of the packet. pinfo.private lives for one dissection
+    -- of the packet, so it holds what the PDUs before this one wrote; the column is written
+    -- whole each time because, between two TLS records of one packet, TLS rewrites the
+    -- protocol column and fences the Info column (appending there lost the earlier PDUs).
+    local before = pinfo.private.msgin5g_info
+    local all = before and (before .. " | " .. text) or text
+    pinfo.private.msgin5g_info = all
+    pinfo.cols.protocol = "MSGin5G"
+    pinfo.cols.info:clear_fence()
+    pinfo.cols.info:set(all)
 end
 
 local function dissect_pdu(tvb, pinfo, root, conv, key)

@@ -13,6 +13,8 @@ thin wrapper around the client's sync requests) and compared with what tshark de
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from msgd.gateway import GatewayClient, GatewayUe
@@ -183,3 +185,15 @@ def test_display_filters(session):
                  keylog=session["keylog"])
     found = {MESSAGE_NAMES[MessageType(int(t, 16))] for t in out.replace(",", " ").split()}
     assert found == {"LIST REQUEST", "DIGEST RESPONSE", "UE DE-REGISTRATION REQUEST"}
+
+
+def test_info_column_lists_every_fragment_of_a_packet(session):
+    """A TCP segment here carries several 16 KiB TLS records, each with parts of four
+    4 108-octet frames: the Info column still lists every fragment the packet holds."""
+    out = tshark(session["pcap"], "-2", "-Y", "msgin5g.sync.fragment", "-T", "fields",
+                 "-e", "msgin5g.sync.fragment", "-e", "_ws.col.Info", keylog=session["keylog"])
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert max(len(numbers.split(",")) for numbers, _ in rows) > 4  # records' worth
+    for numbers, info in rows:
+        assert re.findall(r"DIGEST RESPONSE tid=\d+ (?:b=\d+ )?fragment (\d+)", info) \
+            == numbers.split(","), info
