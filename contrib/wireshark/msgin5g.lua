@@ -843,6 +843,9 @@ local function show_digest_fragment(tvb, ti, d, more)
     elseif d.total and not more and d.so_far < d.total then
         fault(ef.digest_count, "DIGEST RESPONSE: last fragment after %d of %d buckets "
             .. "(INVALID_MESSAGE)", d.so_far, d.total)
+    elseif d.total and more and d.so_far == d.total then
+        fault(ef.digest_count, "DIGEST RESPONSE: MORE after the last of %d buckets "
+            .. "(INVALID_MESSAGE)", d.total)
     end
     if d.continuation then
         bt:add_proto_expert_info(ef.bulk_continuation)

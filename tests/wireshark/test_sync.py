@@ -142,6 +142,8 @@ def digest_faults_stream(stream) -> None:
     stream.send(digest_fragment(11, 0, 1, bits=1, more=True), from_client=False)
     stream.send(encode_message(Error(11, ErrorCause.INVALID_MESSAGE)))
     stream.send(digest_fragment(11, 1, 1), from_client=False)
+    # MORE on the fragment that holds the last bucket.
+    stream.send(digest_fragment(12, 0, 2, bits=1, more=True), from_client=False)
 
 
 SCENARIOS = {"exchange": exchange_stream, "digest_faults": digest_faults_stream}
@@ -320,7 +322,7 @@ def test_exchange_with_fragments_linked_to_requests(decoded):
 def test_digest_fragments_out_of_sequence(decoded):
     pdus = [p for _, p in decoded["digest_faults"]][2:]
     (overlap_1, overlap_2, late_bits, too_many, no_bits, continuation, first, again, last,
-     list_more, _request, before_error, _error, after_error) = pdus
+     list_more, _request, before_error, _error, after_error, more_after_last) = pdus
     assert kinds(overlap_1) == []
     assert kinds(overlap_2) == ["digest_sequence"]
     assert "an overlap" in overlap_2.experts()[0].message
@@ -341,3 +343,5 @@ def test_digest_fragments_out_of_sequence(decoded):
     assert kinds(before_error) == []
     # After the ERROR, the next fragment with that id is no continuation of the first.
     assert kinds(after_error) == ["bulk_continuation"]
+    assert kinds(more_after_last) == ["digest_count"]
+    assert "MORE after the last of 2 buckets" in more_after_last.experts()[0].message
