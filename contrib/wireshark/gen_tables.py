@@ -4,10 +4,12 @@
     python contrib/wireshark/gen_tables.py --check   # exit 1 if the committed file differs
 
 Numbers, names, value shapes and IE tables come from wire/ (constants, ies.IE_VALUE,
-messages.MESSAGE_SPECS / ENTRY_SPECS / PROFILE_SPEC / BULK_SPECS, session._RECEIVES). What
-wire/ does not say is only how Wireshark shows an IE: its label and display-filter name
-(PRESENTATION below). A new message type or IE is a change in wire/ plus, for an IE, one line
-here; the generator refuses to run when wire/ has an IE this table does not present.
+messages.MESSAGE_SPECS / ENTRY_SPECS / PROFILE_SPEC / BULK_SPECS, session._RECEIVES), wire
+v1.1's sync messages (docs/protocol.md §6) included. What wire/ does not say is only how
+Wireshark shows an IE: its label and display-filter name (PRESENTATION below), and how the
+records of a Bucket digests IE are numbered (RECORDS). A new message type or IE is a change
+in wire/ plus, for an IE, one line here; the generator refuses to run when wire/ has an IE
+this table does not present.
 tests/wireshark/test_tables.py fails when the committed .lua is not what this writes.
 """
 
@@ -81,18 +83,25 @@ PRESENTATION: dict[C.IEI, tuple[str, str, type[IntEnum] | dict[int, str] | None]
     I.COMMUNICATION_AVAILABILITY: ("Communication availability", "availability", None),
     I.MAXIMUM_SEGMENT_SIZE: ("Maximum segment size", "max_segment_size", None),
     I.APPLICATION_DATA: ("Application data", "application_data", None),
-    # v1.1, registry sync (docs/protocol.md §6.2)
-    I.SYNC_SUPPORTED: ("Sync supported", "sync_supported", None),
-    I.BUCKET_BITS: ("Bucket bits", "bucket_bits", None),
-    I.FIRST_BUCKET: ("First bucket", "first_bucket", None),
-    I.BUCKET_DIGESTS: ("Bucket digests", "bucket_digests", None),
-    I.BUCKET_LIST: ("Bucket list", "bucket_list", None),
-    I.LISTED_UE: ("Listed UE", "listed_ue", None),
-    I.UE_HASH: ("UE hash", "ue_hash", None),
+    # v1.1, registry sync (docs/protocol.md §6.2).
+    I.SYNC_SUPPORTED: ("Sync supported", "sync.supported", YES_NO),
+    I.BUCKET_BITS: ("Bucket bits", "sync.bucket_bits", None),
+    I.FIRST_BUCKET: ("First bucket", "sync.first_bucket", None),
+    I.BUCKET_DIGESTS: ("Bucket digests", "sync.digest", None),
+    I.BUCKET_LIST: ("Bucket list", "sync.bucket", None),
+    I.LISTED_UE: ("Listed UE", "sync.listed_ue", None),
+    I.UE_HASH: ("UE hash", "sync.ue_hash", None),
     I.RELEASE: ("Release", "release", None),
 }
 # The parts of a value made of several numbers (wire-v1 §3: "u32 period, u32 window").
 PARTS: dict[C.IEI, tuple[str, ...]] = {I.COMMUNICATION_AVAILABILITY: ("period", "window")}
+# IEs made of numbered records -> (the IE of the same message whose value numbers the first
+# record, the IE whose display-filter field shows the number). docs/protocol.md §6.2: digest k
+# of a fragment is bucket First bucket + k, so `msgin5g.sync.bucket == 5` finds both the LIST
+# REQUEST naming bucket 5 and the DIGEST RESPONSE carrying its digest.
+RECORDS: dict[C.IEI, tuple[C.IEI, C.IEI]] = {I.BUCKET_DIGESTS: (I.FIRST_BUCKET, I.BUCKET_LIST)}
+# The label of one record or element of a list-shaped IE.
+ITEM_LABELS: dict[C.IEI, str] = {I.BUCKET_DIGESTS: "Digest", I.BUCKET_LIST: "Bucket"}
 
 
 def lua_str(text: str) -> str:
@@ -119,15 +128,26 @@ def value_shape(iei: C.IEI) -> dict[str, object]:
         return {"kind": "bytes", "len": c.length}
     if isinstance(c, ies.BoundedBytes):
         return {"kind": "opaque", "max": c.max_len}
-    if isinstance(c, ies.Records | ies.AscendingU16s):
-        return {"kind": "opaque", "max": ies.IE_VALUE_MAX}  # (v1.1 lists, shown as octets)
+    if isinstance(c, ies.Records):
+        first, index = RECORDS[iei]
+        return {"kind": "records", "size": c.size, "item": ITEM_LABELS[iei],
+                "first": IeiRef(first), "index": IeiRef(index)}
+    if isinstance(c, ies.AscendingU16s):
+        # docs/protocol.md §6.2: n x u16, n >= 1, strictly ascending.
+        return {"kind": "list", "size": 2, "item": ITEM_LABELS[iei], "ascending": True}
     if isinstance(c, ies.Utf8Text):
         return {"kind": "text", "min": c.min_len, "max": c.max_len,
                 "no_controls": c.no_controls}
     raise TypeError(f"no Lua shape for {iei.name}: {c!r}")
 
 
+class IeiRef(int):
+    """An IEI inside a value shape, written in hex like the other IEIs of the tables."""
+
+
 def lua_value(value: object) -> str:
+    if isinstance(value, IeiRef):
+        return f"0x{int(value):02X}"
     if value is None:
         return "nil"
     if isinstance(value, bool):
@@ -201,7 +221,9 @@ def generate() -> str:
     for iei, spec in messages.GROUP_SPECS.items():
         out.append(f"    [0x{int(iei):02X}] = {spec_table(spec)},")
     out.append("}")
-    out += ["", "-- wire-v1 §4, §5: message type -> name, sender, IE table or bulk layout",
+    out += ["", "-- wire-v1 §4, §5 and docs/protocol.md §6.2: message type -> name, sender, IE "
+            "table or bulk",
+            "-- layout, whether MORE may be set, whether it is a v1.1 sync message",
             "local MESSAGES = {"]
     for mtype in C.MessageType:
         to_server = mtype in receives[session.Role.SERVER]
@@ -209,14 +231,17 @@ def generate() -> str:
         sender = "both" if to_server and to_gateway else "gateway" if to_server else "server"
         parts = [f"name = {lua_str(C.MESSAGE_NAMES[mtype])}", f"sender = {lua_str(sender)}"]
         if mtype in messages.BULK_SPECS:
+            # LIST RESPONSE (v1.1) has the bulk layout without an indicator.
             bulk = messages.BULK_SPECS[mtype]
-            indicator = ("" if bulk.indicator is None  # (v1.1 LIST RESPONSE has none)
+            indicator = ("" if bulk.indicator is None
                          else f"indicator = 0x{int(bulk.indicator):02X}, ")
             parts.append(f"bulk = {{{indicator}entry = 0x{int(bulk.entry):02X}}}")
         else:
             parts.append(f"ies = {spec_table(messages.MESSAGE_SPECS[mtype])}")
-        if mtype in C.FRAGMENTED_MESSAGES and mtype not in messages.BULK_SPECS:
-            parts.append("fragmented = true")  # v1.1 DIGEST RESPONSE: MORE allowed
+        if mtype in C.FRAGMENTED_MESSAGES:
+            parts.append("fragmented = true")  # MORE allowed (wire-v1 §2, amended by §6.2)
+        if mtype in C.SYNC_MESSAGES:
+            parts.append("sync = true")  # only after HELLO ACK announced Sync supported
         out.append(f"    [0x{int(mtype):02X}] = {{{', '.join(parts)}}},")
     out.append("}")
     out += ["", "-- request type -> the response type that answers it", "local RESPONSE_TO = {"]

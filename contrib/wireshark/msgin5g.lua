@@ -1,6 +1,7 @@
 -- msgin5g.lua: Wireshark (>= 4.0) dissector for the MSGin5G gateway protocol, wire v1:
 -- the link between a Message Gateway and the MSGin5G Server of 3GPP TS 23.554 (registration,
--- de-registration and their bulk forms for Non-MSGin5G UEs), spec ../shared/spec/wire-v1.md.
+-- de-registration and their bulk forms for Non-MSGin5G UEs), spec ../shared/spec/wire-v1.md,
+-- and msgd's v1.1 extension, registry sync (DIGEST / LIST, Release), docs/protocol.md §6.
 --
 -- Runs on TLS (port 7554, or any port whose TLS session negotiated ALPN "msgin5g-gw/1") and,
 -- through Decode As, on plaintext TCP:  tshark -X lua_script:msgin5g.lua -d tcp.port==7554,msgin5g
@@ -13,8 +14,9 @@
 
 if set_plugin_info then
     set_plugin_info({
-        version = "1.0.0",
-        description = "MSGin5G gateway protocol (wire v1, 3GPP TS 23.554 gateway registration)",
+        version = "1.1.0",
+        description = "MSGin5G gateway protocol (wire v1 and v1.1 registry sync, "
+            .. "3GPP TS 23.554 gateway registration)",
         repository = "msgd contrib/wireshark",
     })
 end
@@ -66,13 +68,13 @@ local IES = {
     [0x1A] = {name = "Diagnostic", field = "diagnostic", kind = "text", min = 0, max = 1024, no_controls = false},
     [0x1B] = {name = "Gateway type", field = "gateway_type", kind = "uint", size = 1, allowed = {1, 2}, names = {[1] = "LEGACY_3GPP", [2] = "NON_3GPP"}},
     [0x1C] = {name = "UE authentication required", field = "ue_authentication_required", kind = "uint", size = 1, allowed = {0, 1}, names = {[0] = "no", [1] = "yes"}},
-    [0x1D] = {name = "Sync supported", field = "sync_supported", kind = "uint", size = 1, allowed = {1}},
-    [0x1E] = {name = "Bucket bits", field = "bucket_bits", kind = "uint", size = 1, allowed = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}},
-    [0x1F] = {name = "First bucket", field = "first_bucket", kind = "uint", size = 2},
-    [0x20] = {name = "Bucket digests", field = "bucket_digests", kind = "opaque", max = 65535},
-    [0x21] = {name = "Bucket list", field = "bucket_list", kind = "opaque", max = 65535},
-    [0x22] = {name = "Listed UE", field = "listed_ue", kind = "group", max = 65535},
-    [0x23] = {name = "UE hash", field = "ue_hash", kind = "bytes", len = 16},
+    [0x1D] = {name = "Sync supported", field = "sync.supported", kind = "uint", size = 1, allowed = {1}, names = {[0] = "no", [1] = "yes"}},
+    [0x1E] = {name = "Bucket bits", field = "sync.bucket_bits", kind = "uint", size = 1, allowed = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}},
+    [0x1F] = {name = "First bucket", field = "sync.first_bucket", kind = "uint", size = 2},
+    [0x20] = {name = "Bucket digests", field = "sync.digest", kind = "records", size = 16, item = "Digest", first = 0x1F, index = 0x21},
+    [0x21] = {name = "Bucket list", field = "sync.bucket", kind = "list", size = 2, item = "Bucket", ascending = true},
+    [0x22] = {name = "Listed UE", field = "sync.listed_ue", kind = "group", max = 65535},
+    [0x23] = {name = "UE hash", field = "sync.ue_hash", kind = "bytes", len = 16},
     [0xA4] = {name = "Release", field = "release", kind = "uint", size = 1, allowed = {1}},
     [0x30] = {name = "UE type", field = "ue_type", kind = "uint", size = 1, allowed = {1, 2}, names = {[1] = "LEGACY_3GPP_UE", [2] = "NON_3GPP_UE"}},
     [0x31] = {name = "Triggering UE identifier", field = "triggering_ue_id", kind = "text", min = 1, max = 64, no_controls = true},
@@ -98,7 +100,8 @@ local GROUPS = {
     [0x22] = {{0x01, "M"}, {0x23, "M"}},
 }
 
--- wire-v1 §4, §5: message type -> name, sender, IE table or bulk layout
+-- wire-v1 §4, §5 and docs/protocol.md §6.2: message type -> name, sender, IE table or bulk
+-- layout, whether MORE may be set, whether it is a v1.1 sync message
 local MESSAGES = {
     [0x01] = {name = "HELLO", sender = "gateway", ies = {{0x10, "M"}, {0x1B, "M"}, {0x16, "O"}, {0x12, "O"}}},
     [0x02] = {name = "HELLO ACK", sender = "server", ies = {{0x10, "M"}, {0x11, "M"}, {0x12, "M"}, {0x13, "M"}, {0x14, "M"}, {0x15, "M"}, {0x17, "M"}, {0x1C, "M"}, {0x16, "O"}, {0x1D, "O"}}},
@@ -110,14 +113,14 @@ local MESSAGES = {
     [0x11] = {name = "UE REGISTRATION RESPONSE", sender = "server", ies = {{0x01, "M"}, {0x04, "M"}, {0x06, "C"}, {0x18, "O"}}},
     [0x12] = {name = "UE DE-REGISTRATION REQUEST", sender = "gateway", ies = {{0x01, "M"}, {0x02, "C"}, {0xA4, "O"}}},
     [0x13] = {name = "UE DE-REGISTRATION RESPONSE", sender = "server", ies = {{0x01, "M"}, {0x05, "M"}, {0x06, "C"}, {0x18, "O"}}},
-    [0x14] = {name = "BULK REGISTRATION REQUEST", sender = "gateway", bulk = {indicator = 0x07, entry = 0x0C}},
-    [0x15] = {name = "BULK REGISTRATION RESPONSE", sender = "server", bulk = {indicator = 0x08, entry = 0x0D}},
-    [0x16] = {name = "BULK DE-REGISTRATION REQUEST", sender = "gateway", bulk = {indicator = 0x09, entry = 0x0E}},
-    [0x17] = {name = "BULK DE-REGISTRATION RESPONSE", sender = "server", bulk = {indicator = 0x0A, entry = 0x0F}},
-    [0x18] = {name = "DIGEST REQUEST", sender = "gateway", ies = {{0x1E, "M"}}},
-    [0x19] = {name = "DIGEST RESPONSE", sender = "server", ies = {{0x1E, "O"}, {0x1F, "M"}, {0x20, "M"}}, fragmented = true},
-    [0x1A] = {name = "LIST REQUEST", sender = "gateway", ies = {{0x1E, "M"}, {0x21, "M"}}},
-    [0x1B] = {name = "LIST RESPONSE", sender = "server", bulk = {entry = 0x22}},
+    [0x14] = {name = "BULK REGISTRATION REQUEST", sender = "gateway", bulk = {indicator = 0x07, entry = 0x0C}, fragmented = true},
+    [0x15] = {name = "BULK REGISTRATION RESPONSE", sender = "server", bulk = {indicator = 0x08, entry = 0x0D}, fragmented = true},
+    [0x16] = {name = "BULK DE-REGISTRATION REQUEST", sender = "gateway", bulk = {indicator = 0x09, entry = 0x0E}, fragmented = true},
+    [0x17] = {name = "BULK DE-REGISTRATION RESPONSE", sender = "server", bulk = {indicator = 0x0A, entry = 0x0F}, fragmented = true},
+    [0x18] = {name = "DIGEST REQUEST", sender = "gateway", ies = {{0x1E, "M"}}, sync = true},
+    [0x19] = {name = "DIGEST RESPONSE", sender = "server", ies = {{0x1E, "O"}, {0x1F, "M"}, {0x20, "M"}}, fragmented = true, sync = true},
+    [0x1A] = {name = "LIST REQUEST", sender = "gateway", ies = {{0x1E, "M"}, {0x21, "M"}}, sync = true},
+    [0x1B] = {name = "LIST RESPONSE", sender = "server", bulk = {entry = 0x22}, fragmented = true, sync = true},
 }
 
 -- request type -> the response type that answers it
@@ -133,7 +136,7 @@ local RESPONSE_TO = {
 }
 -- END GENERATED TABLES
 
-local proto = Proto("msgin5g", "MSGin5G gateway protocol (wire v1)")
+local proto = Proto("msgin5g", "MSGin5G gateway protocol (wire v1.1)")
 
 -- --- tables derived from the generated ones -------------------------------------------------
 
@@ -153,7 +156,15 @@ end
 local MESSAGE_SPECS, GROUP_SPECS, ENTRY_IEIS = {}, {}, {}
 for t, m in pairs(MESSAGES) do
     if m.ies then MESSAGE_SPECS[t] = make_spec(m.name, m.ies) end
-    if m.bulk then ENTRY_IEIS[m.bulk.entry] = true end
+    -- The entries of wire-v1 §5 bulks are decoded one by one (a bad one is INVALID_ENTRY);
+    -- LIST RESPONSE's Listed UEs (no indicator) are part of their message: a bad one makes
+    -- the gateway answer INVALID_MESSAGE (docs/protocol.md §6.2).
+    if m.bulk and m.bulk.indicator then ENTRY_IEIS[m.bulk.entry] = true end
+end
+-- docs/protocol.md §6.1: the largest Bucket bits a request may carry.
+local BUCKET_BITS_MAX = 0
+for _, b in ipairs(IES[IEI.BUCKET_BITS].allowed) do
+    BUCKET_BITS_MAX = math.max(BUCKET_BITS_MAX, b)
 end
 for i, list in pairs(GROUPS) do GROUP_SPECS[i] = make_spec(IES[i].name, list) end
 
@@ -193,6 +204,15 @@ local hf = {
     response_in = ProtoField.framenum("msgin5g.response_in", "Response in", base.NONE,
         frametype.RESPONSE),
     time = ProtoField.relative_time("msgin5g.time", "Time since request"),
+    -- v1.1: the fragments of a DIGEST RESPONSE (docs/protocol.md §6.2)
+    digest = ProtoField.none("msgin5g.sync.digest_fragment", "Digest fragment"),
+    digest_fragment = ProtoField.uint32("msgin5g.sync.fragment", "Fragment number", base.DEC),
+    digest_buckets = ProtoField.uint32("msgin5g.sync.fragment_buckets",
+        "Buckets in this fragment", base.DEC),
+    digest_so_far = ProtoField.uint32("msgin5g.sync.buckets_so_far", "Buckets so far", base.DEC),
+    digest_total = ProtoField.uint32("msgin5g.sync.bucket_count", "Buckets in all (2^Bucket bits)",
+        base.DEC),
+    digest_last = ProtoField.bool("msgin5g.sync.last", "Last fragment"),
 }
 -- One field per IE value, named by the generated table (msgin5g.ue_id, msgin5g.cause, ...).
 local hf_value, hf_parts = {}, {}
@@ -211,6 +231,10 @@ for iei, ie in pairs(IES) do
         end
     elseif ie.kind == "bytes" or ie.kind == "opaque" then
         hf_value[iei] = ProtoField.bytes(abbr, ie.name)
+    elseif ie.kind == "records" then
+        hf_value[iei] = ProtoField.bytes(abbr, ie.item)
+    elseif ie.kind == "list" then
+        hf_value[iei] = ProtoField.uint16(abbr, ie.item, base.DEC)
     end
 end
 local all_fields = {}
@@ -233,7 +257,8 @@ local ef = {
     reserved_flags = ei("reserved_flags", "Reserved flag bits set", G.MALFORMED, E),
     frame_too_large = ei("frame_too_large", "Frame body too large", G.PROTOCOL, E),
     unknown_message_type = ei("unknown_message_type", "Unknown message type", G.UNDECODED, W),
-    more_on_single = ei("more_on_single", "MORE on a message that is not bulk", G.PROTOCOL, E),
+    more_on_single = ei("more_on_single", "MORE on a message that is never fragmented",
+        G.PROTOCOL, E),
     bad_tid = ei("bad_tid", "Transaction ID not allowed here", G.PROTOCOL, E),
     wrong_direction = ei("wrong_direction", "Message sent in the wrong direction", G.PROTOCOL, E),
     truncated_ie = ei("truncated_ie", "IE runs past the end of its container", G.MALFORMED, E),
@@ -256,14 +281,28 @@ local ef = {
     bulk_header = ei("bulk_header", "Bulk indicator or Number of entries missing or misplaced",
         G.PROTOCOL, E),
     bulk_continuation = ei("bulk_continuation",
-        "Bulk fragment whose first fragment is not in the capture", G.SEQUENCE, N),
+        "Fragment (bulk, LIST or DIGEST RESPONSE) whose first fragment is not in the capture",
+        G.SEQUENCE, N),
     bulk_restarted = ei("bulk_restarted",
-        "New bulk message while the previous one with this id had no last fragment",
+        "New fragmented message while the previous one with this id had no last fragment",
         G.SEQUENCE, W),
     count_mismatch = ei("count_mismatch", "Entries differ from the announced number", G.PROTOCOL,
         E),
     too_many_entries = ei("too_many_entries", "More entries than the server's maximum",
         G.PROTOCOL, E),
+    -- v1.1, registry sync (docs/protocol.md §6.2, §6.3)
+    not_ascending = ei("not_ascending", "List not strictly ascending", G.PROTOCOL, E),
+    bucket_range = ei("bucket_range", "Bucket number not below 2^Bucket bits", G.PROTOCOL, E),
+    digest_sequence = ei("digest_sequence",
+        "DIGEST RESPONSE fragments with a gap or overlap, or Bucket bits misplaced", G.PROTOCOL,
+        E),
+    digest_count = ei("digest_count", "DIGEST RESPONSE with more or fewer than 2^b buckets",
+        G.PROTOCOL, E),
+    bucket_bits_mismatch = ei("bucket_bits_mismatch", "Bucket bits other than the request's",
+        G.PROTOCOL, E),
+    sync_not_announced = ei("sync_not_announced",
+        "Sync message on a session whose HELLO ACK did not announce Sync supported", G.PROTOCOL,
+        E),
     failure = ei("failure", "Failure result", G.RESPONSE_CODE, N),
     error = ei("error", "ERROR, or GOODBYE with a cause other than NORMAL", G.RESPONSE_CODE, N),
 }
@@ -277,6 +316,9 @@ proto.experts = all_experts
 -- what a packet shows does not depend on which packet was looked at before it.
 
 local f_tcp_stream = Field.new("tcp.stream")
+-- The TLS records of the packet dissected so far: the one whose data this call decodes is the
+-- last of them (nothing on plaintext TCP).
+local f_tls_app_data = Field.new("tls.app_data")
 local conversations, pdus = {}, {}
 
 function proto.init()
@@ -295,7 +337,8 @@ local function conversation(pinfo)
     end
     local conv = conversations[key]
     if conv == nil then
-        conv = {gateway = nil, txns = {}, bulks = {}, max_bulk = nil,
+        -- sync: nil until a HELLO ACK is seen, then whether it announced Sync supported.
+        conv = {gateway = nil, txns = {}, bulks = {}, digests = {}, max_bulk = nil, sync = nil,
                 max_frame = {gateway = DEFAULT_MAX_FRAME_SIZE, server = DEFAULT_MAX_FRAME_SIZE}}
         conversations[key] = conv
     end
@@ -382,7 +425,65 @@ local function group_summary(values)
     if cause then parts[#parts + 1] = FAILURE_CAUSES[cause] or tostring(cause) end
     local retry = known(IEI.RETRY_AFTER)
     if retry then parts[#parts + 1] = "retry after " .. retry .. " ms" end
+    if known(IEI.RELEASE) then parts[#parts + 1] = "release" end
+    if known(IEI.SYNC_SUPPORTED) == 1 then parts[#parts + 1] = "sync supported" end
+    local bits = known(IEI.BUCKET_BITS)
+    if bits then parts[#parts + 1] = "b=" .. bits end
+    local list = values[IEI.BUCKET_LIST]
+    if list and list.shown ~= "" then parts[#parts + 1] = "buckets " .. list.shown end
     return table.concat(parts, " ")
+end
+
+-- Records (Bucket digests), each shown with its number: the value of IE `ie.first` decoded
+-- before it in the same container plus its position, shown in the field of IE `ie.index`
+-- (so msgin5g.sync.bucket == 5 finds bucket 5's digest). Value: the number of records.
+local function dissect_records(tvb, voff, vlen, iei, ie, item, scope)
+    local seen = scope.values and scope.values[ie.first]
+    local first = seen and seen.value
+    local n = vlen / ie.size
+    for k = 0, n - 1 do
+        local r = tvb(voff + k * ie.size, ie.size)
+        local sub = item:add(hf_value[iei], r)
+        local hex = r:bytes():tohex(true)
+        if first then
+            local number = first + k
+            sub:set_text(string.format("%s %d: %s", IES[ie.index].item, number, hex))
+            -- (A number past the field's u16 only comes with a count already flagged.)
+            if number <= 0xFFFF then
+                sub:add(hf_value[ie.index], number):set_generated()
+            end
+        else
+            sub:set_text(string.format("%s %d of this IE: %s", ie.item, k, hex))
+        end
+    end
+    local shown = string.format("%d %s%s", n, ie.item:lower(), n == 1 and "" or "s")
+    if first then
+        local label = IES[ie.index].item:lower()
+        shown = shown .. (n == 1 and string.format(" (%s %d)", label, first)
+            or string.format(" (%ss %d-%d)", label, first, first + n - 1))
+    end
+    return {value = n, shown = shown}
+end
+
+-- A list of u16 (Bucket list), strictly ascending when `ie.ascending`. Value: the numbers and
+-- their tree items ({numbers = ..., items = ...}).
+local function dissect_list(tvb, voff, vlen, iei, ie, item, scope)
+    local numbers, items, prev = {}, {}, nil
+    for k = 0, vlen / ie.size - 1 do
+        local r = tvb(voff + k * ie.size, ie.size)
+        local v = r:uint()
+        local sub = item:add(hf_value[iei], r)
+        if ie.ascending and prev and v <= prev then
+            sub:add_proto_expert_info(ef.not_ascending, string.format(
+                "%s in %s: %d after %d, not strictly ascending (%s)", ie.name, scope.container,
+                v, prev, scope.cause))
+        end
+        numbers[#numbers + 1], items[#items + 1], prev = v, sub, v
+    end
+    local shown = {}
+    for k = 1, math.min(#numbers, 8) do shown[k] = tostring(numbers[k]) end
+    if #numbers > 8 then shown[#shown + 1] = string.format("… (%d in all)", #numbers) end
+    return {value = {numbers = numbers, items = items}, shown = table.concat(shown, ", ")}
 end
 
 -- Decodes one IE value under `item`; returns {value = ..., shown = text} or nil when the value
@@ -427,6 +528,15 @@ local function dissect_value(tvb, voff, vlen, iei, ie, item, scope, pinfo)
         if vlen > ie.max then return wrong_length("at most " .. ie.max) end
         item:add(hf_value[iei], vrange)
         return {value = true, shown = vlen .. " octets"}
+    elseif ie.kind == "records" or ie.kind == "list" then
+        -- docs/protocol.md §6.2: n >= 1 records of `size` octets (an empty one, or one whose
+        -- length is not a multiple, is INVALID_MESSAGE).
+        if vlen == 0 or vlen % ie.size ~= 0 then
+            return wrong_length(string.format("n x %d octets with n >= 1%s", ie.size,
+                vlen == 0 and ": it is empty" or ""))
+        end
+        local dissect = ie.kind == "records" and dissect_records or dissect_list
+        return dissect(tvb, voff, vlen, iei, ie, item, scope)
     elseif ie.kind == "text" then
         local raw = vrange:raw()
         local valid, ctrl, shown = check_text(raw)
@@ -548,11 +658,24 @@ local function check_conditions(spec, values, tree, scope)
                 "%s: UE Service ID of 0 octets (%s)", scope.container, scope.cause))
         end
     end
+    -- docs/protocol.md §6.3: every bucket of a Bucket list below 2^Bucket bits.
+    local bits = values[IEI.BUCKET_BITS] and values[IEI.BUCKET_BITS].value
+    local list = values[IEI.BUCKET_LIST] and values[IEI.BUCKET_LIST].value
+    if bits and list and bits <= BUCKET_BITS_MAX then
+        for k, v in ipairs(list.numbers) do
+            if v >= 2 ^ bits then
+                list.items[k]:add_proto_expert_info(ef.bucket_range, string.format(
+                    "%s: bucket %d, Bucket bits %d allows 0..%d (%s)", scope.container, v, bits,
+                    2 ^ bits - 1, scope.cause))
+            end
+        end
+    end
 end
 
 -- An IE list against `spec` (order, duplicates, presence, conditions); returns IEI -> value.
 dissect_ies = function(tvb, offset, stop, spec, tree, scope, pinfo)
     local values, last = {}, 0
+    scope.values = values -- what an IE's value may depend on (Bucket digests on First bucket)
     while offset < stop do
         local iei, value, item
         iei, value, item, offset = dissect_ie(tvb, offset, stop, tree, scope, pinfo)
@@ -594,7 +717,7 @@ local function dissect_bulk_body(tvb, msg, tree, scope, pinfo, is_first, first_e
     local offset = HEADER_SIZE
     local indicator, entry_iei = msg.bulk.indicator, msg.bulk.entry
     local n, count, failed = 0, nil, 0
-    -- 0: expect the indicator, 1: the Number, 2: entries (v1.1 LIST RESPONSE: no indicator)
+    -- 0: expect the indicator, 1: the Number (LIST RESPONSE has no indicator), 2: entries
     local phase = is_first and (indicator and 0 or 1) or 2
     while offset < stop do
         local iei, value, item
@@ -639,6 +762,99 @@ local function dissect_bulk_body(tvb, msg, tree, scope, pinfo, is_first, first_e
     return n, count, failed
 end
 
+-- --- DIGEST RESPONSE (docs/protocol.md §6.2 Fragmentation) -----------------------------------
+
+-- First pass over a DIGEST RESPONSE fragment: where it falls among the 2^b buckets of its
+-- response, kept as pdu.digest. A fragment opening with Bucket bits starts a response; one
+-- without it continues the open one with its id, or, when none is open, is the continuation
+-- of a response whose start the capture lacks (or a first fragment that lost its Bucket bits,
+-- when it starts at bucket 0).
+local function digest_state(conv, pdu, tid, more, values)
+    local function known(iei) return values[iei] and values[iei].value end
+    local bits, first, n = known(IEI.BUCKET_BITS), known(IEI.FIRST_BUCKET),
+        known(IEI.BUCKET_DIGESTS)
+    if bits and bits > BUCKET_BITS_MAX then bits = nil end -- flagged as a value already
+    local open = conv.digests[tid]
+    local d = {}
+    if values[IEI.BUCKET_BITS] and (open == nil or first == 0) then
+        d.restarted = open ~= nil
+        open = {fragments = 0, buckets = 0, bits = bits}
+        conv.digests[tid] = open
+        d.asked = pdu.txn and pdu.role == "response" and pdu.txn.bucket_bits or nil
+        d.bits = bits
+    elseif open == nil then
+        d.continuation = first ~= 0
+        d.bits_missing = first == 0
+        open = {fragments = 0, buckets = first or 0, bits = nil}
+        conv.digests[tid] = open
+    else
+        d.late_bits = values[IEI.BUCKET_BITS] ~= nil
+    end
+    d.fragment, d.expected, d.first, d.n = open.fragments + 1, open.buckets, first, n or 0
+    d.total_bits = open.bits
+    d.total = open.bits and 2 ^ open.bits or nil
+    open.fragments = d.fragment
+    -- The next fragment is expected after this one's buckets, so that a single gap is
+    -- flagged once, not on every fragment after it.
+    open.buckets = (first or open.buckets) + d.n
+    d.so_far = open.buckets
+    if not more then conv.digests[tid] = nil end
+    pdu.digest = d
+end
+
+-- The fragment's place in its response and what is wrong with it; returns the Info text.
+local function show_digest_fragment(tvb, ti, d, more)
+    local bt = ti:add(hf.digest, tvb())
+    bt:set_generated()
+    local range = d.n > 0 and d.first and string.format("buckets %d-%d", d.first,
+        d.first + d.n - 1) or string.format("%d buckets", d.n)
+    local of = d.total and string.format(" of %d", d.total) or ""
+    bt:set_text(string.format("Digest fragment %d%s: %s%s", d.fragment,
+        more and " (MORE)" or " (last)", range, of))
+    bt:add(hf.digest_fragment, d.fragment):set_generated()
+    bt:add(hf.digest_buckets, d.n):set_generated()
+    bt:add(hf.digest_so_far, d.so_far):set_generated()
+    if d.total then bt:add(hf.digest_total, d.total):set_generated() end
+    bt:add(hf.digest_last, not more):set_generated()
+    local function fault(ef_, text, ...)
+        bt:add_proto_expert_info(ef_, string.format(text, ...))
+    end
+    if d.asked and d.bits and d.asked ~= d.bits then
+        fault(ef.bucket_bits_mismatch,
+            "DIGEST RESPONSE: Bucket bits %d, its DIGEST REQUEST asked for %d (INVALID_MESSAGE)",
+            d.bits, d.asked)
+    end
+    if d.bits_missing then
+        fault(ef.digest_sequence,
+            "DIGEST RESPONSE: first fragment (bucket 0) without Bucket bits (INVALID_MESSAGE)")
+    elseif d.late_bits then
+        fault(ef.digest_sequence,
+            "DIGEST RESPONSE: Bucket bits in fragment %d, allowed in the first only "
+            .. "(INVALID_MESSAGE)", d.fragment)
+    end
+    if d.first and not d.continuation and not d.bits_missing and d.first ~= d.expected then
+        fault(ef.digest_sequence, "DIGEST RESPONSE: fragment %d starts at bucket %d, "
+            .. "expected %d: %s (INVALID_MESSAGE)", d.fragment, d.first, d.expected,
+            d.first > d.expected and "a gap" or "an overlap")
+    end
+    if d.total and d.so_far > d.total then
+        fault(ef.digest_count, "DIGEST RESPONSE: %d buckets so far, Bucket bits %d makes %d "
+            .. "(INVALID_MESSAGE)", d.so_far, d.total_bits, d.total)
+    elseif d.total and not more and d.so_far < d.total then
+        fault(ef.digest_count, "DIGEST RESPONSE: last fragment after %d of %d buckets "
+            .. "(INVALID_MESSAGE)", d.so_far, d.total)
+    elseif d.total and more and d.so_far == d.total then
+        fault(ef.digest_count, "DIGEST RESPONSE: MORE after the last of %d buckets "
+            .. "(INVALID_MESSAGE)", d.total)
+    end
+    if d.continuation then
+        bt:add_proto_expert_info(ef.bulk_continuation)
+    elseif d.restarted then
+        bt:add_proto_expert_info(ef.bulk_restarted)
+    end
+    return string.format("fragment %d%s: %s%s", d.fragment, more and " MORE" or "", range, of)
+end
+
 -- --- one frame --------------------------------------------------------------------------------
 
 -- First time a PDU is seen: which side sent it (learnt from the first message whose direction
@@ -662,15 +878,16 @@ local function learn_sender(conv, pinfo, msg, pdu)
 end
 
 local function set_info(pinfo, text)
-    -- The protocol column is fresh on every dissection of a packet: the first PDU of the
-    -- packet replaces the Info column, later ones are appended.
-    if tostring(pinfo.cols.protocol) ~= "MSGin5G" then
-        pinfo.cols.protocol = "MSGin5G"
-        pinfo.cols.info:clear_fence()
-        pinfo.cols.info:set(text)
-    else
-        pinfo.cols.info:append(" | " .. text)
-    end
+    -- The Info column lists every PDU of the packet. pinfo.private lives for one dissection
+    -- of the packet, so it holds what the PDUs before this one wrote; the column is written
+    -- whole each time because, between two TLS records of one packet, TLS rewrites the
+    -- protocol column and fences the Info column (appending there lost the earlier PDUs).
+    local before = pinfo.private.msgin5g_info
+    local all = before and (before .. " | " .. text) or text
+    pinfo.private.msgin5g_info = all
+    pinfo.cols.protocol = "MSGin5G"
+    pinfo.cols.info:clear_fence()
+    pinfo.cols.info:set(all)
 end
 
 local function dissect_pdu(tvb, pinfo, root, conv, key)
@@ -686,6 +903,7 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
         pdu, fresh = {}, true
         pdus[key] = pdu
         learn_sender(conv, pinfo, msg, pdu)
+        pdu.sync_unannounced = msg ~= nil and msg.sync and conv.sync == false
         local receiver = pdu.sender == "gateway" and "server" or "gateway"
         if pdu.sender and body_len > conv.max_frame[receiver] then
             pdu.too_large = conv.max_frame[receiver]
@@ -702,6 +920,11 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
     if msg == nil then
         item:add_proto_expert_info(ef.unknown_message_type, string.format(
             "Message type 0x%02x is not defined (UNKNOWN_MESSAGE_TYPE)", mtype))
+    elseif pdu.sync_unannounced then
+        -- docs/protocol.md §6: without the announcement a server answers UNKNOWN_MESSAGE_TYPE.
+        item:add_proto_expert_info(ef.sync_not_announced, string.format(
+            "%s, but this session's HELLO ACK did not announce Sync supported "
+            .. "(UNKNOWN_MESSAGE_TYPE)", name))
     end
     item = ti:add(hf.flags, tvb(2, 2))
     item:add(hf.more, tvb(2, 2))
@@ -710,9 +933,9 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
         item:add_proto_expert_info(ef.reserved_flags, string.format(
             "Reserved flag bits 0x%04x set (INVALID_FRAME)", flags - (more and FLAG_MORE or 0)))
     end
-    if more and msg and not msg.bulk and not msg.fragmented then
+    if more and msg and not msg.fragmented then
         item:add_proto_expert_info(ef.more_on_single, string.format(
-            "MORE set on %s, which is not a bulk message (INVALID_FRAME)", name))
+            "MORE set on %s, which is never fragmented (INVALID_FRAME)", name))
     end
     item = ti:add(hf.tid, tvb(4, 4))
     if mtype ~= MT.ERROR and mtype ~= MT.GOODBYE then
@@ -851,6 +1074,11 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
         values = dissect_ies(tvb, HEADER_SIZE, total, MESSAGE_SPECS[mtype], ti, scope, pinfo)
         local summary = group_summary(values)
         if summary ~= "" then info = info .. " " .. summary end
+        if msg.fragmented then
+            -- DIGEST RESPONSE (docs/protocol.md §6.2): fragmented, but not a bulk.
+            if fresh then digest_state(conv, pdu, tid, more, values) end
+            info = info .. " " .. show_digest_fragment(tvb, ti, pdu.digest, more)
+        end
     end
 
     local cause = values[IEI.ERROR_CAUSE] and values[IEI.ERROR_CAUSE].value
@@ -866,22 +1094,29 @@ local function dissect_pdu(tvb, pinfo, root, conv, key)
     end
 
     if fresh then
-        -- Settings announced in HELLO / HELLO ACK (wire-v1 §2, §5).
+        if mtype == MT.DIGEST_REQUEST and pdu.txn and pdu.role == "request" then
+            -- What its response's Bucket bits must be (docs/protocol.md §6.2).
+            local bits = values[IEI.BUCKET_BITS]
+            pdu.txn.bucket_bits = bits and bits.value
+        end
+        -- Settings announced in HELLO / HELLO ACK (wire-v1 §2, §5, docs/protocol.md §6).
         local mfs = values[IEI.MAXIMUM_FRAME_SIZE] and values[IEI.MAXIMUM_FRAME_SIZE].value
         if mtype == MT.HELLO and mfs then conv.max_frame.gateway = mfs end
         if mtype == MT.HELLO_ACK then
             if mfs then conv.max_frame.server = mfs end
             local mbe = values[IEI.MAXIMUM_BULK_ENTRIES]
             conv.max_bulk = mbe and mbe.value or conv.max_bulk
+            local sync = values[IEI.SYNC_SUPPORTED]
+            conv.sync = sync ~= nil and sync.value == 1
         end
         -- An answer ends its transaction (a bulk one with its last fragment); an ERROR does
         -- too, except TRANSACTION_ID_IN_USE (wire-v1 §7.2).
         if (IS_RESPONSE[mtype] or mtype == MT.ERROR) and tid ~= 0 then
             local ends = (mtype == MT.ERROR and cause ~= EC.TRANSACTION_ID_IN_USE)
-                or (mtype ~= MT.ERROR and ((not msg.bulk and not msg.fragmented) or not more))
+                or (mtype ~= MT.ERROR and (not msg.fragmented or not more))
             if ends then
                 conv.txns[tid] = nil
-                if mtype == MT.ERROR then conv.bulks[tid] = nil end
+                if mtype == MT.ERROR then conv.bulks[tid], conv.digests[tid] = nil, nil end
             end
         end
     end
@@ -896,6 +1131,10 @@ function proto.dissector(tvb, pinfo, root)
     local len = tvb:len()
     local offset, index = 0, 0
     local conv = conversation(pinfo)
+    -- One TCP segment may carry several TLS records, each decrypted into a tvb of its own that
+    -- starts at 0: frames of the same length and header in two of them (full fragments of one
+    -- DIGEST RESPONSE) would share their state without the record's position in the key.
+    local record = select("#", f_tls_app_data())
     while offset < len do
         local left = len - offset
         if left < HEADER_SIZE then
@@ -923,7 +1162,7 @@ function proto.dissector(tvb, pinfo, root)
             pinfo.desegment_len = size - left
             return len
         end
-        local key = string.format("%d:%d:%d:%d:%s", pinfo.number, len, offset, index,
+        local key = string.format("%d:%d:%d:%d:%d:%s", pinfo.number, record, len, offset, index,
             tvb(offset, 8):bytes():tohex())
         dissect_pdu(tvb(offset, size):tvb(), pinfo, root, conv, key)
         offset = offset + size

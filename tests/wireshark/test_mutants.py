@@ -1,4 +1,5 @@
-"""Broken input never breaks the dissector: mutants of every vector, read by the real tshark.
+"""Broken input never breaks the dissector: mutants of every vector (the spec's v1 ones and
+msgd's v1.1 ones, tests/wire/vectors_v1_1.json), read by the real tshark.
 
 Each mutant travels in a TCP stream of its own, cut at random places; tshark must read them all
 with no Lua error and no exception, and what is wrong shows as expert infos. Two sets: every IE
@@ -14,13 +15,16 @@ from __future__ import annotations
 import os
 import random
 
-from tests.vectors import VECTORS
+from tests.vectors import V1_1, VECTORS
 from tests.wireshark.pcap import Capture
 from tests.wireshark.tools import decode, frames_of, load_gen_tables
 from wire.constants import IEI
 
 SEED = int(os.environ.get("HOSTILE_SEED", "16"))
+# Random mutants per vector: fewer for v1.1's, whose few shapes (records, a u16 list, one
+# grouped IE) many vectors share, to keep the test's time.
 PER_VECTOR = 12
+PER_V1_1_VECTOR = 6
 
 
 def mutate(frame: bytes, rng: random.Random) -> bytes:
@@ -39,7 +43,8 @@ def mutate(frame: bytes, rng: random.Random) -> bytes:
     elif kind == 3:  # a body of random IEs, some grouped, some with lying lengths
         out = bytearray()
         for _ in range(rng.randint(1, 8)):
-            iei = rng.choice([rng.randrange(256), 0x03, 0x0C, 0x0D, 0x01, 0x0B])
+            iei = rng.choice([rng.randrange(256), 0x03, 0x0C, 0x0D, 0x01, 0x0B, 0x20, 0x21,
+                              0x22])
             value = bytes(rng.randrange(256) for _ in range(rng.randrange(12)))
             length = len(value) if rng.random() < 0.8 else rng.randrange(0x10000)
             out += bytes([iei]) + length.to_bytes(2, "big") + value
@@ -58,9 +63,10 @@ def test_mutants_decode_without_lua_errors(tmp_path):
     rng = random.Random(SEED)
     capture = Capture()
     port = 42000
-    for vector in VECTORS["valid"] + VECTORS["invalid"]:
+    for vector, mutants in ([(v, PER_VECTOR) for v in VECTORS["valid"] + VECTORS["invalid"]]
+                            + [(v, PER_V1_1_VECTOR) for v in V1_1["valid"] + V1_1["invalid"]]):
         frame = frames_of(vector)
-        for _ in range(PER_VECTOR):
+        for _ in range(mutants):
             data = mutate(frame, rng)
             stream = capture.stream(port)
             port += 1
@@ -80,7 +86,7 @@ def test_mutants_decode_without_lua_errors(tmp_path):
 
 
 GROUPED = {IEI.NON_MSGIN5G_UE_PROFILE, IEI.REGISTRATION_ENTRY, IEI.REGISTRATION_RESPONSE_ENTRY,
-           IEI.DEREGISTRATION_ENTRY, IEI.DEREGISTRATION_RESPONSE_ENTRY}
+           IEI.DEREGISTRATION_ENTRY, IEI.DEREGISTRATION_RESPONSE_ENTRY, IEI.LISTED_UE}
 
 
 def ie_spans(body: bytes, base: int = 0) -> list[tuple[int, int, list[int]]]:
@@ -121,7 +127,7 @@ def test_every_ie_one_octet_off(tmp_path):
     capture = Capture()
     cases = []  # (IEI, delta) per stream
     port = 43000
-    for vector in VECTORS["valid"]:
+    for vector in VECTORS["valid"] + V1_1["valid"]:
         data = frames_of(vector)
         frames = []
         while data:
@@ -146,6 +152,7 @@ def test_every_ie_one_octet_off(tmp_path):
     for n, (iei, delta) in enumerate(cases):
         experts = [e.kind for pdu in by_stream[n] for e in pdu.experts()]
         known = iei in {int(i) for i in IEI}
-        if known and shapes(IEI(iei))["kind"] in ("uint", "uints", "bytes"):
-            # A fixed-size value one octet off is always flagged as such.
+        if known and shapes(IEI(iei))["kind"] in ("uint", "uints", "bytes", "records", "list"):
+            # A fixed-size value one octet off is always flagged as such, and so is a list
+            # of records or u16 (its length no longer a multiple of their size).
             assert "msgin5g.expert.ie_length" in experts, (IEI(iei).name, delta, experts)

@@ -58,6 +58,12 @@ def test_running_dissector_has_wires_names():
                        for f in fields), name
     assert {"msgin5g.ue_id", "msgin5g.cause", "msgin5g.tid", "msgin5g.request_in",
             "msgin5g.response_in", "msgin5g.bulk.fragment_entries"} <= fields
+    # v1.1 (docs/wireshark.md): the names the docs promise for registry sync.
+    assert {"msgin5g.sync.supported", "msgin5g.sync.bucket_bits", "msgin5g.sync.first_bucket",
+            "msgin5g.sync.digest", "msgin5g.sync.bucket", "msgin5g.sync.ue_hash",
+            "msgin5g.release", "msgin5g.sync.fragment", "msgin5g.sync.fragment_buckets",
+            "msgin5g.sync.buckets_so_far", "msgin5g.sync.bucket_count",
+            "msgin5g.sync.last"} <= fields
 
 
 def test_registered_on_tls_port_and_for_decode_as():
