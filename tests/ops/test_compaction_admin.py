@@ -119,7 +119,9 @@ async def test_compact_keys_start_compactions_on_their_own(tmp_path, pki, sock_d
     try:
         await _churn(dep, child)
         deadline = time.monotonic() + 20
-        while "online compaction (journal)" not in child.log_text():
+        # The line of its end, not of its start ("... started: ..."): status counts a
+        # compaction once it has succeeded.
+        while "online compaction (journal) folded" not in child.log_text():
             assert time.monotonic() < deadline, child.log_text()[-2000:]
             await asyncio.sleep(0.05)  # polling the log for a condition, bounded
         status = (await msgctl.json("status"))[1]["registry"]
