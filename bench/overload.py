@@ -80,7 +80,10 @@ def _config(run: Run, name: str, overload: str) -> Path:
     """The bench's msgd.toml with an [overload] table, as msgd-NAME.toml."""
     assert run.config_path is not None
     path = run.config_path.with_name(f"msgd-{name}.toml")
-    path.write_text(run.config_path.read_text() + f"\n[overload]\n{overload}\n")
+    text = run.config_path.read_text()
+    default = "[overload]\nenabled = false\n"  # the other scenarios' (scenarios.setup)
+    assert default in text
+    path.write_text(text.replace(default, f"[overload]\n{overload}\n"))
     return path
 
 
@@ -184,7 +187,7 @@ def render(result: dict[str, Any]) -> str:
          f"<= {TARGET_RATIO:g}: {'yes' if d['ratio_met'] else '**no**'}"),
         ("every request sent answered (success, or SERVER_BUSY with Retry after)",
          str(d["every_request_answered"]), "", "True"),
-        ("  due, not sent by the end (gateways backing off)", f"{d['not_sent_at_end']:,}",
+        ("  due, not sent by the end (window full, or backing off)", f"{d['not_sent_at_end']:,}",
          "req", ""),
         ("connections lost", str(d["connections_lost"]), "", "0"),
         ("load generator late p99 (2 x / half)",

@@ -183,6 +183,10 @@ file = "ues.csv"
 max_connections = {run.sizes.idle_connections + 2_000}
 [log]
 level = "info"
+# Capacity and saturated latency, as before the overload contract (docs/protocol.md §7):
+# bench/overload.py replaces this table with its own.
+[overload]
+enabled = false
 {gateways}
 """)
     return {"pki_s": pki_s, "csv_s": csv_s}

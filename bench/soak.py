@@ -86,6 +86,11 @@ file = "ues.csv"
 listen = "127.0.0.1:0"
 [log]
 level = "info"
+# The soak measures the registry under churn; its calibration is a saturating closed loop,
+# and the churn counts any refusal as a failure: the overload contract (docs/protocol.md §7)
+# is the overload scenario's subject (bench/overload.py).
+[overload]
+enabled = false
 {policies}
 """)
     return soak

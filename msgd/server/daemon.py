@@ -246,7 +246,7 @@ class Server:
         now = self.loop.time()
         # Overloaded: a new session would add work (docs/protocol.md §7). Not counted as a
         # session for the storm damping below: the gateway did nothing wrong.
-        busy = self.overload.session_retry_ms(now, self.registry.pending())
+        busy = self.overload.session_retry_ms(self.registry.pending())
         if busy is not None:
             self.metrics.overload_refused.labels("session").inc()
             return Refusal(ErrorCause.OVERLOADED, "server overloaded", "overloaded",

@@ -39,12 +39,12 @@ SAMPLE_INTERVAL = 0.05
 # Weight of the newest drain-rate measurement: a few samples (a fraction of a second) follow
 # a change of capacity, one slow commit does not halve the estimate.
 _SMOOTHING = 0.3
-# Steps of the share shed for loop lag, per sample: from none to all in 0.5 s of lag, back in
-# 1 s without (slower down than up: a loop that just caught up is near its limit).
+# Steps of the share shed for loop lag, per sample: from none to the cap in 0.25 s of lag,
+# back in 0.5 s without (slower down than up: a loop that just caught up is near its limit).
 _SHED_UP = 0.1
 _SHED_DOWN = 0.05
 # The largest share shed; from there new sessions are refused too, and Retry after grows by
-# _GROW per late sample (shrinks by _SHRINK per other): 50 ms to 30 s in about 1.2 s.
+# _GROW per late sample (shrinks by _SHRINK per other): 50 ms to 30 s in about 0.8 s.
 _SHED_MAX = 0.5
 _SESSION_SHED = _SHED_MAX
 _GROW = 1.5
@@ -57,7 +57,7 @@ class Episode(NamedTuple):
     started: bool
     at: float
     reason: str  # what was over its bound when it started ("backlog", "loop_lag")
-    refused: int  # entries, requests and sessions refused during it (0 when it starts)
+    refused: int  # requests and sessions refused during it (0 when it starts)
     duration: float  # seconds (0 when it starts)
 
 
@@ -174,7 +174,7 @@ class OverloadPolicy:
         self.reason = reason
         return Episode(True, now, self.reason, 0, 0.0)
 
-    def session_retry_ms(self, now: float, pending: int) -> int | None:
+    def session_retry_ms(self, pending: int) -> int | None:
         """None: a new session is welcome; else the Retry after of its GOODBYE(OVERLOADED).
         Refused only when it must be: during an episode, while every new request is refused
         (the backlog at its bound) or most are (at least half shed for loop lag). In a

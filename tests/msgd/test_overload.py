@@ -78,7 +78,7 @@ def test_sustained_loop_lag_sheds_a_growing_share() -> None:
     assert policy.shed == 0.5
     verdicts = [policy.admit(1.4, 0)[0] for _ in range(10)]
     assert verdicts.count(None) == 5 and set(verdicts) == {None, 60}
-    assert policy.session_retry_ms(1.4, 0) == 60  # most work shed: new sessions too
+    assert policy.session_retry_ms(0) == 60  # most work shed: new sessions too
     # ... and from there the Retry after of these refusals grows by half per late sample,
     # up to max_retry_after.
     policy.sample(1.40, loop_lag=0.06, durable=1000, pending=0, owed=0)
@@ -107,28 +107,28 @@ def test_retry_after_is_the_time_to_drain_to_half_the_bound() -> None:
 
 def test_an_episode_starts_at_the_first_refusal_and_ends_when_quiet() -> None:
     policy = busy_policy(1000.0, now=10.0)
-    assert policy.session_retry_ms(10.0, 0) is None  # not overloaded: sessions welcome
+    assert policy.session_retry_ms(0) is None  # not overloaded: sessions welcome
     started = policy.refused(10.1, 3, "backlog")
     assert started is not None and started.started and started.reason == "backlog"
     assert policy.refused(10.5, 4, "backlog") is None  # the same episode
     # New sessions are refused while every new request is (the backlog at its bound), and
     # their refusal does not prolong the episode ...
-    assert policy.session_retry_ms(10.6, 150) == 100
+    assert policy.session_retry_ms(150) == 100
     # ... but not in a milder overload: they share the refusals with the others.
-    assert policy.session_retry_ms(10.6, 99) is None
+    assert policy.session_retry_ms(99) is None
     assert policy.sample(11.4, loop_lag=0.0, durable=2000, pending=0, owed=0) is None
     ended = policy.sample(11.5, loop_lag=0.0, durable=2000, pending=0, owed=0)
     assert ended is not None and not ended.started
     assert ended.refused == 3 + 4 + 1 and math.isclose(ended.duration, 1.4)
-    assert policy.session_retry_ms(11.6, 150) is None  # over: no episode
-    assert policy.session_retry_ms(11.6, 0) is None
+    assert policy.session_retry_ms(150) is None  # over: no episode
+    assert policy.session_retry_ms(0) is None
 
 
 def test_disabled_never_refuses() -> None:
     policy = OverloadPolicy(OverloadConfig(enabled=False, min_backlog=1), 0.0)
     policy.sample(1.0, loop_lag=10.0, durable=0, pending=10**6, owed=10**6)
     assert policy.room(10**6) > 10**9
-    assert policy.session_retry_ms(1.0, 10**6) is None
+    assert policy.session_retry_ms(10**6) is None
 
 
 def test_admit_takes_a_request_while_there_is_room() -> None:
