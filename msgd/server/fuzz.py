@@ -289,6 +289,12 @@ class MemoryRegistrar:
         return True
 
 
+class _NoSyncReads:
+    """RegistryReads without wire v1.1's sync reads: the harness's server does not announce
+    Sync supported (msgd.server.sync answers in a task on a real event loop), so the session
+    refuses DIGEST / LIST REQUESTs as UNKNOWN_MESSAGE_TYPE, a path the target still covers."""
+
+
 class _Host:
     """The server as a connection sees it (msgd.server.ports.ConnectionHost)."""
 
@@ -299,6 +305,7 @@ class _Host:
         self.metrics = _METRICS[0]
         self.rules = UeRules(PROVISIONED.get)
         self.registrar = harness.registrar
+        self.reads = _NoSyncReads()
         self.settings = settings
         self._config = config
         self.started = self.ended = 0
