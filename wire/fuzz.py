@@ -694,8 +694,9 @@ def replay(suite: Suite, targets: Iterable[str], vectors: dict[str, Any] | None,
 def instrument_loaded(directories: Iterable[Path]) -> int:
     """Instrument the functions already imported from `directories` (atheris). Needed because
     `python -m wire.fuzz` imports wire (its __init__ imports every module) before main() runs,
-    so `atheris.instrument_imports` would see nothing left to import: the campaigns of
-    6b8b904's time ran with no coverage feedback at all ("no interesting inputs")."""
+    so `atheris.instrument_imports` sees nothing left to import: since 8201050 made
+    wire/__init__ import the whole package, campaigns ran with no coverage feedback at all
+    (libFuzzer: "no interesting inputs were found")."""
     import gc
     import types
 
