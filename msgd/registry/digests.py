@@ -70,6 +70,8 @@ class DurableDigests:
         """Durable changes (ue, new, old): old leaves its gateway's digest, new enters."""
         xor = self._xor
         for uid, new, old in ops:
+            if new == old:
+                continue  # re-registered as it was (same gateway, same profile): no change
             if old is not None:
                 xor(uid, old, False)
             if new is not None:
