@@ -2,9 +2,10 @@
 
 Each gateway with a UE has a table of the 4 096 digests of the finest level (b = 12); a DIGEST
 REQUEST with a coarser b gets them XOR-folded (`wire.sync.fold`). A change enters the tables
-when it becomes durable (`apply`, from the registry's completion), so the digests never
-show what a success has not acknowledged: a takeover XORs the UE out of the old gateway's table
-and into the new one's, both at once.
+once it is durable: the registry's completion hands it over (`defer`), and it is hashed in
+(`apply_pending`) before any sync read, or in slices once PENDING_CAP wait; so the digests
+never show what a success has not acknowledged, and a takeover XORs the UE out of the old
+gateway's table and into the new one's, both at once.
 
 Rebuilding at start hashes every registered UE (two SHA-256 each). Measured on the 2-core
 development machine: 4.9 µs per UE in the tightest Python loop (7.8 µs through the wire.sync
@@ -23,6 +24,7 @@ the buckets it names instead of every UE of the gateway (5 s at 1,000,000).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 from msgd.registry.blobs import Op, Value
@@ -32,6 +34,8 @@ from wire.sync import FINE_BUCKETS, FineDigests, hash_ue
 # UEs hashed per loop turn while rebuilding: ~25 ms (~60 ms on a loaded machine), so that
 # the gateways served meanwhile wait no longer than that for a turn.
 REBUILD_SLICE = 5_000
+# Durable changes kept aside before they are hashed into the digests (see DurableDigests).
+PENDING_CAP = 200_000
 
 
 def _split(value: Value) -> tuple[str, bytes | None]:
@@ -45,6 +49,8 @@ class DurableDigests:
 
     def __init__(self, loaded: Iterable[tuple[str, Value]]) -> None:
         self._tables: dict[str, FineDigests] = {}
+        # Durable changes not hashed yet: a sync read (or PENDING_CAP of them) hashes them.
+        self._pending: deque[Op] = deque()
         self._members: dict[str, list[set[str]]] = {}
         self._todo: Iterator[tuple[str, Value]] | None = iter(list(loaded))
 
@@ -66,10 +72,27 @@ class DurableDigests:
             xor(item[0], item[1])
         return False
 
+    def defer(self, ops: Iterable[Op]) -> bool:
+        """Durable changes, hashed later (`apply_pending`): the per-change path costs a list
+        append, not two SHA-256 (3.8 µs a registration, 8.7 a takeover, measured on the loop
+        thread), which made a timing-sensitive test of the compaction miss its window.
+        True when more than PENDING_CAP wait (~14 MB of references): time to hash them."""
+        self._pending.extend(ops)
+        return len(self._pending) > PENDING_CAP
+
+    def apply_pending(self, limit: int = REBUILD_SLICE) -> bool:
+        """Hash up to `limit` deferred changes, oldest first; True once none wait."""
+        pending = self._pending
+        n = min(limit, len(pending))
+        self.apply(pending.popleft() for _ in range(n))
+        return not pending
+
     def apply(self, ops: Iterable[Op]) -> None:
         """Durable changes (ue, new, old): old leaves its gateway's digest, new enters."""
         xor = self._xor
         for uid, new, old in ops:
+            if new == old:
+                continue  # re-registered as it was (same gateway, same profile): no change
             if old is not None:
                 xor(uid, old, False)
             if new is not None:

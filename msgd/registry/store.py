@@ -128,6 +128,7 @@ are in modules of their own.
         self._digests = DurableDigests(regs.items())
         self._digests_ready: asyncio.Event | None = None
         self._rebuild_begun = False
+        self._hashing_pending = False  # _hash_pending is scheduled
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -213,6 +214,14 @@ are in modules of their own.
             assert self._loop is not None
             self._loop.call_soon(self._rebuild_digests)
 
+    def _hash_pending(self) -> None:
+        """More than PENDING_CAP durable changes wait: hash them, a slice per loop turn."""
+        if self._closed or self._digests.apply_pending():
+            self._hashing_pending = False
+            return
+        assert self._loop is not None
+        self._loop.call_soon(self._hash_pending)
+
     # -- wire v1.1 sync reads (docs/protocol.md §6): durable state only ------------------------
 
     async def sync_digests(self, gateway: str, bucket_bits: int) -> bytes:
@@ -231,6 +240,10 @@ are in modules of their own.
             raise RuntimeError("registry not started")
         self.begin_sync_rebuild()  # (a sync read before READY=1 starts it: tests, tools)
         await self._digests_ready.wait()
+        # Every durable change in, a slice per turn; the caller reads right after the last
+        # slice, with no await between, so nothing durable is missing from what it reads.
+        while not self._digests.apply_pending():
+            await asyncio.sleep(0)  # a turn for the others, not a wait for a condition
 
     # -- provisioning (the store is `provisioning`) -------------------------------------------
 
@@ -407,7 +420,10 @@ are in modules of their own.
         if first != self._durable_seq + 1:  # cannot happen; say so loudly if it does
             log.error("registry: completion %d..%d out of order", first, last)
         durable = last - first + 1
-        self._digests.apply(self._undo[:durable])
+        if self._digests.defer(self._undo[:durable]) and not self._hashing_pending:
+            self._hashing_pending = True
+            assert self._loop is not None
+            self._loop.call_soon(self._hash_pending)
         del self._undo[:durable]
         self._durable_seq = last
         self._settle(first, last, None)

@@ -81,3 +81,24 @@ async def test_rebuild_at_start_equals_the_kept_digests(tmp_path: Path) -> None:
             (u, ue_hash(u.encode(), p)) for u, p in ues.items())
     finally:
         await reopened.close()
+
+
+async def test_durable_changes_are_hashed_when_too_many_wait(tmp_path: Path, monkeypatch) -> None:
+    """Durable changes wait to be hashed (the per-change path stays a list append) until a
+    sync read or PENDING_CAP of them; then a slice per loop turn hashes them all."""
+    from msgd.registry import digests
+
+    monkeypatch.setattr(digests, "PENDING_CAP", 10)
+    reg = Registry.open(tmp_path / "r.sqlite")
+    reg.start(asyncio.get_running_loop())
+    try:
+        ues = {f"ue-{n}": None for n in range(50)}
+        seqs = [reg.submit_register(uid, "gw1", None) for uid in ues]
+        await reg.wait_durable(seqs[-1])
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while reg._digests._pending:  # bounded poll of an observable condition
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        assert reg._digests.digests("gw1", 12) == _expected(ues)
+    finally:
+        await reg.close()
