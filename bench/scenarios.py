@@ -69,7 +69,7 @@ class Sizes:
     soak_bulk: int = 500  # UEs per bulk (a pair: de-register them, register them again)
     soak_single_share: float = 0.3  # share of the changes sent as single procedures
     soak_compact_changes: int = 100_000  # [registry] compact_journal_changes
-    soak_compact_ratio: float = 0.5
+    soak_compact_ratio: float = 0.25  # [registry] compact_journal_ratio (its default)
     soak_compact_interval: float = 10.0
     # The overload scenario (`--scenarios overload`, bench/overload.py): open-loop singles
     # at 2 x the closed-loop rate for overload_s, and a msgd.client run of overload_client_n.

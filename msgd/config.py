@@ -83,7 +83,7 @@ class RegistryConfig:
     # once it holds this many changes and this share of the registered UEs, at most once
     # per compact_min_interval seconds. 0 changes: only `msgctl registry compact`.
     compact_journal_changes: int = 100_000
-    compact_journal_ratio: float = 0.5
+    compact_journal_ratio: float = 0.25
     compact_min_interval: float = 10.0
     backend: str = "sqlite"
     # backend "postgresql" (msgd.registry.postgres; docs/scale-out.md). The DSN may hold a

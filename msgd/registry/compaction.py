@@ -67,7 +67,7 @@ class CompactionPolicy:
     """When the writer begins a compaction on its own ([registry] compact_* keys)."""
 
     journal_changes: int = 100_000  # 0: never on its own (msgctl registry compact still works)
-    journal_ratio: float = 0.5
+    journal_ratio: float = 0.25
     min_interval: float = 10.0
 
     def due(self, changes: int, registered: int) -> bool:

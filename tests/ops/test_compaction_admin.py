@@ -164,7 +164,7 @@ def test_compact_keys_refused_naming_the_key(tmp_path, pki, sock_dir, line, mess
 def test_compact_keys_defaults(tmp_path, pki, sock_dir):
     registry = load_config(_deployment(tmp_path, pki, sock_dir, "").config_path).registry
     assert (registry.compact_journal_changes, registry.compact_journal_ratio,
-            registry.compact_min_interval) == (100_000, 0.5, 10.0)
+            registry.compact_min_interval) == (100_000, 0.25, 10.0)
 
 
 def test_example_documents_the_compact_keys_with_their_defaults(tmp_path, pki, sock_dir):
