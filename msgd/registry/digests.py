@@ -8,28 +8,31 @@ never show what a success has not acknowledged, and a takeover XORs the UE out o
 gateway's table and into the new one's, both at once.
 
 Rebuilding at start hashes every registered UE (two SHA-256 each). Measured on the 2-core
-development machine: 4.9 µs per UE in the tightest Python loop (7.8 µs through the wire.sync
-helpers), i.e. ~5 s at 1,000,000 UEs, which would break READY <= 3 s. So the rebuild runs
-after READY=1 (`Registry.begin_sync_rebuild`), in slices on the event loop (`rebuild_step`),
-over a copy of the state loaded from the file; durable changes that arrive meanwhile are
-applied at once (XOR commutes, so the order of the two does not matter), and a sync read
-waits until the rebuild is done.
+development machine at 200,000 UEs: 1.8 µs per UE with wire.sync.hash_many (every UE of a
+slice hashed by map()s of C functions; 2.3 µs with hash_ue per UE, which is itself 1.9 µs),
+i.e. ~2-5 s at 1,000,000 UEs depending on the machine's load, which would break READY <= 3 s.
+So the rebuild runs after READY=1 (`Registry.begin_sync_rebuild`), in slices on the event
+loop (`rebuild_step`), over a copy of the state loaded from the file; durable changes that
+arrive meanwhile wait (`defer`) and are applied once it is done (applied before it, a UE taken
+over would come back into its old gateway's members from the copy), and a sync read waits
+until both are done.
 
-A table is a list of 4 096 Python ints (XOR of ints is what makes the rebuild 4.9 µs and not
-7.8): ~180 KiB per gateway rather than the 64 KiB of its octets. Beside it, each gateway has
-the members of each fine bucket (4 096 sets of UE Service IDs, the strings shared with the
-registry's dict): ~30 octets per registered UE, so that a LIST REQUEST hashes only the UEs of
-the buckets it names instead of every UE of the gateway (5 s at 1,000,000).
+A table is a list of 4 096 Python ints (XOR of ints is faster than of octets): ~180 KiB per
+gateway rather than the 64 KiB of its octets. Beside it, each gateway has the members of each
+fine bucket (4 096 sets of UE Service IDs, the strings shared with the registry's dict): ~30
+octets per registered UE, so that a LIST REQUEST hashes only the UEs of the buckets it names
+instead of every UE of the gateway (5 s at 1,000,000).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 
 from msgd.registry.blobs import Op, Value
 from wire.constants import BUCKET_BITS_MAX, DIGEST_SIZE
-from wire.sync import FINE_BUCKETS, FineDigests, hash_ue
+from wire.sync import FINE_BUCKETS, FineDigests, hash_many, hash_ue
 
 # UEs hashed per loop turn while rebuilding: ~25 ms (~60 ms on a loaded machine), so that
 # the gateways served meanwhile wait no longer than that for a turn.
@@ -49,8 +52,10 @@ class DurableDigests:
 
     def __init__(self, loaded: Iterable[tuple[str, Value]]) -> None:
         self._tables: dict[str, FineDigests] = {}
-        # Durable changes not hashed yet: a sync read (or PENDING_CAP of them) hashes them.
-        self._pending: deque[Op] = deque()
+        # Durable changes not hashed yet, a completion's list each: a sync read (or PENDING_CAP
+        # of them) hashes them.
+        self._pending: deque[Sequence[Op]] = deque()
+        self._pending_count = 0
         self._members: dict[str, list[set[str]]] = {}
         self._todo: Iterator[tuple[str, Value]] | None = iter(list(loaded))
 
@@ -58,58 +63,93 @@ class DurableDigests:
     def ready(self) -> bool:
         return self._todo is None
 
+    @property
+    def pending_count(self) -> int:
+        return self._pending_count
+
     def rebuild_step(self, limit: int = REBUILD_SLICE) -> bool:
         """Hash up to `limit` more UEs of the loaded state; True once all are done."""
         todo = self._todo
         if todo is None:
             return True
-        xor = self._xor
-        for _ in range(limit):
-            item = next(todo, None)
-            if item is None:
-                self._todo = None
-                return True
-            xor(item[0], item[1])
+        items = list(islice(todo, limit))
+        self._hash([uid for uid, _ in items], [value for _, value in items], None)
+        if len(items) < limit:
+            self._todo = None
+            return True
         return False
 
-    def defer(self, ops: Iterable[Op]) -> bool:
-        """Durable changes, hashed later (`apply_pending`): the per-change path costs a list
-        append, not two SHA-256 (3.8 µs a registration, 8.7 a takeover, measured on the loop
-        thread), which made a timing-sensitive test of the compaction miss its window.
-        True when more than PENDING_CAP wait (~14 MB of references): time to hash them."""
-        self._pending.extend(ops)
-        return len(self._pending) > PENDING_CAP
+    def defer(self, ops: Sequence[Op]) -> bool:
+        """Durable changes, hashed later (`apply_pending`): the per-completion path costs a
+        list append, not two SHA-256 per change, which made a timing-sensitive test of the
+        compaction miss its window. True when more than PENDING_CAP wait (~14 MB of
+        references): time to hash them."""
+        if ops:
+            self._pending.append(ops)
+            self._pending_count += len(ops)
+        return self._pending_count > PENDING_CAP
 
     def apply_pending(self, limit: int = REBUILD_SLICE) -> bool:
-        """Hash up to `limit` deferred changes, oldest first; True once none wait."""
+        """Hash the deferred changes of whole completions, oldest first, until at least
+        `limit` are done (or a slice of the rebuild while it is not); True once none wait."""
+        if self._todo is not None:
+            # The rebuild first: a change applied before it would be undone by it (a UE taken
+            # over would enter its old gateway's members again from the loaded copy).
+            self.rebuild_step(limit)
+            return False
         pending = self._pending
-        n = min(limit, len(pending))
-        self.apply(pending.popleft() for _ in range(n))
+        done = 0
+        while pending and done < limit:
+            ops = pending.popleft()
+            self._pending_count -= len(ops)
+            done += len(ops)
+            self.apply(ops)
         return not pending
 
     def apply(self, ops: Iterable[Op]) -> None:
-        """Durable changes (ue, new, old): old leaves its gateway's digest, new enters."""
-        xor = self._xor
+        """Durable changes (ue, new, old): old leaves its gateway's digest, new enters. One
+        pass sorts them out, `_hash` hashes them all at once (wire.sync.hash_many)."""
+        uids: list[str] = []
+        values: list[Value] = []
+        enters: list[bool] = []
         for uid, new, old in ops:
             if new == old:
                 continue  # re-registered as it was (same gateway, same profile): no change
             if old is not None:
-                xor(uid, old, False)
+                uids.append(uid)
+                values.append(old)
+                enters.append(False)
             if new is not None:
-                xor(uid, new)
+                uids.append(uid)
+                values.append(new)
+                enters.append(True)
+        self._hash(uids, values, enters)
 
-    def _xor(self, uid: str, value: Value, enters: bool = True) -> None:
-        gateway, profile = _split(value)
-        table = self._tables.get(gateway)
-        if table is None:
-            table = self._tables[gateway] = FineDigests()
-            self._members[gateway] = [set() for _ in range(FINE_BUCKETS)]
-        bucket, digest = hash_ue(uid, profile)
-        table.xor(bucket, digest)
-        if enters:
-            self._members[gateway][bucket].add(uid)
-        else:
-            self._members[gateway][bucket].discard(uid)
+    def _hash(self, uids: list[str], values: list[Value], enters: list[bool] | None) -> None:
+        """XOR each UE into (enters[i] or enters is None) or out of its gateway's digest."""
+        gateways = [v if v.__class__ is str else v[0] for v in values]  # type: ignore[index]
+        profiles = [None if v.__class__ is str else v[1] for v in values]  # type: ignore[index]
+        buckets, hashes = hash_many(uids, profiles)
+        tables = self._tables
+        members = self._members
+        last_gateway = None
+        table: list[int] = []
+        sets: list[set[str]] = []
+        for i, gateway in enumerate(gateways):
+            if gateway != last_gateway:
+                last_gateway = gateway
+                fine = tables.get(gateway)
+                if fine is None:
+                    fine = tables[gateway] = FineDigests()
+                    members[gateway] = [set() for _ in range(FINE_BUCKETS)]
+                table = fine.table
+                sets = members[gateway]
+            bucket = buckets[i]
+            table[bucket] ^= hashes[i]
+            if enters is None or enters[i]:
+                sets[bucket].add(uids[i])
+            else:
+                sets[bucket].discard(uids[i])
 
     def members(self, gateway: str, bucket_bits: int, buckets: Iterable[int]) -> Iterator[str]:
         """The UEs durably registered through `gateway` in `buckets` of level b."""

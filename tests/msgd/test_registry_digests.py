@@ -102,3 +102,35 @@ async def test_durable_changes_are_hashed_when_too_many_wait(tmp_path: Path, mon
         assert reg._digests.digests("gw1", 12) == _expected(ues)
     finally:
         await reg.close()
+
+
+async def test_changes_waiting_during_the_rebuild_are_applied_after_it(
+        tmp_path: Path, monkeypatch) -> None:
+    """PENDING_CAP reached before the rebuild at start is done: the rebuild finishes first, so
+    a UE taken over meanwhile does not come back into its old gateway's members."""
+    from msgd.registry import digests
+
+    path = tmp_path / "r.sqlite"
+    reg = Registry.open(path)
+    reg.start(asyncio.get_running_loop())
+    try:
+        await reg.wait_durable([reg.submit_register(f"ue-{n}", "gw1", None)
+                                for n in range(50)][-1])
+    finally:
+        await reg.close()
+    monkeypatch.setattr(digests, "PENDING_CAP", 5)
+    reopened = Registry.open(path)
+    reopened.start(asyncio.get_running_loop())
+    try:
+        await reopened.wait_durable([reopened.submit_register(f"ue-{n}", "gw2", None)
+                                     for n in range(50)][-1])
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while reopened._digests._pending:  # bounded poll of an observable condition
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        assert await reopened.sync_list("gw1", 0, (0,)) == []
+        assert await reopened.sync_digests("gw1", 12) == bytes(16 * 4096)
+        assert await reopened.sync_digests("gw2", 12) == _expected(
+            {f"ue-{n}": None for n in range(50)})
+    finally:
+        await reopened.close()

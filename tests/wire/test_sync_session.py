@@ -20,7 +20,7 @@ from wire.events import (
 )
 from wire.messages import DigestRequest, ListedUe, ListRequest, decode_frames
 from wire.session import Limits, Session
-from wire.sync import FineDigests, bucket_of, digests_of, fold, hash_ue, ue_hash
+from wire.sync import FineDigests, bucket_of, digests_of, fold, hash_many, hash_ue, ue_hash
 
 
 def _pair(sync: bool = True, gateway_frame: int = 65_535) -> tuple[Session, Session]:
@@ -149,6 +149,18 @@ def test_fold_agrees_with_hashing_at_each_level() -> None:
     for uid, profile in ues:
         fine.xor(*hash_ue(uid.decode(), profile))
     assert fine.digests(5) == digests_of(ues, 5)
+
+
+def test_hash_many_is_hash_ue_of_each() -> None:
+    """The server's batch form (wire.sync.hash_many) against the one definition, over UE
+    Service IDs of every length class, non-ASCII ones, and profiles of several sizes."""
+    uids = ["a", "é" * 10, "x" * 255, *(f"imsi-{n:015d}" for n in range(200))]
+    profiles = [None, b"", bytes([0x30, 0, 1, 1]), bytes(300)]
+    pairs = [(u, profiles[n % len(profiles)]) for n, u in enumerate(uids)]
+    buckets, hashes = hash_many([u for u, _ in pairs], [p for _, p in pairs])
+    assert [(b, h.to_bytes(16, "big")) for b, h in zip(buckets, hashes, strict=True)] == [
+        (bucket_of(u.encode(), 12), ue_hash(u.encode(), p)) for u, p in pairs]
+    assert hash_many([], []) == ([], [])
 
 
 def test_decode_frames_joins_a_fragmented_digest_response() -> None:
