@@ -136,6 +136,30 @@ _SYNC_FUNCTIONS = (
           FROM (SELECT convert_to(p_ue, 'UTF8') AS u) AS s $$""",
 )
 
+# Migration 3: the same two functions, written so that PostgreSQL inlines them into the
+# generated columns' expressions. convert_to() is STABLE, and an IMMUTABLE SQL function whose
+# body calls a STABLE one is never inlined: each row paid two calls through the SQL-function
+# executor, ~3 µs each, which halved the rows a node's group commit could insert (measured on
+# the development machine: 20.3 µs per registration in msgd_decide_v1 against 9.7 without the
+# columns). decode(replace(p_ue, '\', '\\'), 'escape') is the text's own octets (UTF-8: the
+# database's encoding, which msgd needs) from IMMUTABLE functions only: the escape format
+# copies every octet but a backslash, which is doubled first. The values are the same octet
+# for octet (tests/postgres/test_pg_schema.py), so the stored columns stay valid.
+_SYNC_FUNCTIONS_INLINED = (
+    r"""CREATE OR REPLACE FUNCTION msgd_sync_bucket(p_ue text) RETURNS smallint
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT ((get_byte(sha256(decode(replace(p_ue, '\', '\\'), 'escape')), 0) << 4)
+                | (get_byte(sha256(decode(replace(p_ue, '\', '\\'), 'escape')), 1) >> 4)
+               )::smallint $$""",
+    r"""CREATE OR REPLACE FUNCTION msgd_sync_hash(p_ue text, p_profile bytea) RETURNS bytea
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT substr(sha256('\x4d5347696e35472d53594e432f3100'::bytea
+                             || substr(int2send(octet_length(p_ue)::int2), 2, 1)
+                             || decode(replace(p_ue, '\', '\\'), 'escape')
+                             || coalesce('\x03'::bytea || int2send(octet_length(p_profile)::int2)
+                                         || p_profile, ''::bytea)), 1, 16) $$""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "registrations and the batch decision function", (
         # COLLATE "C": UE Service IDs compare as octets, as the wire and the SQLite registry
@@ -156,6 +180,11 @@ MIGRATIONS: tuple[Migration, ...] = (
              ADD COLUMN sync_hash bytea
                  GENERATED ALWAYS AS (msgd_sync_hash(ue_service_id, profile)) STORED""",
         "CREATE INDEX msgd_registration_sync ON msgd_registration (gateway, sync_bucket)",
+    )),
+    Migration(3, "sync columns computed inline; the gateway index folded into the sync one", (
+        *_SYNC_FUNCTIONS_INLINED,
+        # (gateway, sync_bucket) serves every query by gateway: one index fewer per insert.
+        "DROP INDEX msgd_registration_gateway",
     )),
 )
 LATEST_VERSION = MIGRATIONS[-1].version

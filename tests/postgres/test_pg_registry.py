@@ -109,10 +109,54 @@ def test_migration_2_gives_existing_rows_their_sync_bucket_and_hash(pg_dsn: str)
         for row in rows:
             conn.execute("INSERT INTO msgd_registration VALUES (%s, %s, %s)", row)
         plan = pg_schema.migrate(conn)
-        assert [m.version for m in plan.pending] == [2]
+        assert [m.version for m in plan.pending] == list(range(2, pg_schema.LATEST_VERSION + 1))
         got = dict((u, (b, bytes(h))) for u, b, h in conn.execute(
             "SELECT ue_service_id, sync_bucket, sync_hash FROM msgd_registration"))
     assert got == {u: (bucket_of(u.encode(), 12), ue_hash(u.encode(), p)) for u, _, p in rows}
+
+
+# UE Service IDs that an octet conversion could get wrong: backslashes (doubled, octal- and
+# hex-looking), non-ASCII, the longest (255 octets), and plain ones.
+TRICKY_UES = ["a\\b", "\\", "\\\\", "\\000", "\\x41", "é\\101ü", "ü" * 127, "x" * 255,
+              "ue-1@example"]
+
+
+def test_migration_3_keeps_every_sync_value_and_is_inlined(pg_dsn: str) -> None:
+    """Migration 3 rewrites the sync columns' functions from IMMUTABLE parts only, so that the
+    planner inlines them (a row then costs two SHA-256, not two SQL-function calls): the rows
+    stored under migration 2 and the rows inserted after it get the octets of wire.sync."""
+    from wire.sync import bucket_of, ue_hash
+
+    profile = b"\x30\x00\x01\x02"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute(pg_schema._CREATE_VERSION_TABLE)
+            for migration in pg_schema.MIGRATIONS[:2]:
+                for statement in migration.statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO msgd_schema(version, description) VALUES (%s, 'x')",
+                             (migration.version,))
+        before = [(u, "gw1", profile if n % 2 else None) for n, u in enumerate(TRICKY_UES)]
+        for row in before:
+            conn.execute("INSERT INTO msgd_registration VALUES (%s, %s, %s)", row)
+        plan = pg_schema.migrate(conn)
+        assert [m.version for m in plan.pending] == [3]
+        renamed = [u + "/3" if len(u.encode()) < 254 else f"{n}" + "y" * 254
+                   for n, u in enumerate(TRICKY_UES)]
+        after = [(u, "gw2", None if n % 2 else profile) for n, u in enumerate(renamed)]
+        for row in after:
+            conn.execute("INSERT INTO msgd_registration VALUES (%s, %s, %s)", row)
+        got = {u: (b, bytes(h)) for u, b, h in conn.execute(
+            "SELECT ue_service_id, sync_bucket, sync_hash FROM msgd_registration")}
+        plan_text = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN VERBOSE SELECT msgd_sync_bucket(u), msgd_sync_hash(u, NULL) "
+            "FROM unnest(ARRAY['a']) AS u"))
+        indexes = {r[0] for r in conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'msgd_registration'")}
+    assert got == {u: (bucket_of(u.encode(), 12), ue_hash(u.encode(), p))
+                   for u, _, p in before + after}
+    assert "msgd_sync_" not in plan_text and "sha256" in plan_text
+    assert indexes == {"msgd_registration_pkey", "msgd_registration_sync"}
 
 
 # --- what is shown of the DSN -------------------------------------------------------------------
