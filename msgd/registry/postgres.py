@@ -145,6 +145,7 @@ connection's state; the admin reads are the part to move out first."""
         self._listeners: list[Listener] = []
         self._queue: deque[_Batch] = deque()
         self._pending = 0  # entries queued or in flight
+        self.groups_sent = 0  # msgd_decide_v1 statements begun (tests follow the overlap)
         self._last_seq = 0  # one seq per entry sent to the database
         self._durable_seq = 0  # every entry up to it is settled
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -295,8 +296,7 @@ connection's state; the admin reads are the part to move out first."""
             if self._conn is None:  # closing without a connection: nothing can be sent
                 self._fail_queued(busy=True)
                 continue
-            group = self._take_group()
-            await self._decide_group(self._conn, group)
+            await self._run_groups(self._conn)
 
     def _take_group(self) -> list[_Batch]:
         queue = self._queue
@@ -309,8 +309,27 @@ connection's state; the admin reads are the part to move out first."""
             size += len(batch.indexes)
         return group
 
+    async def _run_groups(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Decide the queued groups back to back on `conn`. Each next group's statement goes
+        out before the answers of the one before are handed over (encoding and writing a
+        group's answers is milliseconds of the loop, during which the database would
+        otherwise wait: one node registered 49,000 UE/s without this overlap); groups still
+        commit one after the other, and are handed over in order."""
+        group = self._take_group()
+        failures = await self._decide_group(conn, group)
+        while self._queue and self._conn is conn:
+            following = self._take_group()
+            decided = asyncio.ensure_future(self._decide_group(conn, following))
+            await asyncio.sleep(0)  # one turn: the task builds and sends its statement
+            self._settle(group, failures)
+            group, failures = following, await decided
+        self._settle(group, failures)
+
     async def _decide_group(self, conn: psycopg.AsyncConnection[Any],
-                            group: list[_Batch]) -> None:
+                            group: list[_Batch]) -> dict[int, int] | None:
+        """The failures of the group's entries (entry number: cause), or None when the
+        group failed as a whole; the caller hands them over (`_settle`)."""
+        self.groups_sent += 1
         params = _group_params(group)
         failures: dict[int, int] | None = None
         error: str | None = None
@@ -339,7 +358,7 @@ connection's state; the admin reads are the part to move out first."""
                 self._conn = None
                 with contextlib.suppress(Exception):
                     await conn.close()
-        self._settle(group, failures)
+        return failures
 
     def _settle(self, group: list[_Batch], failures: dict[int, int] | None) -> None:
         """Hand the group's outcomes over in order; failures None: the group failed."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psycopg
@@ -255,6 +255,35 @@ async def test_a_killed_connection_fails_its_group_and_the_next_one_reconnects(
         assert await decide(registry, "gw-a", [Change("ue-3", True, None)]) == [SUCCESS]
         assert registry.health() is None
         assert set(await asyncio.to_thread(owners, pg_dsn)) == {"ue-1", "ue-3"}
+    finally:
+        await registry.close()
+
+
+async def test_the_next_group_is_sent_before_the_answers_of_the_one_before(pg_dsn: str) -> None:
+    """Groups back to back (max_batch 1: a group per batch): when the first group's answers
+    are handed over, the second group's statement has already gone out, and the answers
+    still come in submission order, each after its own commit."""
+    registry = await opened(pg_dsn, max_batch=1)
+    try:
+        seen: list[tuple[str, int, list[Outcome]]] = []
+        done = asyncio.Event()
+
+        def on_decided(name: str) -> Callable[[Sequence[Outcome]], None]:
+            def decided(outcomes: Sequence[Outcome]) -> None:
+                seen.append((name, registry.groups_sent, list(outcomes)))
+                if len(seen) == 3:
+                    done.set()
+            return decided
+
+        registry.submit("gw-a", [Change("ov-1", True, None)], on_decided("a"))
+        registry.submit("gw-a", [Change("ov-1", False, None)], on_decided("b"))
+        registry.submit("gw-a", [Change("ov-1", False, None)], on_decided("c"))
+        async with asyncio.timeout(30):
+            await done.wait()
+        # a: its group and b's had begun; b: all three; c: the last, nothing after it.
+        assert seen == [("a", 2, [SUCCESS]), ("b", 3, [SUCCESS]),
+                        ("c", 3, [Outcome(FailureCause.NOT_REGISTERED)])]
+        assert await asyncio.to_thread(owners, pg_dsn) == {}
     finally:
         await registry.close()
 
