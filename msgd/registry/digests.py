@@ -90,8 +90,9 @@ class DurableDigests:
         return self._pending_count > PENDING_CAP
 
     def apply_pending(self, limit: int = REBUILD_SLICE) -> bool:
-        """Hash the deferred changes of whole completions, oldest first, until at least
-        `limit` are done (or a slice of the rebuild while it is not); True once none wait."""
+        """Hash up to `limit` deferred changes, oldest first (or a slice of the rebuild while
+        it is not done); True once none wait. The slice is a bound on the loop turn: a
+        completion can hold tens of thousands of changes."""
         if self._todo is not None:
             # The rebuild first: a change applied before it would be undone by it (a UE taken
             # over would enter its old gateway's members again from the loaded copy).
@@ -100,7 +101,13 @@ class DurableDigests:
         pending = self._pending
         done = 0
         while pending and done < limit:
-            ops = pending.popleft()
+            ops = pending[0]
+            take = limit - done
+            if len(ops) > take:
+                pending[0] = ops[take:]
+                ops = ops[:take]
+            else:
+                pending.popleft()
             self._pending_count -= len(ops)
             done += len(ops)
             self.apply(ops)

@@ -134,3 +134,20 @@ async def test_changes_waiting_during_the_rebuild_are_applied_after_it(
             {f"ue-{n}": None for n in range(50)})
     finally:
         await reopened.close()
+
+
+def test_a_slice_of_pending_changes_is_bounded_within_a_completion() -> None:
+    """apply_pending hashes at most `limit` changes per call, even out of one completion of
+    many (a loop turn stays short: tens of thousands of changes can share one commit)."""
+    from msgd.registry.digests import DurableDigests
+
+    digests = DurableDigests([])
+    assert digests.rebuild_step()
+    ops = [(f"ue-{n}", "gw1", None) for n in range(12)]
+    digests.defer(ops)
+    left = []
+    for _ in range(3):
+        done = digests.apply_pending(5)
+        left.append((digests.pending_count, done))
+    assert left == [(7, False), (2, False), (0, True)]
+    assert digests.digests("gw1", 12) == _expected({f"ue-{n}": None for n in range(12)})
