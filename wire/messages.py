@@ -846,9 +846,10 @@ def encode_message(message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_
     if isinstance(message, BulkMessage):
         return b"".join(encode_bulk(message, max_frame_size=max_frame_size))
     if (isinstance(message, DigestResponse) and message.bucket_bits is not None
-            and message.first_bucket == 0
+            and message.first_bucket == 0 and not message.unknown_ies
             and len(message.digests) == DIGEST_SIZE << message.bucket_bits):
-        # A whole DIGEST RESPONSE: fragmented to fit (docs/protocol.md §6.2).
+        # A whole DIGEST RESPONSE: fragmented to fit (docs/protocol.md §6.2). One decoded
+        # with unknown IEs is encoded as it came, in one frame, so that they survive.
         return b"".join(encode_digest_response(
             message.transaction_id, message.bucket_bits, message.digests,
             max_frame_size=max_frame_size))
@@ -1059,4 +1060,5 @@ def _join_digest_fragment(out: list[Any], pending: dict[int, tuple[list[DigestRe
     if len(whole) != DIGEST_SIZE << bits:
         raise InvalidMessage(f"DIGEST RESPONSE: {len(whole) // DIGEST_SIZE} of {1 << bits} "
                              "buckets")
-    out[position] = DigestResponse(tid, 0, whole, bits)
+    # One frame: the message as decoded, unknown IEs and all; several: their digests joined.
+    out[position] = fragment if len(parts) == 1 else DigestResponse(tid, 0, whole, bits)
