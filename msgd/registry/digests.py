@@ -19,7 +19,8 @@ until both are done.
 
 A table is a list of 4 096 Python ints (XOR of ints is faster than of octets): ~180 KiB per
 gateway rather than the 64 KiB of its octets. Beside it, each gateway has the members of each
-fine bucket (4 096 sets of UE Service IDs, the strings shared with the registry's dict): ~30
+fine bucket (4 096 dicts whose keys are the UE Service IDs, the strings shared with the
+registry's dict; dicts, not sets, because the cyclic GC never tracks a dict of strings): ~27
 octets per registered UE, so that a LIST REQUEST hashes only the UEs of the buckets it names
 instead of every UE of the gateway (5 s at 1,000,000).
 """
@@ -56,7 +57,11 @@ class DurableDigests:
         # of them) hashes them.
         self._pending: deque[Sequence[Op]] = deque()
         self._pending_count = 0
-        self._members: dict[str, list[set[str]]] = {}
+        # Each bucket's members as the keys of a dict, not a set: a dict of strings and None
+        # is never tracked by the cyclic GC, a set always is, and every full collection walked
+        # the members of every bucket (at 1,000,000 registered: 22 full collections, 0.97 s,
+        # pauses up to 83 ms, during one bulk registration).
+        self._members: dict[str, list[dict[str, None]]] = {}
         self._todo: Iterator[tuple[str, Value]] | None = iter(list(loaded))
 
     @property
@@ -141,22 +146,22 @@ class DurableDigests:
         members = self._members
         last_gateway = None
         table: list[int] = []
-        sets: list[set[str]] = []
+        sets: list[dict[str, None]] = []
         for i, gateway in enumerate(gateways):
             if gateway != last_gateway:
                 last_gateway = gateway
                 fine = tables.get(gateway)
                 if fine is None:
                     fine = tables[gateway] = FineDigests()
-                    members[gateway] = [set() for _ in range(FINE_BUCKETS)]
+                    members[gateway] = [{} for _ in range(FINE_BUCKETS)]
                 table = fine.table
                 sets = members[gateway]
             bucket = buckets[i]
             table[bucket] ^= hashes[i]
             if enters is None or enters[i]:
-                sets[bucket].add(uids[i])
+                sets[bucket][uids[i]] = None
             else:
-                sets[bucket].discard(uids[i])
+                sets[bucket].pop(uids[i], None)
 
     def members(self, gateway: str, bucket_bits: int, buckets: Iterable[int]) -> Iterator[str]:
         """The UEs durably registered through `gateway` in `buckets` of level b."""

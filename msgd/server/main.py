@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import signal
 import sys
 from collections.abc import Sequence
@@ -134,6 +135,17 @@ def _pin_mmap_threshold() -> None:
     mallopt(m_mmap_threshold, 128 * 1024)
 
 
+def _freeze_loaded_state() -> None:
+    """Move what start-up loaded (code, configuration, the registry and provisioning state)
+    out of the cyclic GC's reach: it lives as long as the process, and every full collection
+    would walk it again (during one bulk registration at 1,000,000 registered: 22 full
+    collections, 0.28 s, pauses up to 19 ms; frozen: 0.06 s, 10 ms). Reference counting still
+    frees any of it that is dropped later (a reload's old provisioning)."""
+    gc.collect()
+    gc.freeze()
+    log.info("server.gc_frozen", objects=gc.get_freeze_count())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     _pin_mmap_threshold()
@@ -166,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"msgd: provisioning.file: {exc}", file=sys.stderr)
         return 2
     log.info("provisioning.loaded", provisioned=count, file=str(config.provisioning.file))
+    _freeze_loaded_state()
     notifier = Notifier.from_env()
     try:
         import uvloop

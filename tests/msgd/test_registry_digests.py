@@ -151,3 +151,22 @@ def test_a_slice_of_pending_changes_is_bounded_within_a_completion() -> None:
         left.append((digests.pending_count, done))
     assert left == [(7, False), (2, False), (0, True)]
     assert digests.digests("gw1", 12) == _expected({f"ue-{n}": None for n in range(12)})
+
+
+async def test_the_members_are_out_of_the_cyclic_gcs_reach(tmp_path: Path) -> None:
+    """Each bucket's members are kept where the cyclic GC never looks (a dict of strings, not
+    a set): a full collection would otherwise walk every registered UE's entry."""
+    import gc
+
+    reg = Registry.open(tmp_path / "r.sqlite")
+    reg.start(asyncio.get_running_loop())
+    try:
+        await reg.wait_durable([reg.submit_register(f"ue-{n}", "gw1", None)
+                                for n in range(300)][-1])
+        await reg.sync_digests("gw1", 12)
+        buckets = reg._digests._members["gw1"]
+        assert sum(map(len, buckets)) == 300
+        gc.collect()
+        assert not any(gc.is_tracked(bucket) for bucket in buckets)
+    finally:
+        await reg.close()

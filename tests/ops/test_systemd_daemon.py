@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import signal
 import sqlite3
 import time
@@ -50,6 +51,9 @@ async def test_ready_watchdog_reload_and_stopping(tmp_path, pki, manager, sock_d
         # logged before it was sent.
         log = child.log_text()
         assert "event=server.listening" in log and "event=provisioning.loaded" in log
+        # What start-up loaded is frozen out of the cyclic GC's reach (main.py says why).
+        frozen = re.search(r"event=server\.gc_frozen objects=(\d+)", log)
+        assert frozen and int(frozen.group(1)) > 10_000, log[-1500:]
         assert "STATUS=0 gateways, 0 UEs registered" in ready
         await starting
         assert "READY=1" in manager.messages[0][1], "READY=1 is the first notification"
