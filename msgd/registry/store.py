@@ -128,7 +128,7 @@ are in modules of their own.
         self._digests = DurableDigests(regs.items())
         self._digests_ready: asyncio.Event | None = None
         self._rebuild_begun = False
-        self._hashing_pending = False  # _hash_pending is scheduled
+        self._hashing = False  # _hash_slice is scheduled
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -201,26 +201,30 @@ are in modules of their own.
             raise RuntimeError("registry not started")
         if not self._rebuild_begun:
             self._rebuild_begun = True
-            self._loop.call_soon(self._rebuild_digests)
+            self._schedule_hashing()
 
-    def _rebuild_digests(self) -> None:
+    def _schedule_hashing(self) -> None:
+        if not self._hashing:
+            self._hashing = True
+            assert self._loop is not None
+            self._loop.call_soon(self._hash_slice)
+
+    def _hash_slice(self) -> None:
+        """One slice of digest work per loop turn (`DurableDigests.apply_pending`: the rebuild
+        at start first, then the deferred changes), until none is left."""
         if self._closed:
+            self._hashing = False
             return
-        if self._digests.rebuild_step():
-            assert self._digests_ready is not None
-            self._digests_ready.set()
+        done = self._digests.apply_pending()
+        ready = self._digests_ready
+        if self._digests.ready and ready is not None and not ready.is_set():
+            ready.set()
             log.info("registry: sync digests rebuilt (%d UEs)", len(self._regs))
+        if done:
+            self._hashing = False
         else:
             assert self._loop is not None
-            self._loop.call_soon(self._rebuild_digests)
-
-    def _hash_pending(self) -> None:
-        """More than PENDING_CAP durable changes wait: hash them, a slice per loop turn."""
-        if self._closed or self._digests.apply_pending():
-            self._hashing_pending = False
-            return
-        assert self._loop is not None
-        self._loop.call_soon(self._hash_pending)
+            self._loop.call_soon(self._hash_slice)
 
     # -- wire v1.1 sync reads (docs/protocol.md §6): durable state only ------------------------
 
@@ -420,10 +424,8 @@ are in modules of their own.
         if first != self._durable_seq + 1:  # cannot happen; say so loudly if it does
             log.error("registry: completion %d..%d out of order", first, last)
         durable = last - first + 1
-        if self._digests.defer(self._undo[:durable]) and not self._hashing_pending:
-            self._hashing_pending = True
-            assert self._loop is not None
-            self._loop.call_soon(self._hash_pending)
+        if self._digests.defer(self._undo[:durable]):
+            self._schedule_hashing()
         del self._undo[:durable]
         self._durable_seq = last
         self._settle(first, last, None)
