@@ -327,8 +327,14 @@ async def test_close_during_a_compaction(tmp_path: Path) -> None:
             await asyncio.sleep(0)
     await reg.wait_durable(reg.last_seq)
     compaction = asyncio.ensure_future(reg.compact())
-    await until(lambda: reg.compaction.steps_total > 3, "the compaction under way")
-    await reg.close()  # abandons it; the close compacts offline
+    # Hold the compaction where close() must abandon it: its worker stopped, it cannot end
+    # (it waits for the worker's last frame). Polling its steps alone let a fast compaction
+    # end between two polls on a loaded machine (a fresh-clone run: DID NOT RAISE).
+    await until(lambda: _workers_of(path), "the compaction's worker running")
+    for pid in _workers_of(path):
+        os.kill(pid, signal.SIGSTOP)
+    assert reg.compaction.running
+    await reg.close()  # abandons it (SIGKILL reaches a stopped worker); compacts offline
     with pytest.raises(RegistryError, match="closed"):
         await compaction
     reopened = Registry.open(path)
