@@ -80,6 +80,11 @@ class ProvisioningIndex:
         with self._lock:
             self._closed = True
             self.published = None
+            builder = self.thread
+        # Joined, so that no thread reads the file once its registry is closed (a test's
+        # cleanup found the directory not empty: the builder's connection was still open).
+        if builder is not None and builder is not threading.current_thread():
+            builder.join()
 
     def _request(self) -> None:
         """rebuild() for a caller that holds _lock."""
