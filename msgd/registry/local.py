@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from msgd.errors import RegistryError
 from msgd.log import get_logger
 from msgd.registry.port import BUSY_RETRY_MS, SUCCESS, Change, Decided, Outcome
-from msgd.registry.store import Registry
+from msgd.registry.store import BatchAnswers, Registry
 from wire.constants import FailureCause
 
 __all__ = ["LocalRegistrar"]
@@ -28,6 +27,7 @@ NOT_REGISTERED = Outcome(FailureCause.NOT_REGISTERED)
 VIA_OTHER_GATEWAY = Outcome(FailureCause.REGISTERED_VIA_OTHER_GATEWAY)
 # One Outcome per cause, shared: outcomes are built per entry.
 _FAILED = {cause: Outcome(cause) for cause in FailureCause}
+_ANSWERS = BatchAnswers(SUCCESS, BUSY, NOT_REGISTERED, VIA_OTHER_GATEWAY, STORAGE_FAILED, _FAILED)
 
 
 class LocalRegistrar:
@@ -54,40 +54,11 @@ class LocalRegistrar:
     def submit(self, gateway: str, changes: Sequence[Change], decided: Decided) -> None:
         """Decide a batch against memory now; hand the outcomes over once durable."""
         registry = self.registry
-        room = self.max_pending_writes - registry.pending()
         first_seq = registry.last_seq + 1
-        outcomes: list[Outcome] = []
-        append = outcomes.append
-        register = registry.submit_register
-        deregister = registry.submit_deregister
-        registration = registry.registration
-        for ue, is_registration, profile, verdict in changes:
-            if room <= 0:
-                append(BUSY)
-                continue
-            try:
-                if is_registration:
-                    if verdict is not None:
-                        append(_FAILED[verdict])
-                        continue
-                    register(ue, gateway, profile)
-                else:
-                    current = registration(ue)
-                    if current is None:
-                        append(NOT_REGISTERED)
-                        continue
-                    if current.gateway != gateway:
-                        append(VIA_OTHER_GATEWAY)
-                        continue
-                    if verdict is not None:
-                        append(_FAILED[verdict])
-                        continue
-                    deregister(ue)
-            except RegistryError as exc:
-                append(self._refused(exc))
-                continue
-            room -= 1
-            append(SUCCESS)
+        outcomes, refused = registry.submit_batch(
+            gateway, changes, self.max_pending_writes - registry.pending(), _ANSWERS)
+        if refused:
+            self._log_refusals(refused)
         wait_seq = registry.last_seq
         if wait_seq >= first_seq and self._on_submit is not None:
             self._on_submit(wait_seq)
@@ -97,14 +68,14 @@ class LocalRegistrar:
             return
         self._waiting.append((wait_seq, first_seq, outcomes, decided))
 
-    def _refused(self, exc: RegistryError) -> Outcome:
-        # The registry refused the change (its writer is gone, the file was refused): the
-        # entry fails, the connection and the daemon stay. One line for the first refusal and
+    def _log_refusals(self, count: int) -> None:
+        # The registry refused changes (its writer is gone, the file was refused): the
+        # entries fail, the connection and the daemon stay. One line for the first refusal and
         # one per 10,000 after it: a bulk against a dead writer must not log a line per entry.
-        if self._refusals % 10_000 == 0:
-            log.error("registry.refused", reason=str(exc), refusals=self._refusals + 1)
-        self._refusals += 1
-        return STORAGE_FAILED
+        before = self._refusals
+        self._refusals += count
+        if (before + count - 1) // 10_000 > (before - 1) // 10_000:
+            log.error("registry.refused", reason=self.registry.refusal, refusals=self._refusals)
 
     def _on_settled(self, _first: int, _last: int, _ok: bool) -> None:
         """Registry listener: hand over every batch whose state is now settled."""

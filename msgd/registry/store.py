@@ -33,10 +33,10 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, Generic, NamedTuple, TypeAlias, TypeVar
 
 from msgd.errors import RegistryError
 from msgd.registry.blobs import Op, Value
@@ -49,13 +49,27 @@ from msgd.registry.snapshot import JournalSize, State, compact, worth_compacting
 from msgd.registry.sql import one_line
 from msgd.registry.writer import Writer
 
-__all__ = ["Listener", "Registration", "Registry"]
+__all__ = ["BatchAnswers", "Listener", "Registration", "Registry"]
 
 log = logging.getLogger("msgd.registry")
 
 FAILED_HISTORY = 4_096  # failed seq ranges remembered for wait_durable()
 
 Listener: TypeAlias = Callable[[int, int, bool], None]
+
+T = TypeVar("T")
+
+
+class BatchAnswers(NamedTuple, Generic[T]):
+    """What `Registry.submit_batch` gives for each way a change can end: the caller's own
+    objects (the port's outcomes), so that the batch's answers need no second pass."""
+
+    applied: T  # in memory now, durable at its seq
+    busy: T  # no room left in the batch (`room`)
+    not_registered: T  # a de-registration of a UE not registered
+    other_gateway: T  # a de-registration of a UE registered through another gateway
+    refused: T  # the registry takes no more changes (its writer stopped, it is closing)
+    failed: Mapping[Any, T]  # a change's verdict -> its answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +339,80 @@ are in modules of their own.
         regs[ue_service_id] = new
         return self._queue(op)
 
+    def submit_batch(
+        self,
+        gateway: str,
+        changes: Iterable[tuple[str, bool, bytes | None, Any]],
+        room: int,
+        answers: BatchAnswers[T],
+    ) -> tuple[list[T], int]:
+        """Decide and apply one gateway's changes (ue, register, profile, verdict) in order,
+        each seeing the ones before it; returns an answer per change and how many the registry
+        refused. The rules of wire-v1 §5 that need registry state: a de-registration of a UE
+        not registered, or registered through another gateway, fails before its verdict is
+        looked at; a registration reaches here only with a verdict of None unless it failed.
+        Once `room` changes are applied, the rest are busy.
+
+        The hot path of every bulk: one loop with the dict and the op list at hand, seqs handed
+        out and the writer woken once per batch. The UE Service IDs come from the wire decoder
+        (str); submit_register/submit_deregister check what other callers hand in."""
+        name = self._gw_canon.get(gateway)
+        if name is None:
+            name = self._intern_gateway(gateway)
+        refusal = self._writer.refusal
+        regs = self._regs
+        current = regs.get
+        ops: list[Op] = []
+        op = ops.append
+        out: list[T] = []
+        answer = out.append
+        applied, busy, not_registered, other_gateway, refused, failed = answers
+        refused_count = 0
+        for ue, register, profile, verdict in changes:
+            if room <= 0:
+                answer(busy)
+                continue
+            old = current(ue)
+            if register:
+                if profile is None:
+                    new: Value | None = name
+                else:
+                    new = (name, profile if profile.__class__ is bytes else bytes(profile))
+            elif old is None:
+                answer(not_registered)
+                continue
+            elif (old if old.__class__ is str else old[0]) != name:  # type: ignore[index]
+                answer(other_gateway)
+                continue
+            else:
+                new = None
+            if verdict is not None:
+                answer(failed[verdict])
+                continue
+            if refusal is not None:
+                refused_count += 1
+                answer(refused)
+                continue
+            op((ue, new, old))
+            if new is None:
+                del regs[ue]
+            else:
+                regs[ue] = new
+            room -= 1
+            answer(applied)
+        if ops:
+            self._undo.extend(ops)
+            self._ops.extend(ops)
+            self._next_seq += len(ops)
+            self._wake_writer()
+        return out, refused_count
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the registry takes no more changes (its writer stopped, it is closing)."""
+        refusal = self._writer.refusal
+        return None if refusal is None else f"registry {refusal}"
+
     def submit_deregister(self, ue_service_id: str) -> int:
         """De-register a UE (a no-op change if it is not registered). Returns its seq."""
         refusal = self._writer.refusal
@@ -338,13 +426,16 @@ are in modules of their own.
         self._undo.append(op)
         self._ops.append(op)
         self._next_seq = seq = self._next_seq + 1
+        self._wake_writer()
+        return seq
+
+    def _wake_writer(self) -> None:
         writer = self._writer
         # See Writer._step for why this cannot miss a wake-up. An event already set needs no
         # second set(): it takes the event's lock, and a bulk would take it per change until
         # the writer thread runs (2.5 % of the loop thread in a profile of a bulk).
         if writer.idle and not writer.wake.is_set():
             writer.wake.set()
-        return seq
 
     def _intern_gateway(self, gateway: str) -> str:
         if not isinstance(gateway, str):

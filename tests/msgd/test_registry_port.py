@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from msgd.errors import RegistryError
 from msgd.registry.local import LocalRegistrar
 from msgd.registry.port import SUCCESS, Change, Outcome, Registrar
 from msgd.registry.store import Registration, Registry
@@ -99,8 +100,11 @@ async def test_other_gateway_and_takeover(registry: Registry) -> None:
     first = submit(port, registry, "gw-a", [reg("ue-1")])
     first_seq = registry.last_seq
     # Decided on gw-a's change before it is durable: the failure must not overtake it.
-    second = submit(port, registry, "gw-b", [dereg("ue-1"), reg("ue-1"), dereg("ue-1")])
-    assert await second.done == [VIA_OTHER, SUCCESS, SUCCESS]
+    # wire-v1 §5: the registration is checked before the credential.
+    second = submit(port, registry, "gw-b", [
+        dereg("ue-1"), dereg("ue-1", FailureCause.AUTHENTICATION_FAILED), reg("ue-1"),
+        dereg("ue-1")])
+    assert await second.done == [VIA_OTHER, VIA_OTHER, SUCCESS, SUCCESS]
     assert first.done.done()  # handed over in submission order
     assert await first.done == [SUCCESS]
     assert second.durable_at_decision >= registry.last_seq > first_seq
@@ -160,3 +164,21 @@ async def test_a_refusing_registry_fails_entries_and_does_not_raise(path: Path) 
     batch = submit(port, registry, "gw-a", [reg("ue-2"), dereg("ue-1"), dereg("nobody")])
     assert batch.done.done()
     assert batch.done.result() == [STORAGE, STORAGE, NOT_REGISTERED]
+
+
+async def test_refusals_are_logged_once_per_ten_thousand(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = Registry.open(path)
+    registry.start(asyncio.get_running_loop())
+    port = LocalRegistrar(registry, max_pending_writes=100_000)
+    await registry.close()
+    caplog.set_level("ERROR", logger="msgd.registry")
+    # A line for the batch that holds refusal 1, 10,001, 20,001, ..., with the count so far.
+    for size in (1, 9_999, 1, 10_005, 9_994, 1):
+        submit(port, registry, "gw-a", [reg(f"ue-{i}") for i in range(size)])
+    lines = [r for r in caplog.records if r.getMessage() == "registry.refused"]
+    assert [r.msgd_fields["refusals"] for r in lines] == [1, 10_001, 20_006, 30_001]
+    with pytest.raises(RegistryError) as refused:  # the reason a caller of the registry gets
+        registry.submit_register("ue-x", "gw-a", None)
+    assert {r.msgd_fields["reason"] for r in lines} == {str(refused.value)}
