@@ -436,8 +436,8 @@ class GatewayConnection(asyncio.Protocol):
     def _decide(self, kind: Procedure, tid: int, handle: object, entries: Any) -> None:
         """The rules that need only provisioning decide a run of requests or bulk entries (each
         with ue_service_id, credential and, registering, profile) now; the rest joins this
-        turn's batch for the registry port (`_submit`). One loop per run: what the rules look
-        up is taken once per run, not per entry (about 1 µs of a 10 µs bulk entry)."""
+        turn's batch for the registry port (`_submit`). The rules decide the run in one call
+        (msgd.server.rules), then one loop turns their causes into answers and changes."""
         policy = self.policy
         proofs = self.proofs
         assert policy is not None and proofs is not None
@@ -445,8 +445,15 @@ class GatewayConnection(asyncio.Protocol):
         answer = self._answers.answers.append
         change = self._answers.changes.append
         registering = kind is BULK_REG or kind is SINGLE_REG
-        check = self.server.rules.registration if registering else \
-            self.server.rules.deregistration
+        rules = self.server.rules
+        if registering:
+            causes = iter(rules.registrations(
+                policy, proofs, [e for e in entries if e.__class__ is not EntryError]))
+        else:
+            causes = iter(rules.deregistrations(
+                policy, proofs,
+                [e for e in entries if e.__class__ is not EntryError and not e.release]))
+        verdict = causes.__next__
         for entry in entries:
             if entry.__class__ is EntryError:
                 answer((tid, handle, kind, entry.ue_service_id or "", FailureCause.INVALID_ENTRY))
@@ -459,7 +466,7 @@ class GatewayConnection(asyncio.Protocol):
                 change(_new_tuple(Change, (uid, False, None, None)))
                 answer((tid, handle, kind, uid, DECIDED))
                 continue
-            cause = check(policy, proofs, uid, entry.credential)
+            cause = verdict()
             if registering:
                 if cause is not None:
                     answer((tid, handle, kind, uid, cause))
