@@ -636,20 +636,16 @@ def sync(run: Run) -> dict[str, Any]:
     (bench/sync.py), then the full re-registration it saves, on the same server."""
     import asyncio
 
-    from bench.sync import measure_sync
+    from bench.sync import first_digest, measure_sync
 
     server = Msgd(run, "E-sync")
     out: dict[str, Any] = {"ready_s": server.start()}
     try:
         out["registry_load_s"] = server.registry_load_s()
-        started = time.perf_counter()
-        deadline = started + 300.0
-        while "sync digests rebuilt" not in server.log_text():  # bounded poll of the log
-            if time.perf_counter() > deadline:
-                raise RuntimeError("msgd did not rebuild its sync digests within 300 s")
-            time.sleep(0.05)
-        out["digests_rebuilt_after_ready_s"] = time.perf_counter() - started
+        server.settle()
         out["rss_ready"] = server.rss()
+        out["first_digest_s"] = asyncio.run(first_digest(run.pki, server.port, BULK_GATEWAY))
+        out["rss_digests_kept"] = server.rss()
         out["sync"] = asyncio.run(measure_sync(run.pki, run.secret, server.port, BULK_GATEWAY,
                                                BULK_SEED, run.sizes.bulk_n))
         gen = LoadGen(run, server, "bulk", op="register", n=run.sizes.bulk_n, seed=BULK_SEED,
@@ -659,6 +655,18 @@ def sync(run: Run) -> dict[str, Any]:
         full = gen.finish()
         out["full_reregistration"] = {k: full[k] for k in
                                       ("n", "ok", "failed", "wall_s", "request_octets")}
+        # The gateway's digests are kept since its first DIGEST REQUEST: what a bulk costs
+        # then (every change hashed in), against bulk_register and registered's bulk
+        # de-registration, which run with no digests kept.
+        for op in ("deregister", "register"):
+            gen = LoadGen(run, server, "bulk", op=op, n=run.sizes.bulk_n, seed=BULK_SEED,
+                          identity=BULK_GATEWAY)
+            gen.wait_for("prepared")
+            cpu_before = server.cpu_s()
+            gen.send()
+            kept = gen.finish()
+            _cpu_per(kept, server.cpu_s() - cpu_before, "n")
+            out[f"bulk_{op}_digests_kept"] = kept
     finally:
         out.update({f"server_{k}": v for k, v in server.stop().items()})
     return out

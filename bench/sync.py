@@ -18,9 +18,23 @@ from bench.loadgen import client_context, ue_ids, ue_key
 from msgd.gateway.client import GatewayClient
 from msgd.gateway.sync import LocalView
 from msgd.gateway.values import GatewayUe
-from wire.messages import Profile
+from wire.messages import DigestRequest, Profile
 
 CHANGED_PROFILE = Profile(ue_type=2, maximum_segment_size=1200)
+
+
+async def first_digest(pki: dict[str, str], port: int, identity: str) -> float:
+    """Seconds for the gateway's first DIGEST REQUEST (b = 0) of this server: the server
+    builds the gateway's digests from its registrations then (msgd/registry/digests.py)."""
+    client = await GatewayClient.connect("127.0.0.1", port,
+                                         ssl_context=client_context(pki, identity),
+                                         server_hostname="localhost")
+    try:
+        started = time.perf_counter()
+        await client.sync_request(lambda tid: DigestRequest(tid, 0))
+        return time.perf_counter() - started
+    finally:
+        await client.close()
 
 
 async def measure_sync(pki: dict[str, str], secret_hex: str, port: int, identity: str,

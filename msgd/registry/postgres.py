@@ -612,9 +612,6 @@ connection's state; the admin reads are the part to move out first."""
         self._conn = self._rconn = None
         log.info("registry.closed", dsn=self.dsn_shown)
 
-    def begin_sync_rebuild(self) -> None:
-        """Nothing to rebuild: the database keeps each row's bucket and ue_hash."""
-
     def close_sync(self) -> None:
         """close() for a registry never started (main's early exits): no connection is
         open before start(), so there is nothing to wait for."""

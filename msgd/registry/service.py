@@ -65,7 +65,6 @@ class RegistryService(Protocol):
     def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
     async def close(self) -> None: ...
     def close_sync(self) -> None: ...  # before start(), or once its loop has stopped
-    def begin_sync_rebuild(self) -> None: ...  # after READY=1: v1.1 digests (digests.py)
 
 
 class RegistryReads(Protocol):

@@ -74,7 +74,6 @@ async def serve(
     lag_probe = loop.create_task(run_lag_probe(server.metrics))
     # The listener is bound and the registry loaded: only now READY=1.
     server.mark_ready()
-    registry.begin_sync_rebuild()
     await stop.wait()
     await server.shutdown()
     if control is not None:

@@ -1,15 +1,18 @@
 """wire v1.1 sync reads of the SQLite registry (msgd/registry/digests.py): durable state only,
-a takeover in both gateways' digests, a failed commit never seen, and the rebuild at start
-equal to the digests kept incrementally. Real SQLite files."""
+a takeover in both gateways' digests, a failed commit never seen, digests kept only for the
+gateways that read them, and a build from the state equal to the digests kept incrementally.
+Real SQLite files."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
 from msgd.errors import RegistryError
+from msgd.registry.digests import KEEP_IDLE_S, DurableDigests
 from msgd.registry.store import Registry
 from wire.sync import digests_of, ue_hash
 
@@ -59,17 +62,23 @@ async def test_a_failed_commit_never_reaches_the_digests(tmp_path: Path) -> None
         await reg.close()
 
 
-async def test_rebuild_at_start_equals_the_kept_digests(tmp_path: Path) -> None:
+async def test_a_build_equals_the_kept_digests(tmp_path: Path) -> None:
+    """Digests built at a first read (after a restart, or once dropped as idle) equal the ones
+    kept change by change."""
     path = tmp_path / "r.sqlite"
     reg = Registry.open(path)
     reg.start(asyncio.get_running_loop())
     ues = {f"ue-{n}": (None if n % 2 else bytes([0x30, 0, 1, 1 + n % 2])) for n in range(300)}
     try:
+        assert await reg.sync_digests("gw1", 12) == bytes(16 * 4096)  # kept from here on
         for uid, profile in ues.items():
             reg.submit_register(uid, "gw1", profile)
         await reg.wait_durable(reg.submit_deregister("ue-0"))
         del ues["ue-0"]
         kept = await reg.sync_digests("gw1", 12)
+        assert reg._digests.forget_idle(time.monotonic() + KEEP_IDLE_S) == ["gw1"]
+        assert not reg._digests.keeps("gw1")
+        assert await reg.sync_digests("gw1", 12) == kept  # built again
     finally:
         await reg.close()
     assert kept == _expected(ues)
@@ -83,15 +92,41 @@ async def test_rebuild_at_start_equals_the_kept_digests(tmp_path: Path) -> None:
         await reopened.close()
 
 
+async def test_no_gateway_read_no_hashing(tmp_path: Path, caplog) -> None:
+    """Until a gateway's first sync read, its changes cost nothing here; the read builds its
+    digests from the durable state, changes not yet durable left out."""
+    caplog.set_level("INFO", logger="msgd.registry")
+    reg = Registry.open(tmp_path / "r.sqlite")
+    reg.start(asyncio.get_running_loop())
+    try:
+        await reg.wait_durable([reg.submit_register(f"ue-{n}", "gw1", None)
+                                for n in range(100)][-1])
+        await reg.wait_durable(reg.submit_register("ue-0", "gw2", None))  # taken over
+        assert reg._digests.pending_count == 0
+        assert not reg._digests.keeps("gw1") and not reg._digests.keeps("gw2")
+        # Not durable when the read begins: ue-1 is still there, ue-new not yet.
+        reg.submit_deregister("ue-1")
+        reg.submit_register("ue-new", "gw1", None)
+        assert await reg.sync_digests("gw1", 12) == _expected(
+            {f"ue-{n}": None for n in range(1, 100)})
+        assert reg._digests.keeps("gw1") and not reg._digests.keeps("gw2")
+        built = [r.getMessage() for r in caplog.records if "sync digests of" in r.getMessage()]
+        assert len(built) == 1
+        assert built[0].startswith("registry: sync digests of gw1 built (99 UEs")
+    finally:
+        await reg.close()
+
+
 async def test_durable_changes_are_hashed_when_too_many_wait(tmp_path: Path, monkeypatch) -> None:
-    """Durable changes wait to be hashed (the per-change path stays a list append) until a
-    sync read or PENDING_CAP of them; then a slice per loop turn hashes them all."""
+    """Durable changes of a kept gateway wait to be hashed (the per-change path stays a list
+    append) until a sync read or PENDING_CAP of them; then a slice per loop turn hashes them."""
     from msgd.registry import digests
 
     monkeypatch.setattr(digests, "PENDING_CAP", 10)
     reg = Registry.open(tmp_path / "r.sqlite")
     reg.start(asyncio.get_running_loop())
     try:
+        await reg.sync_digests("gw1", 12)
         ues = {f"ue-{n}": None for n in range(50)}
         seqs = [reg.submit_register(uid, "gw1", None) for uid in ues]
         await reg.wait_durable(seqs[-1])
@@ -104,45 +139,57 @@ async def test_durable_changes_are_hashed_when_too_many_wait(tmp_path: Path, mon
         await reg.close()
 
 
-async def test_changes_waiting_during_the_rebuild_are_applied_after_it(
-        tmp_path: Path, monkeypatch) -> None:
-    """PENDING_CAP reached before the rebuild at start is done: the rebuild finishes first, so
-    a UE taken over meanwhile does not come back into its old gateway's members."""
-    from msgd.registry import digests
+def _hashed(digests: DurableDigests) -> None:
+    while not digests.apply_pending(2):
+        pass
 
-    path = tmp_path / "r.sqlite"
-    reg = Registry.open(path)
-    reg.start(asyncio.get_running_loop())
-    try:
-        await reg.wait_durable([reg.submit_register(f"ue-{n}", "gw1", None)
-                                for n in range(50)][-1])
-    finally:
-        await reg.close()
-    monkeypatch.setattr(digests, "PENDING_CAP", 5)
-    reopened = Registry.open(path)
-    reopened.start(asyncio.get_running_loop())
-    try:
-        await reopened.wait_durable([reopened.submit_register(f"ue-{n}", "gw2", None)
-                                     for n in range(50)][-1])
-        deadline = asyncio.get_running_loop().time() + 10.0
-        while reopened._digests._pending:  # bounded poll of an observable condition
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
-        assert await reopened.sync_list("gw1", 0, (0,)) == []
-        assert await reopened.sync_digests("gw1", 12) == bytes(16 * 4096)
-        assert await reopened.sync_digests("gw2", 12) == _expected(
-            {f"ue-{n}": None for n in range(50)})
-    finally:
-        await reopened.close()
+
+def test_a_build_is_hashed_before_the_changes_deferred_meanwhile() -> None:
+    """A UE taken over from a gateway while its digests are being built leaves them: the
+    build goes first (the other way round, the build would put the UE back)."""
+    digests = DurableDigests()
+    digests.keep("gw1", [(f"ue-{n}", "gw1") for n in range(5)])
+    digests.defer([("ue-0", "gw2", "gw1")])
+    _hashed(digests)
+    assert digests.digests("gw1", 12) == _expected({f"ue-{n}": None for n in range(1, 5)})
+    assert sorted(digests.members("gw1", 0, [0])) == [f"ue-{n}" for n in range(1, 5)]
+
+
+def test_changes_before_a_keep_are_in_its_build_and_those_after_are_applied() -> None:
+    digests = DurableDigests()
+    digests.defer([("ue-0", "gw1", None)])
+    assert digests.pending_count == 0  # nothing kept: nothing to hash, nothing held
+    digests.keep("gw2", [])
+    digests.defer([("ue-1", "gw1", None)])  # durable before gw1 is kept: in its build ...
+    digests.keep("gw1", [("ue-0", "gw1"), ("ue-1", "gw1")])
+    digests.defer([("ue-2", "gw1", None), ("ue-1", "gw2", "gw1")])  # ... these after it
+    _hashed(digests)
+    assert digests.digests("gw1", 12) == _expected({"ue-0": None, "ue-2": None})
+    assert digests.digests("gw2", 12) == _expected({"ue-1": None})
+
+
+def test_idle_digests_are_dropped() -> None:
+    digests = DurableDigests()
+    digests.keep("gw1", [("ue-0", "gw1")])
+    digests.read("gw1", 100.0)
+    digests.keep("gw2", [])
+    digests.read("gw2", 100.0 + KEEP_IDLE_S / 2)
+    _hashed(digests)
+    assert digests.forget_idle(100.0 + KEEP_IDLE_S - 1) == []
+    assert digests.forget_idle(100.0 + KEEP_IDLE_S) == ["gw1"]
+    assert not digests.keeps("gw1") and digests.keeps("gw2")
+    digests.defer([("ue-1", "gw1", None)])  # gw1 is not kept: its changes are skipped
+    _hashed(digests)
+    assert not digests.keeps("gw1")
+    assert digests.digests("gw1", 12) == bytes(16 * 4096)
 
 
 def test_a_slice_of_pending_changes_is_bounded_within_a_completion() -> None:
     """apply_pending hashes at most `limit` changes per call, even out of one completion of
     many (a loop turn stays short: tens of thousands of changes can share one commit)."""
-    from msgd.registry.digests import DurableDigests
-
-    digests = DurableDigests([])
-    assert digests.rebuild_step()
+    digests = DurableDigests()
+    digests.keep("gw1", [])
+    assert digests.apply_pending() is True
     ops = [(f"ue-{n}", "gw1", None) for n in range(12)]
     digests.defer(ops)
     left = []
