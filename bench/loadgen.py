@@ -47,6 +47,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
+from msgd.tls.reads import TlsReads
 from wire.constants import (
     ALPN_PROTOCOL,
     IEI,
@@ -125,7 +126,7 @@ def single_body(uid: str, credential: bytes) -> bytes:
 # --- one connection ----------------------------------------------------------------------------
 
 
-class Gw(asyncio.Protocol):
+class Gw(TlsReads):
     """One gateway connection: frames in, callbacks out; HELLO and KEEPALIVE handled here."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_frame_size: int = 65_535) -> None:

@@ -31,6 +31,7 @@ from msgd.gateway.sync import LocalView, SyncReport, compare
 from msgd.gateway.transactions import ConnectionEnding, Outstanding
 from msgd.gateway.values import Tracer, UeResult, as_failure_cause
 from msgd.log import get_logger
+from msgd.tls.reads import TlsReads
 from wire.constants import (
     ALPN_PROTOCOL,
     DEFAULT_MAX_FRAME_SIZE,
@@ -82,7 +83,7 @@ def _name(cause: Any) -> str:
     return str(getattr(cause, "name", cause))
 
 
-class GatewayClient(Procedures, asyncio.Protocol):
+class GatewayClient(Procedures, TlsReads):
     """One connection to an MSGin5G Server, in the GATEWAY role (wire-v1 §4, §5).
 
     `register`, `deregister`, `bulk_register` and `bulk_deregister` come from Procedures; the

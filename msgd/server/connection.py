@@ -27,6 +27,7 @@ from msgd.server.frame_clock import FrameClock
 from msgd.server.ports import Refusal
 from msgd.server.sync import answer_sync
 from msgd.tls.contexts import negotiated_alpn_ok, peer_identity
+from msgd.tls.reads import TlsReads
 from wire.constants import ErrorCause, FailureCause, MessageType
 from wire.credential import ProofChecker
 from wire.errors import EntryError
@@ -74,7 +75,7 @@ _KIND_OF = {
     MessageType.UE_REGISTRATION_REQUEST: SINGLE_REG,
     MessageType.UE_DEREGISTRATION_REQUEST: SINGLE_DEREG,
 }
-class GatewayConnection(asyncio.Protocol):
+class GatewayConnection(TlsReads):
     """One gateway: TLS set up by the server, then a wire Session in the SERVER role.
 
     Over 400 lines on purpose: an asyncio.Protocol's callbacks (bytes in, EOF, lost,
