@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+from collections.abc import Iterable
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from msgd.log import get_logger
@@ -249,6 +251,8 @@ class GatewayConnection(TlsReads):
         server = self.server
         budget = EVENTS_PER_TURN
         octets = OCTETS_PER_TURN
+        # This turn's single requests not decided yet, of one kind: decided together.
+        singles: list[tuple[Any, ...]] = []
         while True:
             if not budget:
                 # Fairness: one peer's buffered flood must not hold the loop; the rest of it
@@ -269,10 +273,11 @@ class GatewayConnection(TlsReads):
             kind = type(event)
             if kind is BulkEntriesReceived:
                 budget -= len(event.entries) - 1  # fairness counts entries, not events
+                self._decide_singles(singles)  # answered in the order they came
                 self._on_bulk_entries(event)
             elif kind is RequestReceived:
                 server.metrics.message(type(event.request).message_type.name)
-                self._on_request(event.request)
+                self._on_request(event.request, singles)
             elif kind is BulkStarted:
                 bulk_kind = (
                     BULK_REG
@@ -328,6 +333,7 @@ class GatewayConnection(TlsReads):
                     )
             elif kind is ConnectionClosed:
                 self.log.info("session.closed", reason=event.reason, by_peer=event.by_peer)
+        self._decide_singles(singles)
         self._submit()
         self._answers.send_ready(session, server.metrics.answers)
         self._write()
@@ -402,7 +408,9 @@ class GatewayConnection(TlsReads):
             "gateway.hello", gateway_type=event.hello.gateway_type, node=event.hello.node_name
         )
 
-    def _on_request(self, request: Any) -> None:
+    def _on_request(self, request: Any, singles: list[tuple[Any, ...]]) -> None:
+        """A single request joins `singles`, this turn's run of undecided ones of its kind
+        (decided together by `_decide_singles`); answers keep the order requests came in."""
         session = self.session
         assert session is not None
         tid = request.transaction_id
@@ -410,12 +418,21 @@ class GatewayConnection(TlsReads):
         if handle is None:  # pragma: no cover - the session delivers live requests only
             return
         kind = _KIND_OF[type(request).message_type]
-        retry = self.server.refuse_request("single", len(self._answers.changes))
+        retry = self.server.refuse_request("single", len(self._answers.changes) + len(singles))
         if retry is not None:  # overloaded: SERVER_BUSY, Retry after (docs/protocol.md §7)
+            self._decide_singles(singles)
             self._answers.answers.append(
                 (tid, handle, kind, request.ue_service_id, Outcome(SERVER_BUSY, retry)))
             return
-        self._decide(kind, tid, handle, (request,))
+        if singles and singles[0][1] is not kind:
+            self._decide_singles(singles)
+        singles.append(((tid, handle), kind, request))
+
+    def _decide_singles(self, singles: list[tuple[Any, ...]]) -> None:
+        if singles:
+            self._decide(singles[0][1], [single[0] for single in singles],
+                         [single[2] for single in singles])
+            singles.clear()
 
     def _on_sync_request(self, request: Any) -> None:
         """v1.1 DIGEST / LIST REQUEST: answered by msgd.server.sync in a task of its own."""
@@ -432,13 +449,16 @@ class GatewayConnection(TlsReads):
         if known is None:  # pragma: no cover - refused at its start: the session discards
             return
         kind, handle = known
-        self._decide(kind, tid, handle, event.entries)
+        self._decide(kind, repeat((tid, handle)), event.entries)
 
-    def _decide(self, kind: Procedure, tid: int, handle: object, entries: Any) -> None:
+    def _decide(self, kind: Procedure, addresses: Iterable[tuple[int, object]],
+                entries: Any) -> None:
         """The rules that need only provisioning decide a run of requests or bulk entries (each
         with ue_service_id, credential and, registering, profile) now; the rest joins this
         turn's batch for the registry port (`_submit`). The rules decide the run in one call
-        (msgd.server.rules), then one loop turns their causes into answers and changes."""
+        (msgd.server.rules), then one loop turns their causes into answers and changes.
+        `addresses` gives each entry's (transaction id, handle): one bulk's for all its
+        entries, or each single request's own."""
         policy = self.policy
         proofs = self.proofs
         assert policy is not None and proofs is not None
@@ -455,7 +475,7 @@ class GatewayConnection(TlsReads):
                 policy, proofs,
                 [e for e in entries if e.__class__ is not EntryError and not e.release]))
         verdict = causes.__next__
-        for entry in entries:
+        for (tid, handle), entry in zip(addresses, entries, strict=False):  # repeat() is endless
             if entry.__class__ is EntryError:
                 answer((tid, handle, kind, entry.ue_service_id or "", FailureCause.INVALID_ENTRY))
                 continue

@@ -188,13 +188,13 @@ async def test_overloaded_transaction_error_is_retried(dep):
         original = conn._on_request
         refused: list[float] = []
 
-        def refuse_once(request):  # the server's own ERROR path, once
+        def refuse_once(request, singles):  # the server's own ERROR path, once
             if not refused:
                 refused.append(asyncio.get_running_loop().time())
                 conn.session.send_error(request.transaction_id, ErrorCause.OVERLOADED,
                                         "busy", retry_after=300)
                 return
-            original(request)
+            original(request, singles)
 
         conn._on_request = refuse_once
         result = await gw.register(ues[0])

@@ -246,3 +246,77 @@ async def test_failure_answering_one_connection_closes_it_and_spares_the_others(
             assert any(r.getMessage() == "connection.internal_error" for r in caplog.records)
             assert (await gw2.register(dep.ue("b@example"))).ok
         raw1.close()
+
+
+async def test_singles_of_one_read_are_decided_together_and_answered_in_order(tmp_path, pki):
+    """Issue 12: the single requests decoded from one read go to the rules as runs of one kind
+    (a registration, then a de-registration of the same UE, must stay in that order), a bulk's
+    entries between them keep their place, and the answers leave in request order."""
+    uids = [f"u{i}@example" for i in range(6)]
+    dep = _dep(tmp_path, pki, uids)
+    async with running_server(dep) as server:
+        runs: list[tuple[str, list[str]]] = []
+        rules = server.rules
+
+        def recorded(name: str):
+            decide = getattr(rules, name)
+
+            def recording(gateway, proofs, requests):
+                runs.append((name[:-1], [request.ue_service_id for request in requests]))
+                return decide(gateway, proofs, requests)
+            return recording
+
+        for name in ("registrations", "deregistrations"):
+            setattr(rules, name, recorded(name))
+        raw = await RawGateway.open(dep, server.address)
+        await raw.hello()
+        body = bulk_header_ies(MessageType.BULK_REGISTRATION_REQUEST, 2)
+        for uid in uids[3:5]:
+            body += encode_entry(RegistrationEntry(
+                uid, compute_proof(dep.keys[uid], raw.nonce, 1, uid)))
+        # One write, one TLS record: the server reads it in one piece.
+        await raw.send(
+            _reg(dep, raw, 2, uids[0]) + _reg(dep, raw, 3, uids[1])
+            + _dereg(dep, raw, 4, uids[0]) + _reg(dep, raw, 5, uids[2])
+            + encode_frame(MessageType.BULK_REGISTRATION_REQUEST, 6, body, more=False)
+            + _reg(dep, raw, 7, uids[5]) + _dereg(dep, raw, 8, uids[1]))
+        frames = await _frames_until(raw, 8)
+        assert [tid for _mtype, tid, _message in frames] == [2, 3, 4, 5, 6, 7, 8]
+        singles = [message for mtype, _tid, message in frames
+                   if mtype != MessageType.BULK_REGISTRATION_RESPONSE]
+        assert [message.result for message in singles] == [0] * 6, singles
+        assert runs == [
+            ("registration", uids[0:2]), ("deregistration", uids[0:1]),
+            ("registration", uids[2:3]), ("registration", uids[3:5]),
+            ("registration", uids[5:6]), ("deregistration", uids[1:2]),
+        ]
+        assert sorted(r.ue_service_id for r in server.registry.iter_registrations()) == [
+            uids[2], uids[3], uids[4], uids[5]]
+        raw.close()
+
+
+async def test_a_single_refused_as_busy_keeps_its_place_among_undecided_ones(tmp_path, pki):
+    """Overload refuses the second of three singles read together: the first, decided later
+    in the turn, is still answered first, and undecided singles count as work not yet
+    handed to the registry when the policy is asked."""
+    uids = [f"u{i}@example" for i in range(3)]
+    dep = _dep(tmp_path, pki, uids)
+    async with running_server(dep) as server:
+        asked: list[int] = []
+        admit = server.refuse_request
+
+        def refuse_the_second(what: str, unsubmitted: int = 0) -> int | None:
+            asked.append(unsubmitted)
+            return 250 if len(asked) == 2 else admit(what, unsubmitted)
+
+        server.refuse_request = refuse_the_second
+        raw = await RawGateway.open(dep, server.address)
+        await raw.hello()
+        await raw.send(b"".join(_reg(dep, raw, 2 + n, uid) for n, uid in enumerate(uids)))
+        frames = await _frames_until(raw, 4)
+        answers = [(tid, message.failure_cause, message.retry_after)
+                   for _mtype, tid, message in frames]
+        assert answers == [(2, None, None), (3, FailureCause.SERVER_BUSY, 250),
+                           (4, None, None)]
+        assert asked == [0, 1, 1]
+        raw.close()
