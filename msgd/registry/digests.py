@@ -152,19 +152,19 @@ class DurableDigests:
         pending = self._pending
         while pending and done < limit:
             ops = pending[0]
-            if ops.__class__ is _Keep:
+            if isinstance(ops, _Keep):
                 pending.popleft()
-                self._kept.add(ops.gateway)  # type: ignore[union-attr]
+                self._kept.add(ops.gateway)
                 continue
             take = limit - done
-            if len(ops) > take:  # type: ignore[arg-type]
-                pending[0] = ops[take:]  # type: ignore[index]
-                ops = ops[:take]  # type: ignore[index]
+            if len(ops) > take:
+                pending[0] = ops[take:]
+                ops = ops[:take]
             else:
                 pending.popleft()
-            self._pending_count -= len(ops)  # type: ignore[arg-type]
-            done += len(ops)  # type: ignore[arg-type]
-            self.apply(ops)  # type: ignore[arg-type]
+            self._pending_count -= len(ops)
+            done += len(ops)
+            self.apply(ops)
         return not pending
 
     def apply(self, ops: Iterable[Op]) -> None:
@@ -231,14 +231,11 @@ class DurableDigests:
         return table.digests(bucket_bits)
 
 
-    def listed(self, regs: dict[str, Value], undo: Iterable[Op], gateway: str,
+    def listed(self, regs: dict[str, Value], before: dict[str, Value | None], gateway: str,
                bucket_bits: int, buckets: Iterable[int]) -> list[tuple[str, bytes]]:
         """(UE Service ID, ue_hash) of `gateway`'s durable UEs in `buckets` of level b: the
-        members, with each one's durable value (memory with the changes not yet durable,
-        `undo` oldest first, taken back)."""
-        before: dict[str, Value | None] = {}
-        for uid, _new, old in undo:
-            before.setdefault(uid, old)
+        members, with each one's durable value (`regs`, or `before` for a UE with changes
+        not yet durable)."""
         out = []
         for uid in self.members(gateway, bucket_bits, buckets):
             value = before[uid] if uid in before else regs.get(uid)

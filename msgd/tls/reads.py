@@ -3,8 +3,10 @@
 uvloop's TLS transport hands a plain `asyncio.Protocol` its bytes by calling
 `SSLObject.read(256 KiB)`, and CPython's ssl allocates a bytes object of the full size for
 every call before it shrinks it to what was read. At that size glibc maps and unmaps the
-memory each time: 14-15 µs per read measured on the benchmark VM for a 120-octet record,
-against 1.2 µs for the same read into an existing buffer (docs/performance.md, "Reads").
+memory each time (the daemon pins glibc's mmap threshold at 128 KiB for idle connections'
+sake, msgd/server/main.py): 14-15 µs per read measured on the benchmark VM for a 120-octet
+record, against 1.2 µs for the same read into an existing buffer (docs/performance.md,
+"2026-12-07").
 A connection of single requests pays it per request. Given a `BufferedProtocol`, uvloop (and
 asyncio) reads into the buffer that `get_buffer` returns instead.
 
