@@ -6,8 +6,9 @@ Prints one JSON object:
                     `(ue TEXT PRIMARY KEY, ...)` table, batches of 10,000, WAL, same synchronous
   rss_per_ue        RSS growth per registered UE after opening a file holding 1,000,000
   open_s            time of Registry.open() on that file (check + load)
-  provisioned_*     per-lookup cost and RSS of provisioning lookups: the read connection used
-                    by Registry.provisioned() vs a dict of ProvisionedUe (the alternative)
+  provisioned_*     per-lookup cost and RSS of provisioning lookups: the read connection (the
+                    fallback of Registry.provisioned()) vs a dict of ProvisionedUe
+  packed_*          the same for the packed index that msgd keeps (RSS with the id octets)
 
 Usage: python bench/registry_bench.py [--n 1000000] [--synchronous full] [--dir DIR]
 """
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from msgd.registry.packed_index import PackedIndexBuilder
 from msgd.registry.provisioning import ProvisionedUe
 from msgd.registry.store import Registry
 
@@ -143,6 +145,24 @@ def measure_provisioning(path: str, n: int) -> None:
     )
 
 
+def measure_packed(n: int) -> None:
+    """Child process: RSS and lookup cost of the packed provisioning index msgd keeps."""
+    ids = random_ids(n, seed=2)
+    probe = [ue.encode().decode() for ue in random.Random(3).sample(ids, 200_000)]
+    base = rss()
+    builder = PackedIndexBuilder(n)
+    for ue in ids:
+        builder.add(ue, os.urandom(32), 0)
+    index = builder.finish([frozenset({"gateway-1.example.net"})])
+    packed_rss = (rss() - base) / n
+    started = time.perf_counter()
+    for ue in probe:
+        index.get(ue)
+    packed_us = (time.perf_counter() - started) / len(probe) * 1e6
+    print(json.dumps({"packed_us": round(packed_us, 3),
+                      "packed_rss_per_ue": round(packed_rss, 1)}))
+
+
 def child(function: str, *args: object) -> dict[str, float]:
     code = f"from bench.registry_bench import {function}; {function}(*{args!r})"
     out = subprocess.run(
@@ -167,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         del ids
         result.update(child("measure_open", str(registry_path)))
         result.update(child("measure_provisioning", str(Path(tmp, "prov.sqlite")), args.n))
+        result.update(child("measure_packed", args.n))
         print(json.dumps(result, indent=2))
     return 0
 

@@ -2,8 +2,8 @@
 
 `provisioned()` is on the hot path of every registration entry: a point SELECT costs 10-30 µs
 here and was 45 % of the event loop in a bulk (docs/performance.md), a dict lookup ~0.1 µs.
-The index maps a UE id to K_ue (32 octets) plus a 2-octet number into the list of distinct
-gateway sets. It is built from the `provisioning` table after open and after every
+The index (`packed_index`, ~80 B per UE) maps a UE id to K_ue and a number into the list of
+distinct gateway sets. It is built from the `provisioning` table after open and after every
 provisioning write (coalesced); until it is published, the store's lookups fall back to SQL.
 
 An index read from a table that a write has since changed is never published, not even for a
@@ -19,17 +19,14 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeAlias
 
+from msgd.registry.packed_index import PackedIndex, PackedIndexBuilder
 from msgd.registry.provisioning import decode_gateways
 from msgd.registry.sql import one_line
 
-__all__ = ["Index", "ProvisioningIndex"]
+__all__ = ["ProvisioningIndex"]
 
 log = logging.getLogger("msgd.registry")
-
-# UE id -> K_ue + gateway-set number (big-endian u16), and the gateway sets by number.
-Index: TypeAlias = "tuple[dict[str, bytes], list[frozenset[str]]]"
 
 
 class ProvisioningIndex:
@@ -42,7 +39,7 @@ class ProvisioningIndex:
     def __init__(self, path: Path, pause: Callable[[str], None]) -> None:
         self._path = path
         self._pause = pause
-        self.published: Index | None = None
+        self.published: PackedIndex | None = None
         self.thread: threading.Thread | None = None  # the builder, while it runs
         self._dirty = threading.Event()
         self._lock = threading.Lock()
@@ -120,16 +117,18 @@ class ProvisioningIndex:
                     continue
                 self.published = index
             log.info("registry %s: provisioning index of %d UEs in memory",
-                     self._path, len(index[0]))
+                     self._path, len(index))
 
-    def _read(self, generation: int) -> Index | None:
+    def _read(self, generation: int) -> PackedIndex | None:
         """The index of the table as it is; None once a write began (generation moved)."""
         conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA query_only = ON")
+            # Only sizes the buckets: a write between the two statements moves the generation.
+            (expected,) = conn.execute("SELECT count(*) FROM provisioning").fetchone()
+            index = PackedIndexBuilder(expected)
             numbers: dict[str, int] = {}
             sets: list[frozenset[str]] = []
-            index: dict[str, bytes] = {}
             for uid, key, text in conn.execute(
                 "SELECT ue_service_id, key, gateways FROM provisioning"
             ):
@@ -141,7 +140,7 @@ class ProvisioningIndex:
                         raise ValueError("more than 65536 distinct gateway sets")
                     number = numbers[text] = len(sets)
                     sets.append(decode_gateways(text))
-                index[uid] = bytes(key) + number.to_bytes(2, "big")
-            return index, sets
+                index.add(uid, bytes(key), number)
+            return index.finish(sets)
         finally:
             conn.close()

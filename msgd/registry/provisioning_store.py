@@ -181,11 +181,8 @@ class ProvisioningStore:
         else one indexed SELECT (docs/registry.md)."""
         index = self._index.published
         if index is not None:
-            value = index[0].get(ue_service_id)
-            if value is None:
-                return None
-            gateways = index[1][(value[32] << 8) | value[33]]
-            return make_provisioned(ue_service_id, value[:32], gateways)
+            found = index.get(ue_service_id)
+            return None if found is None else make_provisioned(ue_service_id, *found)
         try:
             with self._rlock:
                 row = self._rconn.execute(_SQL_PROVISIONED_GET, (ue_service_id,)).fetchone()
@@ -208,10 +205,7 @@ class ProvisioningStore:
         serve it), or None: provisioned() without building a row, for the hot path."""
         index = self._index.published
         if index is not None:
-            value = index[0].get(ue_service_id)
-            if value is None:
-                return None
-            return value[:32], index[1][(value[32] << 8) | value[33]]
+            return index.get(ue_service_id)
         row = self.provisioned(ue_service_id)
         return None if row is None else (row.key, row.gateways)
 

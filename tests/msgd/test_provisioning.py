@@ -457,7 +457,7 @@ def test_import_that_fills_the_disk_stores_none_of_its_rows(tmp_path: Path) -> N
         assert reg.provisioning.provisioning_overrides() == 0
         assert reg.provisioned(moved.ue_service_id) == old[0]
         settle_index(reg)
-        assert published_index(reg) is not None and len(published_index(reg)[0]) == 50
+        assert published_index(reg) is not None and len(published_index(reg)) == 50
         assert all(reg.provisioned(row.ue_service_id) is None for row in new[::100])
 
         # Space returns: the same import goes through whole.
