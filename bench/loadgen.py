@@ -12,8 +12,9 @@ Modes:
   bulk     one gateway: one BULK (DE-)REGISTRATION REQUEST of every UE; UE/s, wall time.
   singles  G gateways, each keeping up to the announced outstanding window of single
            UE REGISTRATION REQUESTs in flight (closed loop), or paced at a fixed total rate
-           (open loop: latency counts from the moment a request was due, so a stall is not
-           hidden by the sender waiting for it); registrations/s and latency percentiles.
+           (open loop: each gateway a Poisson process at its share of the rate; latency counts
+           from the moment a request was due, so a stall is not hidden by the sender waiting
+           for it); registrations/s and latency percentiles.
            With honor_retry_after each gateway sends nothing new before a SERVER_BUSY's Retry
            after (the overload scenario: gateways that follow docs/protocol.md §7).
   connect  N connections (mutual TLS + HELLO/HELLO ACK), `concurrency` at a time; handshakes/s;
@@ -340,6 +341,33 @@ async def run_bulk(params: dict[str, Any]) -> dict[str, Any]:
 # --- singles -------------------------------------------------------------------------------------
 
 
+class PoissonArrivals:
+    """When each of `count` gateways' requests fall due: every gateway an independent Poisson
+    process at `rate_each` per second from `start` (their sum is Poisson at the total rate),
+    reproducible from `seed`.
+
+    A schedule shared by all gateways (request k of every gateway due at start + k/rate_each)
+    made them due at the same instants: a burst of one request per gateway every 1/rate_each
+    seconds, which gateways in the field do not coordinate, and which alone put 10-15 ms on
+    the median at 1 % of msgd's capacity (docs/performance.md, 2026-12-07).
+    """
+
+    def __init__(self, seed: str, count: int, rate_each: float, start: float) -> None:
+        self._rate = rate_each
+        self._rngs = [random.Random(f"{seed}-{index}") for index in range(count)]
+        self._next = [start + rng.expovariate(rate_each) for rng in self._rngs]
+
+    def take(self, index: int, now: float, due: deque[float]) -> None:
+        """Append to `due` gateway `index`'s due times up to `now`, in order."""
+        at = self._next[index]
+        if at <= now:
+            rng, rate = self._rngs[index], self._rate
+            while at <= now:
+                due.append(at)
+                at += rng.expovariate(rate)
+            self._next[index] = at
+
+
 class _Single:
     """One gateway's closed or open loop of single registrations."""
 
@@ -358,7 +386,6 @@ class _Single:
         self.tid = 1
         self.inflight: dict[int, float] = {}
         self.backlog: deque[float] = deque()  # open loop: due times not yet sent
-        self.issued = 0
         self.stopped = False
         gw.on_frame = self.on_frame
 
@@ -503,14 +530,11 @@ async def run_singles(params: dict[str, Any]) -> dict[str, Any]:
             single.fill(True)
         await asyncio.sleep(end - t0)
     else:
-        per_gw = rate / len(loops)
+        arrivals = PoissonArrivals(f"{params['seed']}-arrivals-{params.get('first_index', 0)}",
+                                   len(loops), rate / len(loops), t0)
         while (now := time.perf_counter()) < end:
-            elapsed = now - t0
-            for single in loops:
-                due = int(elapsed * per_gw)
-                while single.issued < due:
-                    single.issued += 1
-                    single.backlog.append(t0 + single.issued / per_gw)
+            for index, single in enumerate(loops):
+                arrivals.take(index, now, single.backlog)
                 single.fill(False)
             await asyncio.sleep(0.001)
     cpu = _cpu() - cpu0
