@@ -3,7 +3,9 @@
 `--scenarios soak` runs the soak instead (bench/soak.py: 1,000,000 UEs, then 30 minutes of
 churn at half capacity; `--size soak_s=300` for five minutes); it is never part of the
 default run. `--scenarios overload` shows the overload contract (bench/overload.py: open-loop
-singles at twice the closed-loop rate for 60 s), also outside the default run.
+singles at twice the closed-loop rate for 60 s), also outside the default run, as is
+`--scenarios lone` (bench/lone.py: what a single costs the server when it arrives alone, by
+rate, beside a TLS echo at the same rates).
 
 Starts real msgd processes (mutual TLS, SQLite file, per-UE authentication), drives them from
 a load generator process (bench/loadgen.py), measures the machine's ceilings in the same run
@@ -24,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import overload, scenarios, soak
+from bench import lone, overload, scenarios, soak
 
 DEFAULT_SCENARIOS = ("ceilings", "connections", "bulk", "registered")
-SCENARIOS = (*DEFAULT_SCENARIOS, "soak", "overload", "sync")
+SCENARIOS = (*DEFAULT_SCENARIOS, "soak", "overload", "sync", "lone")
 MB = 1e6
 
 
@@ -267,16 +269,20 @@ def main(argv: list[str] | None = None) -> int:
             step("sync", scenarios.sync)
         if "registered" in args.scenarios:
             step("registered", scenarios.registered)
+        if "lone" in args.scenarios:
+            step("lone", lone.run_lone)
         if "soak" in args.scenarios:
             step("soak", soak.run_soak)
         if "overload" in args.scenarios:
             step("overload", overload.run_overload)
         results["elapsed_s"] = time.perf_counter() - started
-        if others and others != ["sync"]:
+        if set(others) - {"sync", "lone"}:
             results["derived"] = derive(results)
             print(render(results))
         if "sync" in args.scenarios:
             print(render_sync(results["sync"]))
+        if "lone" in args.scenarios:
+            print(lone.render(results["lone"]))
         if "soak" in args.scenarios:
             print(soak.render_soak(results["soak"]))
         if "overload" in args.scenarios:

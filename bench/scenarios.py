@@ -71,6 +71,9 @@ class Sizes:
     soak_compact_changes: int = 100_000  # [registry] compact_journal_changes
     soak_compact_ratio: float = 0.25  # [registry] compact_journal_ratio (its default)
     soak_compact_interval: float = 10.0
+    # A lone single (`--scenarios lone`, bench/lone.py): open-loop rates, seconds at each.
+    lone_rates: str = "2000,6000,12000,20000"
+    lone_s: float = 5.0
     # The overload scenario (`--scenarios overload`, bench/overload.py): open-loop singles
     # at 2 x the closed-loop rate for overload_s, and a msgd.client run of overload_client_n.
     overload_s: float = 60.0

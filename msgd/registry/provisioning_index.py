@@ -1,8 +1,8 @@
 """The in-memory provisioning index and the background thread that builds it.
 
 `provisioned()` is on the hot path of every registration entry: a point SELECT costs 10-30 µs
-here and was 45 % of the event loop in a bulk (docs/performance.md), a dict lookup ~0.1 µs.
-The index (`packed_index`, ~80 B per UE) maps a UE id to K_ue and a number into the list of
+here and was 45 % of the event loop in a bulk (docs/performance.md), the index ~1.3 µs.
+The index (`packed_index`, ~70 B per UE) maps a UE id to K_ue and a number into the list of
 distinct gateway sets. It is built from the `provisioning` table after open and after every
 provisioning write (coalesced); until it is published, the store's lookups fall back to SQL.
 

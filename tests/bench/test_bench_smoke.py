@@ -73,3 +73,22 @@ def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
         assert _number(row["value"]), (key, row)
         if row["ceiling"] is not None:
             assert _number(row["ratio"]), (key, row)
+
+
+def test_quick_lone_singles_report_a_cost_and_its_ceiling_per_rate(tmp_path: Path) -> None:
+    out = tmp_path / "lone.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenarios", "lone",
+         "--size", "lone_rates=200,1000", "--size", "lone_s=1", "--dir", str(tmp_path),
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| lone singles" in proc.stdout
+    rows = json.loads(out.read_text())["lone"]["rates"]
+    assert [row["rate"] for row in rows] == [200.0, 1000.0]
+    for row in rows:
+        assert row["answered"] > 0
+        for key in ("per_s", "p50_ms", "p99_ms", "server_cpu_us_per_single", "ratio"):
+            assert _number(row[key]), (key, row)
+        assert row["tls_echo"]["requests"] > 0
+        assert _number(row["tls_echo"]["server_cpu_us_per_request"]), row

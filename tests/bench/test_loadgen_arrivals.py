@@ -6,6 +6,7 @@ server saw bursts of one request per gateway (docs/performance.md, 2026-12-07).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections import deque
 
@@ -34,7 +35,7 @@ def test_each_gateway_runs_at_its_rate_and_the_sum_at_the_total() -> None:
         assert list(times) == sorted(times)
         assert all(1000.0 < at <= 1000.0 + SPAN for at in times)
     # Exponential gaps: mean 1/rate, coefficient of variation 1 (a fixed period has 0).
-    gaps = [b - a for times in due for a, b in zip(times, list(times)[1:])]
+    gaps = [b - a for times in due for a, b in itertools.pairwise(times)]
     mean = statistics.fmean(gaps)
     assert abs(mean - 1 / RATE_EACH) < 0.05 / RATE_EACH
     assert 0.9 < statistics.pstdev(gaps) / mean < 1.1

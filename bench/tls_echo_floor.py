@@ -1,0 +1,157 @@
+"""The floor under a single request that arrives alone: a TLS echo on uvloop (not a test).
+
+    python bench/tls_echo_floor.py [--rates 2000,6000,20000] [--connections 100]
+
+A server process answers every 100-octet record with 60 octets at once (a BufferedProtocol
+reading into one buffer, as msgd's TlsReads does); a client process holds `connections` TLS
+1.3 connections and sends at a total rate, each connection a Poisson process of its own, as
+the benchmark's load generator does. Prints one JSON line per rate: the server process's CPU
+per request (its handshakes subtracted, measured apart) and the client's round-trip p50/p99.
+`python -m bench --scenarios lone` runs it beside msgd's singles at the same rates (bench/lone.py).
+Throwaway self-signed P-256 key in a temporary directory, 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+REQUEST, ANSWER = 100, 60
+_BUFFER = bytearray(256 * 1024)
+
+
+class _Echo(asyncio.BufferedProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.pending = 0
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return _BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.pending += nbytes
+        whole, self.pending = divmod(self.pending, REQUEST)
+        if whole:
+            self.transport.write(b"a" * ANSWER * whole)  # type: ignore[attr-defined]
+
+
+async def _serve(cert: Path, key: Path, port_pipe: int) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0, ssl=context)
+    os.write(port_pipe, f"{server.sockets[0].getsockname()[1]}\n".encode())
+    await asyncio.Event().wait()
+
+
+class _Client(asyncio.Protocol):
+    def __init__(self, latencies: list[float]) -> None:
+        self.latencies = latencies
+        self.sent: list[float] = []
+        self.received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        now = time.perf_counter()
+        while self.received >= ANSWER and self.sent:
+            self.received -= ANSWER
+            self.latencies.append(now - self.sent.pop(0))
+
+
+async def _drive(port: int, rate: float, count: int, seconds: float) -> tuple[int, list[float]]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the throwaway certificate; nothing leaves 127.0.0.1
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    clients = []
+    for _ in range(count):
+        _transport, client = await loop.create_connection(
+            lambda: _Client(latencies), "127.0.0.1", port, ssl=context)
+        clients.append(client)
+    rngs = [random.Random(index) for index in range(count)]
+    start = time.perf_counter()
+    due = [start + rng.expovariate(rate / count) for rng in rngs]
+    sent = 0
+    while (now := time.perf_counter()) < start + seconds:
+        for index, client in enumerate(clients):
+            while due[index] <= now:
+                client.sent.append(due[index])
+                client.transport.write(b"q" * REQUEST)  # type: ignore[attr-defined]
+                sent += 1
+                due[index] += rngs[index].expovariate(rate / count)
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.5)
+    for client in clients:
+        client.transport.close()
+    return sent, sorted(latencies)
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(rate: float, count: int, seconds: float, cert: Path, key: Path) -> dict[str, float]:
+    """One rate: the server's CPU per request (handshakes apart) and the round trips."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the server: a process of its own, like msgd
+        os.close(read_end)
+        uvloop.run(_serve(cert, key, write_end))
+        os._exit(0)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end) as pipe:
+            port = int(pipe.readline())
+        before = _cpu(pid)
+        uvloop.run(_drive(port, 1.0, count, 0.0))  # handshakes alone, to subtract
+        handshakes = _cpu(pid) - before
+        before = _cpu(pid)
+        sent, latencies = uvloop.run(_drive(port, rate, count, seconds))
+        cpu = _cpu(pid) - before - handshakes
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    return {
+        "rate": rate,
+        "connections": count,
+        "requests": sent,
+        "server_cpu_us_per_request": round(cpu / sent * 1e6, 1),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="2000,6000,20000")
+    parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        pki = Path(tmp)
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", str(pki / "key.pem"), "-out", str(pki / "cert.pem"),
+             "-subj", "/CN=localhost", "-days", "1"], check=True, capture_output=True)
+        for rate in (float(text) for text in args.rates.split(",")):
+            print(json.dumps(measure(rate, args.connections, args.seconds, pki / "cert.pem",
+                                     pki / "key.pem")), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
