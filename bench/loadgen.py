@@ -38,6 +38,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import random
 import resource
 import ssl
@@ -355,7 +356,9 @@ class PoissonArrivals:
     def __init__(self, seed: str, count: int, rate_each: float, start: float) -> None:
         self._rate = rate_each
         self._rngs = [random.Random(f"{seed}-{index}") for index in range(count)]
-        self._next = [start + rng.expovariate(rate_each) for rng in self._rngs]
+        # A rate of 0 (or less): nothing falls due.
+        self._next = [start + rng.expovariate(rate_each) if rate_each > 0 else math.inf
+                      for rng in self._rngs]
 
     def take(self, index: int, now: float, due: deque[float]) -> None:
         """Append to `due` gateway `index`'s due times up to `now`, in order."""

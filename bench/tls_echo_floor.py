@@ -1,6 +1,6 @@
 """The floor under a single request that arrives alone: a TLS echo on uvloop (not a test).
 
-    python bench/tls_echo_floor.py [--rates 2000,6000,20000] [--connections 100]
+    python -m bench.tls_echo_floor [--rates 2000,6000,20000] [--connections 100]
 
 A server process answers every 100-octet record with 60 octets at once (a BufferedProtocol
 reading into one buffer, as msgd's TlsReads does); a client process holds `connections` TLS
@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
 import random
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -45,18 +48,19 @@ class _Echo(asyncio.BufferedProtocol):
             self.transport.write(b"a" * ANSWER * whole)  # type: ignore[attr-defined]
 
 
-async def _serve(cert: Path, key: Path, port_pipe: int) -> None:
+async def _serve(cert: Path, key: Path) -> None:
+    """The server process (`--serve CERT KEY`): prints its port, echoes until killed."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0, ssl=context)
-    os.write(port_pipe, f"{server.sockets[0].getsockname()[1]}\n".encode())
+    print(server.sockets[0].getsockname()[1], flush=True)
     await asyncio.Event().wait()
 
 
 class _Client(asyncio.Protocol):
     def __init__(self, latencies: list[float]) -> None:
         self.latencies = latencies
-        self.sent: list[float] = []
+        self.sent: deque[float] = deque()
         self.received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -67,7 +71,7 @@ class _Client(asyncio.Protocol):
         now = time.perf_counter()
         while self.received >= ANSWER and self.sent:
             self.received -= ANSWER
-            self.latencies.append(now - self.sent.pop(0))
+            self.latencies.append(now - self.sent.popleft())
 
 
 async def _drive(port: int, rate: float, count: int, seconds: float) -> tuple[int, list[float]]:
@@ -99,39 +103,43 @@ async def _drive(port: int, rate: float, count: int, seconds: float) -> tuple[in
     return sent, sorted(latencies)
 
 
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_s(pid: int) -> float:
+    """CPU seconds of a process's live threads, to the nanosecond (/proc/<pid>/stat counts in
+    10 ms ticks: too coarse for a few hundred requests)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
-def measure(rate: float, count: int, seconds: float, cert: Path, key: Path) -> dict[str, float]:
+def measure(rate: float, count: int, seconds: float, cert: Path, key: Path) -> dict[str, Any]:
     """One rate: the server's CPU per request (handshakes apart) and the round trips."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the server: a process of its own, like msgd
-        os.close(read_end)
-        uvloop.run(_serve(cert, key, write_end))
-        os._exit(0)
-    os.close(write_end)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.tls_echo_floor", "--serve", str(cert), str(key)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
-        with os.fdopen(read_end) as pipe:
-            port = int(pipe.readline())
-        before = _cpu(pid)
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"TLS echo server exited {server.wait()} before listening")
+        port = int(line)
+        before = cpu_s(server.pid)
         uvloop.run(_drive(port, 1.0, count, 0.0))  # handshakes alone, to subtract
-        handshakes = _cpu(pid) - before
-        before = _cpu(pid)
+        handshakes = cpu_s(server.pid) - before
+        before = cpu_s(server.pid)
         sent, latencies = uvloop.run(_drive(port, rate, count, seconds))
-        cpu = _cpu(pid) - before - handshakes
+        cpu = cpu_s(server.pid) - before - handshakes
     finally:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
+        server.kill()
+        server.wait()
     return {
         "rate": rate,
         "connections": count,
         "requests": sent,
-        "server_cpu_us_per_request": round(cpu / sent * 1e6, 1),
-        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
-        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
+        "server_cpu_us_per_request": round(cpu / sent * 1e6, 1) if sent else None,
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2) if latencies else None,
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2) if latencies else None,
     }
 
 
@@ -140,7 +148,11 @@ def main() -> int:
     parser.add_argument("--rates", default="2000,6000,20000")
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--serve", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        uvloop.run(_serve(Path(args.serve[0]), Path(args.serve[1])))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         pki = Path(tmp)
         subprocess.run(

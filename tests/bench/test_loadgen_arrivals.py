@@ -57,3 +57,11 @@ def test_gateways_do_not_fall_due_together() -> None:
 def test_the_same_seed_gives_the_same_schedule() -> None:
     assert schedule("a") == schedule("a")
     assert schedule("a") != schedule("b")
+
+
+def test_a_rate_of_zero_sends_nothing() -> None:
+    arrivals = PoissonArrivals("s", 3, 0.0, 0.0)
+    due: deque[float] = deque()
+    for index in range(3):
+        arrivals.take(index, 1e9, due)
+    assert not due
