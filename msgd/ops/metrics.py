@@ -5,9 +5,12 @@ server thread on `[metrics] listen`. Everything is counted on the event-loop thr
 that read daemon state (connections, registrations, certificate expiry) are computed when
 scraped, from values the loop thread replaces atomically, so a scrape never races the loop.
 
-Label children for the hot path are resolved once, so counting an entry is one dict lookup
-and one locked add. Procedures are counted when their answer is sent, with the cause that
-was actually sent (a success decided earlier can still become STORAGE_FAILURE).
+Label children for the hot path are resolved once, and the counters of the per-request path
+(procedures, bulk entries, messages, frames, octets) are plain ints the loop thread adds to
+without a lock, exposed as counters when scraped (`_LoopCounters`; no `_created` samples):
+the hooks of one lone single cost 0.73 µs instead of 2.28 with prometheus_client's Counter.
+Procedures are counted when their answer is sent, with the cause that was actually sent (a
+success decided earlier can still become STORAGE_FAILURE).
 
 The group-commit latency is measured from the server side with the registry's public API:
 the transport notes, after each chunk of gateway data, the last change sequence number
@@ -53,25 +56,25 @@ class Metrics:
         reads as one table."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.procedures = Counter(
+        # The counters of the per-request path: plain ints the loop thread adds to, read at
+        # scrape (prometheus_client's Counter.inc takes a lock: 314 ns a call against 51).
+        loop_counters = _LoopCounters()
+        r.register(loop_counters)
+        self.procedures = loop_counters.counter(
             "msgd_procedures",
             "Per-UE procedures answered, by kind, result and failure cause",
             ("procedure", "result", "cause"),
-            registry=r,
         )
-        self.bulk_entries = Counter(
-            "msgd_bulk_entries", "Entries answered inside bulk transactions", ("procedure",),
-            registry=r,
-        )
+        self.bulk_entries = loop_counters.counter(
+            "msgd_bulk_entries", "Entries answered inside bulk transactions", ("procedure",))
         self.bulk_transactions = Counter(
             "msgd_bulk_transactions", "Bulk transactions started by gateways", ("procedure",),
             registry=r,
         )
-        self.messages = Counter(
+        self.messages = loop_counters.counter(
             "msgd_messages_received",
             "Messages received from gateways, by type (a bulk transaction counts once)",
             ("type",),
-            registry=r,
         )
         self.protocol_errors = Counter(
             "msgd_protocol_errors",
@@ -111,12 +114,13 @@ class Metrics:
             "msgd_goodbyes_sent", "GOODBYE messages sent to gateways, by cause", ("cause",),
             registry=r,
         )
-        self.frames_received = Counter(
-            "msgd_frames_received", "Frames received from gateways (a bulk request is many)",
-            registry=r,
-        )
-        self.bytes_in = Counter("msgd_received_bytes", "Octets received from gateways", registry=r)
-        self.bytes_out = Counter("msgd_sent_bytes", "Octets sent to gateways", registry=r)
+        self.frames_received = loop_counters.counter(
+            "msgd_frames_received", "Frames received from gateways (a bulk request is many)"
+        ).labels()
+        self.bytes_in = loop_counters.counter(
+            "msgd_received_bytes", "Octets received from gateways").labels()
+        self.bytes_out = loop_counters.counter(
+            "msgd_sent_bytes", "Octets sent to gateways").labels()
         # Kept under its old attribute name too: nothing else counts received octets.
         self.frames_in = self.bytes_in
         self.commit_latency = Histogram(
@@ -380,6 +384,70 @@ def certificate_inventory(
             name = role if role == "gateway_ca" or index == 0 else "server_chain"
             out.append((name, cert.subject.rfc4514_string(), cert.not_valid_after_utc))
     return out
+
+
+class _LoopCounter:
+    """One counter (one set of label values) that only the event-loop thread adds to."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self.value += amount
+
+
+class _LoopCounterFamily:
+    """A counter's label children, as prometheus_client's `labels()` hands them out."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.children: dict[tuple[str, ...], _LoopCounter] = {}
+
+    def labels(self, *values: str) -> _LoopCounter:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected")
+        key = tuple(str(value) for value in values)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = _LoopCounter()
+        return child
+
+
+class _LoopCounters(Collector):
+    """Counters kept as plain ints by the loop thread, exposed as counters at scrape time.
+
+    The loop thread adds; the HTTP server's thread reads. Under the GIL an int attribute read
+    is atomic and `list(dict.items())` is one C call, so a scrape sees each counter at some
+    value it had, never a torn one, and never fails on a child added meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.families: list[_LoopCounterFamily] = []
+
+    def counter(self, name: str, documentation: str,
+                labelnames: tuple[str, ...] = ()) -> _LoopCounterFamily:
+        family = _LoopCounterFamily(name, documentation, labelnames)
+        self.families.append(family)
+        return family
+
+    def describe(self) -> Iterator[Any]:
+        for family in self.families:
+            yield CounterMetricFamily(family.name, family.documentation,
+                                      labels=family.labelnames)
+
+    def collect(self) -> Iterator[Any]:
+        for family in self.families:
+            out = CounterMetricFamily(family.name, family.documentation,
+                                      labels=family.labelnames)
+            for labels, child in list(family.children.items()):
+                out.add_metric(labels, child.value)
+            yield out
 
 
 class _CertificateCollector(Collector):

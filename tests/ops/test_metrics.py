@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import sys
+import threading
 import time
 import urllib.request
 
+import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from msgd.gateway import GatewayUe
 from msgd.ops.metrics import Metrics
+from msgd.procedures import Procedure
 from tests.harness import ChildServer, Gw, connect, make_deployment
 from wire.constants import FailureCause
 
@@ -133,3 +138,71 @@ def test_group_commit_latency_is_timed_from_the_oldest_change_of_a_batch() -> No
     assert registry.get_sample_value("msgd_group_commit_seconds_sum") == 1.0 + 2.0 + 0.25
     assert registry.get_sample_value("msgd_group_commit_changes_sum") == 6
     assert registry.get_sample_value("msgd_registry_commit_failures_total") == 1
+
+
+def test_loop_counters_expose_what_the_hooks_counted() -> None:
+    """The per-request counters are plain ints read at scrape time; the exposition keeps the
+    names, labels and values a prometheus_client Counter gave (systemd/README.md lists them)."""
+    metrics = Metrics()
+    registry = metrics.registry
+    assert registry.get_sample_value("msgd_received_bytes_total") == 0
+    metrics.received(100)
+    metrics.received(23)
+    metrics.sent(7)
+    metrics.frames(3)
+    metrics.message("HELLO")
+    metrics.message("UE_REGISTRATION_REQUEST")
+    metrics.message("UE_REGISTRATION_REQUEST")
+    metrics.answers({(Procedure.REGISTRATION, None): 2,
+                     (Procedure.BULK_DEREGISTRATION, FailureCause.NOT_REGISTERED): 5})
+    assert registry.get_sample_value("msgd_received_bytes_total") == 123
+    assert registry.get_sample_value("msgd_sent_bytes_total") == 7
+    assert registry.get_sample_value("msgd_frames_received_total") == 3
+    assert registry.get_sample_value("msgd_messages_received_total", {"type": "HELLO"}) == 1
+    assert registry.get_sample_value("msgd_messages_received_total",
+                                     {"type": "UE_REGISTRATION_REQUEST"}) == 2
+    assert registry.get_sample_value("msgd_procedures_total", {
+        "procedure": "registration", "result": "success", "cause": ""}) == 2
+    assert registry.get_sample_value("msgd_procedures_total", {
+        "procedure": "bulk_deregistration", "result": "failure",
+        "cause": "NOT_REGISTERED"}) == 5
+    assert registry.get_sample_value("msgd_procedures_total", {
+        "procedure": "deregistration", "result": "success", "cause": ""}) == 0
+    assert registry.get_sample_value("msgd_bulk_entries_total",
+                                     {"procedure": "bulk_deregistration"}) == 5
+    text = generate_latest(registry).decode()
+    assert "# TYPE msgd_procedures_total counter" in text
+    assert 'msgd_messages_received_total{type="HELLO"} 1.0' in text
+    with pytest.raises(ValueError):
+        metrics.sent(-1)
+
+
+def test_a_scrape_while_the_loop_adds_counters_sees_each_at_a_value_it_had() -> None:
+    metrics = Metrics()
+    stop = threading.Event()
+    seen: list[float] = []
+    failures: list[BaseException] = []
+
+    def scrape() -> None:
+        try:
+            while not stop.is_set():
+                generate_latest(metrics.registry)
+                seen.append(metrics.registry.get_sample_value("msgd_sent_bytes_total"))
+        except BaseException as exc:  # reported below: a thread's exception is otherwise lost
+            failures.append(exc)
+
+    scraper = threading.Thread(target=scrape)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: the scrape meets new children
+    scraper.start()
+    try:
+        for index in range(20_000):
+            metrics.sent(1)
+            metrics.message(f"TYPE_{index % 5000}")  # new children while scrapes run
+    finally:
+        stop.set()
+        scraper.join()
+        sys.setswitchinterval(interval)
+    assert not failures
+    assert seen == sorted(seen) and all(0 <= value <= 20_000 for value in seen)
+    assert metrics.registry.get_sample_value("msgd_sent_bytes_total") == 20_000
