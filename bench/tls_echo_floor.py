@@ -2,8 +2,8 @@
 
     python -m bench.tls_echo_floor [--rates 2000,6000,20000] [--connections 100]
 
-A server process answers every 100-octet record with 60 octets at once (a BufferedProtocol
-reading into one buffer, as msgd's TlsReads does); a client process holds `connections` TLS
+A server process answers every 100-octet record with 60 octets at once (reading through
+msgd's own TlsReads, as msgd's connections do); a client process holds `connections` TLS
 1.3 connections and sends at a total rate, each connection a Poisson process of its own, as
 the benchmark's load generator does. Prints one JSON line per rate: the server process's CPU
 per request (its handshakes subtracted, measured apart) and the client's round-trip p50/p99.
@@ -29,20 +29,20 @@ from typing import Any
 
 import uvloop
 
+from msgd.tls.reads import TlsReads
+
 REQUEST, ANSWER = 100, 60
-_BUFFER = bytearray(256 * 1024)
 
 
-class _Echo(asyncio.BufferedProtocol):
+class _Echo(TlsReads):
+    """Reads as msgd's connections do (msgd.tls.reads), answers each whole request at once."""
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.pending = 0
 
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return _BUFFER
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.pending += nbytes
+    def data_received(self, data: bytes) -> None:
+        self.pending += len(data)
         whole, self.pending = divmod(self.pending, REQUEST)
         if whole:
             self.transport.write(b"a" * ANSWER * whole)  # type: ignore[attr-defined]
