@@ -401,13 +401,20 @@ class _LoopCounter:
 
 
 class _LoopCounterFamily:
-    """A counter's label children, as prometheus_client's `labels()` hands them out."""
+    """A counter's label children, as prometheus_client's `labels()` hands them out.
+
+    `published` is what a scrape reads: a tuple the loop thread replaces whole when it adds
+    a child (rare: label values are bounded). Copying `children` from the scrape's thread
+    instead is not atomic: a garbage collection during the copy runs Python code (finalizers,
+    gc callbacks), the loop thread may run then and add a child, and the copy fails.
+    """
 
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = labelnames
         self.children: dict[tuple[str, ...], _LoopCounter] = {}
+        self.published: tuple[tuple[tuple[str, ...], _LoopCounter], ...] = ()
 
     def labels(self, *values: str) -> _LoopCounter:
         if len(values) != len(self.labelnames):
@@ -416,15 +423,16 @@ class _LoopCounterFamily:
         child = self.children.get(key)
         if child is None:
             child = self.children[key] = _LoopCounter()
+            self.published = (*self.published, (key, child))
         return child
 
 
 class _LoopCounters(Collector):
     """Counters kept as plain ints by the loop thread, exposed as counters at scrape time.
 
-    The loop thread adds; the HTTP server's thread reads. Under the GIL an int attribute read
-    is atomic and `list(dict.items())` is one C call, so a scrape sees each counter at some
-    value it had, never a torn one, and never fails on a child added meanwhile.
+    The loop thread adds; the HTTP server's thread reads. Under the GIL an attribute read is
+    atomic, so a scrape sees each counter at some value it had, never a torn one, and reads
+    the children from a tuple the loop only ever replaces, never one it changes.
     """
 
     def __init__(self) -> None:
@@ -445,7 +453,7 @@ class _LoopCounters(Collector):
         for family in self.families:
             out = CounterMetricFamily(family.name, family.documentation,
                                       labels=family.labelnames)
-            for labels, child in list(family.children.items()):
+            for labels, child in family.published:
                 out.add_metric(labels, child.value)
             yield out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import secrets
 import sys
@@ -191,9 +192,17 @@ def test_a_scrape_while_the_loop_adds_counters_sees_each_at_a_value_it_had() -> 
         except BaseException as exc:  # reported below: a thread's exception is otherwise lost
             failures.append(exc)
 
+    def during_collection(phase: str, info: dict[str, int]) -> None:
+        # Python code run by a collection (as finalizers are) lets the other thread in, even
+        # in the middle of a C call that allocates: this is how a copy of a dict gets torn.
+        del phase, info
+
     scraper = threading.Thread(target=scrape)
     interval = sys.getswitchinterval()
+    threshold = gc.get_threshold()
     sys.setswitchinterval(1e-6)  # threads switch often: the scrape meets new children
+    gc.set_threshold(50)
+    gc.callbacks.append(during_collection)
     scraper.start()
     try:
         for index in range(20_000):
@@ -202,6 +211,8 @@ def test_a_scrape_while_the_loop_adds_counters_sees_each_at_a_value_it_had() -> 
     finally:
         stop.set()
         scraper.join()
+        gc.callbacks.remove(during_collection)
+        gc.set_threshold(*threshold)
         sys.setswitchinterval(interval)
     assert not failures
     assert seen == sorted(seen) and all(0 <= value <= 20_000 for value in seen)
