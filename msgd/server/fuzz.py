@@ -342,24 +342,29 @@ class _Host:
 
 
 class _Txn:
-    __slots__ = ("answered", "entries", "request_type", "uid")
+    __slots__ = ("answered", "entries", "reader", "request_type", "uid")
 
     def __init__(self, request_type: MessageType, uid: str = "") -> None:
         self.request_type = request_type
         self.uid = uid
         self.entries: list[tuple[str, bool]] = []  # (ue_service_id, decoded) per entry
         self.answered = 0
+        self.reader: BulkReader | None = None  # its bulk response, once a frame of it came
 
 
 class OutputChecker:
     """Decodes what the connection writes, frame by frame, and checks each answer against the
-    requests the session delivered (`open`) and the registrar's outcomes (`decided`)."""
+    requests the session delivered (`open`) and the registrar's outcomes (`decided`).
+
+    `open` holds, per transaction id, the transactions still owed an answer, oldest first:
+    the session ends a transaction when it queues the final answer, which the connection
+    writes at the end of its turn, so a gateway that reuses the id at once (a protocol
+    error on its side) has its new request delivered before the old answer is written."""
 
     def __init__(self, harness: Harness) -> None:
         self.harness = harness
         self.buf = bytearray()
-        self.open: dict[int, _Txn] = {}
-        self.bulks: dict[int, BulkReader] = {}
+        self.open: dict[int, deque[_Txn]] = {}
         self.answered: defaultdict[_Key, int] = defaultdict(int)
         self.keepalive_tid: int | None = None
         self.frames = 0
@@ -391,9 +396,10 @@ class OutputChecker:
             raise FuzzFailure(f"MORE set on {mtype.name}")
         message = decode_body(mtype, tid, body)
         if mtype in _SINGLE_RESPONSE:
-            txn = self.open.pop(tid, None)
+            txn = self._oldest(tid)
             if txn is None or txn.request_type is not _SINGLE_RESPONSE[mtype] or txn.entries:
                 raise FuzzFailure(f"{mtype.name} {tid}: no such request in progress")
+            self._answered(tid)
             if message.ue_service_id != txn.uid:
                 raise FuzzFailure(f"{mtype.name} {tid}: for {message.ue_service_id!r}, "
                                   f"asked for {txn.uid!r}")
@@ -403,14 +409,33 @@ class OutputChecker:
         elif mtype is MessageType.KEEPALIVE:
             self.keepalive_tid = tid
 
+    def _oldest(self, tid: int) -> _Txn | None:
+        txns = self.open.get(tid)
+        return txns[0] if txns else None
+
+    def _answered(self, tid: int) -> None:
+        """The oldest transaction of `tid` got its final answer."""
+        txns = self.open[tid]
+        txns.popleft()
+        if not txns:
+            del self.open[tid]
+
+    def _ended(self, tid: int) -> None:
+        """The session ended the newest transaction of `tid` (TransactionFailed, ERROR)."""
+        txns = self.open.get(tid)
+        if txns:
+            txns.pop()
+            if not txns:
+                del self.open[tid]
+
     def _bulk_frame(self, mtype: MessageType, tid: int, more: bool, body: bytes) -> None:
-        txn = self.open.get(tid)
+        txn = self._oldest(tid)
         if txn is None or txn.request_type is not _BULK_RESPONSE[mtype]:
             raise FuzzFailure(f"{mtype.name} {tid}: no such bulk in progress")
-        reader = self.bulks.get(tid)
+        reader = txn.reader
         first = reader is None
         if reader is None:
-            reader = self.bulks[tid] = BulkReader(mtype, ENTRY_DECODERS)
+            reader = txn.reader = BulkReader(mtype, ENTRY_DECODERS)
         reader.start_frame(first)
         for iei, raw in split_ies(body):
             item = reader.feed_ie(iei, raw)
@@ -432,11 +457,10 @@ class OutputChecker:
             self._outcome(mtype, entry)
         reader.end_frame()
         if not more:
-            del self.bulks[tid]
             if reader.entries != reader.count:
                 raise FuzzFailure(f"{mtype.name} {tid}: {reader.count} announced, "
                                   f"{reader.entries} sent")
-            del self.open[tid]
+            self._answered(tid)
 
     def _outcome(self, mtype: MessageType, answer: Any) -> None:
         """The cause of one answer is the registrar's (already given) or the rules' (right)."""
@@ -468,26 +492,23 @@ class OutputChecker:
         kind = type(event)
         if kind is RequestReceived:
             request = event.request
-            self.open[request.transaction_id] = _Txn(request.message_type, request.ue_service_id)
+            self.open.setdefault(request.transaction_id, deque()).append(
+                _Txn(request.message_type, request.ue_service_id))
         elif kind is BulkStarted:
-            self.open[event.transaction_id] = _Txn(event.message_type)
-            self.bulks.pop(event.transaction_id, None)
+            self.open.setdefault(event.transaction_id, deque()).append(_Txn(event.message_type))
         elif kind is BulkEntriesReceived:
-            txn = self.open[event.transaction_id]
+            txn = self.open[event.transaction_id][-1]
             if event.first_index != len(txn.entries):
                 raise FuzzFailure(f"bulk {event.transaction_id}: entries from "
                                   f"{event.first_index}, {len(txn.entries)} seen")
             txn.entries += [(e.ue_service_id or "", type(e) is not EntryError)
                             for e in event.entries]
         elif kind is TransactionFailed:
-            self.open.pop(event.transaction_id, None)
-            self.bulks.pop(event.transaction_id, None)
+            self._ended(event.transaction_id)
         elif kind is ErrorReceived:
-            self.open.pop(event.error.transaction_id, None)
-            self.bulks.pop(event.error.transaction_id, None)
+            self._ended(event.error.transaction_id)
         elif kind is ConnectionClosed:
             self.open.clear()
-            self.bulks.clear()
             if event.cause is ErrorCause.IDLE_TIMEOUT:
                 self.harness.check_idle()
 
@@ -757,7 +778,7 @@ class Harness:
     def _check_all_answered(self) -> None:
         if self.transport.reading_paused and self.conn._backlog:
             return  # events still waiting in the session (fairness)
-        for tid, txn in self.output.open.items():
+        for tid, txn in ((tid, txn) for tid, txns in self.output.open.items() for txn in txns):
             if txn.answered < len(txn.entries) or (not txn.entries and txn.uid):
                 raise FuzzFailure(f"transaction {tid} ({txn.request_type.name}) has answers "
                                   f"owed: {txn.answered} of {len(txn.entries) or 1} sent")
