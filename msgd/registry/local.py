@@ -68,6 +68,9 @@ class LocalRegistrar:
             return
         self._waiting.append((wait_seq, first_seq, outcomes, decided))
 
+    def settle_completed(self) -> None:
+        self.registry.settle_completed()
+
     def _log_refusals(self, count: int) -> None:
         # The registry refused changes (its writer is gone, the file was refused): the
         # entries fail, the connection and the daemon stay. One line for the first refusal and

@@ -71,3 +71,10 @@ class Registrar(Protocol):
         entries get STORAGE_FAILURE.
         """
         ...
+
+    def settle_completed(self) -> None:
+        """Call now the `decided` of batches the store has already finished (cheap when there
+        are none). The server calls it after each read: a completion otherwise waits in the
+        loop's queue behind every other connection's read of this turn (a few ms at 17,500
+        singles/s), and the answers with it."""
+        ...

@@ -270,6 +270,10 @@ connection's state; the admin reads are the part to move out first."""
         self._queue.append(batch)
         self._wake.set()
 
+    def settle_completed(self) -> None:
+        """port.Registrar.settle_completed: nothing waits here; the writer is a task on the
+        loop and calls `decided` as each commit returns."""
+
     # -- the writer ---------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:

@@ -519,6 +519,12 @@ are in modules of their own.
         """Changes submitted but not yet settled (for overload decisions: SERVER_BUSY)."""
         return self._next_seq - self._durable_seq
 
+    def settle_completed(self) -> None:
+        """Settle the batches the writer has posted, now rather than when the loop reaches the
+        drain it scheduled (which then finds nothing); the listeners run here."""
+        if self._writer.has_completions():
+            self._drain_outbox()
+
     def _drain_outbox(self) -> None:
         for ok, first, last, *rest in self._writer.take_completions():
             if ok:

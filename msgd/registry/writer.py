@@ -151,6 +151,11 @@ class Writer:
             messages, self._outbox = self._outbox, []
         return messages
 
+    def has_completions(self) -> bool:
+        """Whether a completion waits (read without the lock: one that is posted meanwhile is
+        drained by the call_soon_threadsafe that posting it scheduled)."""
+        return bool(self._outbox)
+
     def wait_completions(self) -> None:
         """Block until a completion is posted (for a caller without a loop)."""
         with self._outbox_cv:

@@ -202,6 +202,9 @@ class GatewayConnection(TlsReads):
         else:
             session.receive_data(data, now)
         self._process()
+        # Answers the registry made durable meanwhile (this connection's or another's) go out
+        # now, not after the reads of every other connection ready in this loop turn.
+        server.registrar.settle_completed()
 
     def eof_received(self) -> bool:
         if self.session is not None and not self._closed:

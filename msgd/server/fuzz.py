@@ -252,12 +252,15 @@ class FakeTransport:
 
 class MemoryRegistrar:
     """The registry port in memory: batches wait until the harness completes them, oldest
-    first (the port's promise), or are decided inside `submit` (`synchronous`)."""
+    first (the port's promise), or are decided inside `submit` (`synchronous`). A completed
+    batch is decided as the embedded registry decides it: by a callback the loop runs soon,
+    or earlier by `settle_completed` (which the connection calls after each read)."""
 
     def __init__(self, harness: Harness, synchronous: bool) -> None:
         self.harness = harness
         self.synchronous = synchronous
         self.pending: deque[tuple[Sequence[Change], Decided]] = deque()
+        self.finished: deque[tuple[Decided, list[Outcome]]] = deque()
         self.closed = False
 
     def submit(self, gateway: str, changes: Sequence[Change], decided: Decided) -> None:
@@ -285,8 +288,18 @@ class MemoryRegistrar:
                 outcome = Outcome(change.verdict)
             outcomes.append(outcome)
             self.harness.decided[(change.register, change.ue_service_id, outcome.cause)] += 1
-        decided(outcomes)
+        if self.synchronous:
+            decided(outcomes)
+        else:
+            self.finished.append((decided, outcomes))
+            self.harness.loop.call_soon(self.settle_completed)
         return True
+
+    def settle_completed(self) -> None:
+        finished = self.finished
+        while finished:
+            decided, outcomes = finished.popleft()
+            decided(outcomes)
 
 
 class _NoSyncReads:
@@ -633,6 +646,13 @@ class Harness:
     def op_complete(self) -> None:
         self.registrar.complete(self.byte())
 
+    def op_complete_then_read(self) -> None:
+        """The registrar completes its oldest batch and a read comes before the loop runs the
+        callback that decides it (in msgd: the writer's completion queued behind other
+        connections' reads): the read's settle_completed decides it, within data_received."""
+        self.registrar.complete(self.byte())
+        self.op_read()
+
     def op_pause_writing(self) -> None:
         if not self.transport.closing:
             self.conn.pause_writing()
@@ -678,7 +698,7 @@ class Harness:
 
     OPS: tuple[Callable[[Harness], None], ...] = (
         op_frame, op_frame, op_frame, op_read, op_read, op_raw, op_timer, op_sleep,
-        op_complete, op_complete, op_pause_writing, op_resume_writing, op_eof, op_goodbye,
+        op_complete, op_complete_then_read, op_pause_writing, op_resume_writing, op_eof, op_goodbye,
         op_revoke, op_flushed, op_registry_closed, op_lost, op_flood, op_read_all,
     )
 

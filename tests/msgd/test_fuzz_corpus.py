@@ -46,12 +46,35 @@ class _Liar:
     def submit(self, gateway: str, changes: Sequence[Change], decided: Decided) -> None:
         decided([SUCCESS] * len(changes))
 
+    def settle_completed(self) -> None:
+        pass
+
 
 def test_an_answer_the_registrar_did_not_give_is_caught() -> None:
     harness = fuzz.Harness(fuzz.seeds()["register"])
     harness.host.registrar = _Liar()  # type: ignore[assignment]
     with pytest.raises(FuzzFailure, match="before the registrar decided"):
         harness.run()
+
+
+def test_a_read_decides_what_the_registrar_finished_before_the_loop_turns() -> None:
+    # In msgd the writer's completion waits in the loop's queue behind the other connections'
+    # reads of the turn; the first read decides it (data_received -> settle_completed) and
+    # its answer goes out then, not when the loop reaches the queued callback.
+    op = {f.__name__[3:]: n for n, f in reversed(list(enumerate(fuzz.Harness.OPS)))}
+    hello = bytes([op["frame"], 0, 0, 2, op["read"], 0xFF])
+    # Octet 1: a window of 4096, so reading goes on while the first request is unanswered.
+    program = (b"\x00\x30" + hello + bytes([op["frame"], 1, 1, 4, op["read"], 0xFF])
+               + bytes([op["frame"], 1, 2, 4]))  # a second request, not read yet
+    harness = fuzz.Harness(program)
+    while harness.pos < len(program):
+        harness.OPS[harness.byte() % len(harness.OPS)](harness)
+        harness.loop.run_ready()
+    assert len(harness.registrar.pending) == 1 and not harness.output.answered
+    harness.registrar.complete(0)  # decided by a callback the loop has not run yet
+    assert harness.loop.ready and not harness.output.answered
+    harness.op_read()
+    assert sum(harness.output.answered.values()) == 1
 
 
 def test_an_answer_sent_twice_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,6 +129,26 @@ async def test_nothing_to_wait_for_is_decided_at_once(registry: Registry) -> Non
     assert batch.done.result() == [NOT_REGISTERED, NOT_REGISTERED]
 
 
+async def test_settle_completed_decides_a_finished_batch_before_the_loop_turns(
+    registry: Registry,
+) -> None:
+    # The server calls it after each read, so that an answer made durable does not wait for
+    # the reads of every other connection of the loop's turn.
+    port = LocalRegistrar(registry, max_pending_writes=1000)
+    calls: list[list[Outcome]] = []
+    port.submit("gw-a", [reg("ue-1")], lambda outcomes: calls.append(list(outcomes)))
+    registry._writer.wait_completions()  # this thread (the loop's) waits for the commit
+    assert calls == []  # the loop has not turned: the drain the writer scheduled waits
+    port.settle_completed()
+    assert calls == [[SUCCESS]]
+    assert registry.durable_seq == registry.last_seq
+    # The writer scheduled that drain before it took the next batch, so once the next one is
+    # decided through the loop, the first drain has run too, and found nothing: decided once.
+    later = submit(port, registry, "gw-a", [reg("ue-2")])
+    assert await later.done == [SUCCESS]
+    assert calls == [[SUCCESS]]
+
+
 async def test_busy_beyond_the_pending_writes_limit(registry: Registry) -> None:
     port = LocalRegistrar(registry, max_pending_writes=3)
     batch = submit(port, registry, "gw-a", [reg(f"ue-{i}") for i in range(5)] + [dereg("x")])
