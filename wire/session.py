@@ -85,6 +85,7 @@ from .messages import (
     ENTRY_DECODERS,
     ENTRY_IEI_OF,
     RESULT_ENCODERS,
+    SINGLE_RESULT_ENCODERS,
     Error,
     Goodbye,
     Hello,
@@ -1425,6 +1426,26 @@ class Session:
             raise LocalProtocolError("response type does not answer the request")
         data = encode_message(response, max_frame_size=self.peer_max_frame_size)
         self._out.append(data)
+        self._advance(txn, TxnInput.SEND_LAST)
+        return True
+
+    def send_result(self, transaction_id: int, ue_service_id: str, failure_cause: int | None,
+                    retry_after: int | None = None, handle: object = None) -> bool:
+        """send_response for a single registration or de-registration, given as its fields:
+        Result SUCCESS without a failure cause, FAILURE with one. No response object is built
+        on the common path (wire.messages.SINGLE_RESULT_ENCODERS). False as send_response."""
+        if not self._is_server:
+            raise LocalProtocolError("a gateway sends no responses")
+        txn = self._txns.get(transaction_id)
+        if txn is None or (handle is not None and txn is not handle):
+            return False
+        encode = None if txn.is_bulk else SINGLE_RESULT_ENCODERS.get(
+            RESPONSE_TO.get(txn.request_type))  # type: ignore[arg-type]
+        if encode is None:
+            raise LocalProtocolError(f"transaction {transaction_id} is not a single "
+                                     "registration or de-registration")
+        self._out.append(encode(transaction_id, ue_service_id, failure_cause, retry_after,
+                                self.peer_max_frame_size))
         self._advance(txn, TxnInput.SEND_LAST)
         return True
 

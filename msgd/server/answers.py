@@ -14,8 +14,7 @@ from typing import Any
 
 from msgd.procedures import Procedure
 from msgd.registry.port import Change, Outcome, Registrar
-from wire.constants import FailureCause, Result
-from wire.messages import UeDeregistrationResponse, UeRegistrationResponse
+from wire.constants import FailureCause
 from wire.session import Session
 
 __all__ = ["DECIDED", "AnswerQueue"]
@@ -23,10 +22,6 @@ __all__ = ["DECIDED", "AnswerQueue"]
 # In an answer's cause slot: the registry port decides this one (its batch's next outcome).
 DECIDED: Any = object()
 
-_RESPONSE = {
-    Procedure.REGISTRATION: UeRegistrationResponse,
-    Procedure.DEREGISTRATION: UeDeregistrationResponse,
-}
 _FIRST_BULK = Procedure.BULK_REGISTRATION
 
 
@@ -109,7 +104,7 @@ class AnswerQueue:
         after) tuples: no response entry object is built (send_bulk_results)."""
         order = self._submitted
         send_entries = session.send_bulk_results
-        send_response = session.send_response
+        send_result = session.send_result
         tally: dict[tuple[Procedure, FailureCause | None], int] = {}
         run: list[Any] = []  # answers of one bulk transaction, not yet handed over
         run_tid = run_handle = run_kind = None
@@ -142,8 +137,7 @@ class AnswerQueue:
                     _send_run(send_entries, run_tid, run, run_handle, run_kind, run_causes,
                               tally)
                     run, run_causes = [], []
-                result = Result.SUCCESS if cause is None else Result.FAILURE
-                if send_response(_RESPONSE[kind](tid, uid, result, cause_value, retry), handle):
+                if send_result(tid, uid, cause_value, retry, handle):
                     key = (kind, cause)
                     tally[key] = tally.get(key, 0) + 1
         if run:

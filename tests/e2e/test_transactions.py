@@ -237,7 +237,7 @@ async def test_failure_answering_one_connection_closes_it_and_spares_the_others(
             def broken(*_args: object, **_kwargs: object) -> bool:
                 raise RuntimeError("injected: answering failed")
 
-            conn1.session.send_response = broken  # fault injection on one live session
+            conn1.session.send_result = broken  # fault injection on one live session
             with caplog.at_level(logging.ERROR, logger="msgd.connection"):
                 await raw1.send(_reg(dep, raw1, 5, "a@example"))
                 result = await asyncio.wait_for(gw2.register(dep.ue("b@example")), BOUND)

@@ -234,6 +234,23 @@ def test_fast_single_response_encoder(message: Any) -> None:
     assert encode_message(message) == encode_frame(message_type, message.transaction_id, body)
 
 
+@DIFF
+@given(st.one_of(ws.registration_responses, ws.deregistration_responses),
+       st.sampled_from([4096, 65535]))
+def test_single_result_encoders(message: Any, max_frame_size: int) -> None:
+    """Session.send_result's encoders against encode_message of the same response (responses
+    whose result and cause agree, without unknown IEs: the only ones its fields express)."""
+    from hypothesis import assume
+
+    from wire.messages import SINGLE_RESULT_ENCODERS
+
+    assume((message.result == 0) == (message.failure_cause is None) and not message.unknown_ies)
+    encode = SINGLE_RESULT_ENCODERS[type(message).message_type]
+    assert_same(lambda: encode(message.transaction_id, message.ue_service_id,
+                               message.failure_cause, message.retry_after, max_frame_size),
+                lambda: encode_message(message, max_frame_size=max_frame_size))
+
+
 def test_the_single_response_shortcut_is_exercised() -> None:
     """Success and failure shapes do take the shortcut (else the test above proves little)."""
     for cls in (UeRegistrationResponse, UeDeregistrationResponse):

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.wire.helpers import Pair, bulk_frame, drain, errors_in, reg_entry, split_frames
 from wire.constants import ErrorCause, FailureCause, MessageType
+from wire.errors import LocalProtocolError
 from wire.events import (
     BulkEntryReceived,
     ConnectionClosed,
@@ -90,6 +93,30 @@ def test_a_gateway_error_frees_the_id_and_the_old_handle_answers_nothing() -> No
                             new)
     (frame,) = split_frames(sv.data_to_send())
     assert frame.message_type == MessageType.UE_DEREGISTRATION_RESPONSE
+
+
+def test_send_result_answers_the_request_its_transaction_holds() -> None:
+    """send_result (the server's hot path) sends what send_response would, picks the response
+    type from the request, and refuses what is not a single registration or de-registration."""
+    pair = _established()
+    sv = pair.server
+    sv.receive_data(encode_message(UeRegistrationRequest(5, "a"))
+                    + encode_message(UeDeregistrationRequest(7, "b")), 0)
+    drain(sv)
+    old = sv.transaction(5)
+    assert not sv.send_result(5, "a", None, None, object())  # not the live transaction
+    assert sv.send_result(5, "a", None, None, old)
+    assert sv.send_result(7, "b", int(FailureCause.NOT_REGISTERED), 500)
+    assert not sv.send_result(7, "b", None)  # answered: the transaction has ended
+    assert sv.data_to_send() == (
+        encode_message(UeRegistrationResponse(5, "a", 0))
+        + encode_message(UeDeregistrationResponse(7, "b", 1, FailureCause.NOT_REGISTERED, 500)))
+    with pytest.raises(LocalProtocolError):
+        pair.gateway.send_result(9, "c", None)
+    sv.receive_data(bulk_frame(MessageType.BULK_REGISTRATION_REQUEST, 9, [reg_entry("c")]), 0)
+    drain(sv)
+    with pytest.raises(LocalProtocolError):
+        sv.send_result(9, "c", None)  # a bulk is answered entry by entry
 
 
 def test_bulk_answers_with_an_old_handle_are_dropped() -> None:
