@@ -115,15 +115,15 @@ class PackedIndexBuilder:
         """The index; `sets` are the gateway sets by number. The builder is spent."""
         buckets: list[bytes] = []
         octet = _OCTET
-        all_names, all_records = self._names, self._records
-        # From the last bucket back, dropping each bucket's lists once it is joined: the
-        # rebuild's peak is the table plus the index, not twice the index.
-        while all_names:
-            names, records = all_names.pop(), all_records.pop()
+        # Every bucket is joined before the builder's lists go, all at once. Dropping each
+        # bucket's lists as it is joined lowers the rebuild's peak (507 -> 467 MB at
+        # 1,000,000) but leaves the new buckets in the arenas the lists freed, so those are
+        # never returned: RSS at READY 287 -> 372 MB (bench `registered`, 2026-12-07).
+        for names, records in zip(self._names, self._records, strict=True):
             parts = [octet[len(names)], *records]
             for index, name in enumerate(names):
                 parts += (_SEP, name, octet[index])
             parts.append(_SEP)
             buckets.append(b"".join(parts))
-        buckets.reverse()
+        self._names = self._records = []
         return PackedIndex(buckets, self._overflow, sets, self._count)
