@@ -290,10 +290,13 @@ def answer(session: Any, event: Any) -> None:
                                             for b in request.buckets])
     elif isinstance(event, RequestReceived):
         request = event.request
-        cls = (UeRegistrationResponse
-               if request.message_type is MessageType.UE_REGISTRATION_REQUEST
-               else UeDeregistrationResponse)
-        session.send_response(cls(request.transaction_id, request.ue_service_id, 0))
+        if request.transaction_id & 2:  # msgd's way: the answer from its fields
+            session.send_result(request.transaction_id, request.ue_service_id, None)
+        else:
+            cls = (UeRegistrationResponse
+                   if request.message_type is MessageType.UE_REGISTRATION_REQUEST
+                   else UeDeregistrationResponse)
+            session.send_response(cls(request.transaction_id, request.ue_service_id, 0))
     elif isinstance(event, BulkEntryReceived):
         txn = session._txns[event.transaction_id]
         entry_cls = (RegistrationResponseEntry
@@ -424,11 +427,12 @@ def _probes(session: Any) -> list[Callable[[], Any]]:
         lambda: session.reject_hello(ErrorCause.GATEWAY_NOT_ALLOWED, "probe"),
         lambda: session.next_transaction_id(),
         lambda: session.terminate(ErrorCause.GATEWAY_NOT_ALLOWED, "probe"),
+        lambda: session.send_result(2, "ue-0001@gw1.example", 3, 500),
     ]
 
 
 def probe(session: Any, choice: int) -> None:
-    """The calls `choice` picks (its bits 1-7, spread over the 13 calls), in order: each works
+    """The calls `choice` picks (its bits 1-7, spread over the 14 calls), in order: each works
     or raises LocalProtocolError (our bug, named), never anything else; what they send is
     well-formed."""
     from .errors import LocalProtocolError
