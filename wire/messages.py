@@ -820,24 +820,18 @@ def _result_encoder(cls: type) -> Callable[[str, int | None, int | None], bytes]
 def _single_result_encoder(cls: type) -> Callable[..., bytes]:
     """(transaction id, UE Service ID, failure cause or None, Retry after or None, maximum
     frame size) -> the frame of the single response `cls`, as encode_message(cls(...)) gives
-    it; without building the message on the common path (no Retry after, a valid UE Service
-    ID): the single answers' hot path."""
-    success, failure = _FAST_SINGLE_RESPONSE[cls]
+    it; without building the message on the common path (`_fast_single_body`): the single
+    answers' hot path."""
+    fast = _FAST_SINGLE_RESPONSE[cls]
     message_type = cls.message_type
     build = frozen_builder(cls)
-    head = _UID_HEAD.pack
 
     def encode(transaction_id: int, ue_service_id: str, cause: int | None,
                retry_after: int | None, max_frame_size: int) -> bytes:
-        if retry_after is None:
-            uid = octets_or_none(ue_service_id, 1, UE_SERVICE_ID_MAX)
-            if uid is not None:  # the body is far below any frame size allowed (4096)
-                if cause is None:
-                    return encode_frame(message_type, transaction_id,
-                                        head(_UID, len(uid)) + uid + success)
-                if 0 <= cause <= 0xFF:
-                    return encode_frame(message_type, transaction_id,
-                                        head(_UID, len(uid)) + uid + failure[cause])
+        body = _fast_single_body(fast, ue_service_id, 0 if cause is None else 1, cause,
+                                 retry_after)
+        if body is not None:  # far below any frame size allowed (4096)
+            return encode_frame(message_type, transaction_id, body)
         result = Result.SUCCESS if cause is None else Result.FAILURE
         return encode_message(build(transaction_id, ue_service_id, result, cause, retry_after, ()),
                               max_frame_size=max_frame_size)
@@ -862,13 +856,23 @@ RESULT_ENCODERS = {
 def _fast_single_response(message: Any) -> bytes | None:
     """The body of the common single response (no Retry after, no unknown IE), or None."""
     fast = _FAST_SINGLE_RESPONSE.get(message.__class__)
-    if fast is None or message.retry_after is not None or message.unknown_ies:
+    if fast is None or message.unknown_ies:
         return None
-    uid = octets_or_none(message.ue_service_id, 1, UE_SERVICE_ID_MAX)
+    return _fast_single_body(fast, message.ue_service_id, message.result,
+                             message.failure_cause, message.retry_after)
+
+
+def _fast_single_body(fast: tuple[bytes, list[bytes]], ue_service_id: str, result: int,
+                      cause: int | None, retry_after: int | None) -> bytes | None:
+    """A single response's body from its fields with `fast` (_FAST_SINGLE_RESPONSE's octets
+    after the UE Service ID), or None where the generic encoder is needed (a Retry after, an
+    id that is not 1-255 octets of UTF-8, a result and cause that disagree)."""
+    if retry_after is not None:
+        return None
+    uid = octets_or_none(ue_service_id, 1, UE_SERVICE_ID_MAX)
     if uid is None:
         return None
     success, failure = fast
-    result, cause = message.result, message.failure_cause
     if result == 0 and cause is None:
         return _UID_HEAD.pack(_UID, len(uid)) + uid + success
     if result == 1 and cause is not None and 0 <= cause <= 0xFF:

@@ -798,10 +798,12 @@ class Harness:
     def _check_all_answered(self) -> None:
         if self.transport.reading_paused and self.conn._backlog:
             return  # events still waiting in the session (fairness)
-        for tid, txn in ((tid, txn) for tid, txns in self.output.open.items() for txn in txns):
-            if txn.answered < len(txn.entries) or (not txn.entries and txn.uid):
-                raise FuzzFailure(f"transaction {tid} ({txn.request_type.name}) has answers "
-                                  f"owed: {txn.answered} of {len(txn.entries) or 1} sent")
+        for tid, txns in self.output.open.items():
+            for txn in txns:
+                if txn.answered < len(txn.entries) or (not txn.entries and txn.uid):
+                    raise FuzzFailure(f"transaction {tid} ({txn.request_type.name}) has "
+                                      f"answers owed: {txn.answered} of "
+                                      f"{len(txn.entries) or 1} sent")
 
 
 def run_connection(data: bytes) -> None:
