@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import random
 import ssl
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 
 import uvloop
 
+from bench.loadgen import PoissonArrivals
 from msgd.tls.reads import TlsReads
 
 REQUEST, ANSWER = 100, 60
@@ -85,17 +85,16 @@ async def _drive(port: int, rate: float, count: int, seconds: float) -> tuple[in
         _transport, client = await loop.create_connection(
             lambda: _Client(latencies), "127.0.0.1", port, ssl=context)
         clients.append(client)
-    rngs = [random.Random(index) for index in range(count)]
     start = time.perf_counter()
-    due = [start + rng.expovariate(rate / count) for rng in rngs]
+    arrivals = PoissonArrivals("tls-echo", count, rate / count, start)
     sent = 0
     while (now := time.perf_counter()) < start + seconds:
         for index, client in enumerate(clients):
-            while due[index] <= now:
-                client.sent.append(due[index])
+            before = len(client.sent)
+            arrivals.take(index, now, client.sent)  # latency counts from each due time
+            for _ in range(len(client.sent) - before):
                 client.transport.write(b"q" * REQUEST)  # type: ignore[attr-defined]
                 sent += 1
-                due[index] += rngs[index].expovariate(rate / count)
         await asyncio.sleep(0.001)
     await asyncio.sleep(0.5)
     for client in clients:
