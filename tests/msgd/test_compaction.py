@@ -345,6 +345,41 @@ async def test_close_during_a_compaction(tmp_path: Path) -> None:
         reopened.close_sync()
 
 
+async def test_the_worker_runs_below_the_daemon_in_its_scheduling_group(tmp_path: Path) -> None:
+    """The worker runs only on CPU time msgd leaves (SCHED_IDLE, and niced), from its first
+    instant, and that counts against msgd's own threads: it stays in msgd's session (a
+    session of its own is an autogroup of its own, which the scheduler weighs like all of
+    msgd), in a process group of its own (a terminal's Ctrl-C for msgd does not reach it)."""
+    path = tmp_path / "registry.sqlite"
+    reg = Registry.open(path, compaction=OFF)
+    reg.start(asyncio.get_running_loop())
+    try:
+        for i in range(60_000):
+            reg.submit_register(f"ue-{i}", "gw-a", None)
+            if i % 2000 == 0:
+                await asyncio.sleep(0)
+        await reg.wait_durable(reg.last_seq)
+        compaction = asyncio.ensure_future(reg.compact())
+        await until(lambda: _workers_of(path), "the compaction's worker running")
+        [pid] = _workers_of(path)
+        os.kill(pid, signal.SIGSTOP)  # held as it is, wherever it got to
+        try:
+            assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+            assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+            assert os.getsid(pid) == os.getsid(0)
+            assert os.getpgid(pid) == pid != os.getpgid(0)
+            mine = Path("/proc/self/autogroup")
+            if mine.exists():  # kernels built with autogroup scheduling
+                assert Path(f"/proc/{pid}/autogroup").read_text().split()[0] == \
+                    mine.read_text().split()[0]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        report = await compaction
+        assert report.ok and report.registrations == 60_000
+    finally:
+        await reg.close()
+
+
 async def test_load_ignores_garbage_and_cleans_it_up(tmp_path: Path) -> None:
     """Rows outside the live snapshot and journal rows it covers are never decoded (they
     may be half of an interrupted compaction), and the writer deletes them after start."""

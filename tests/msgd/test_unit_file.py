@@ -112,6 +112,61 @@ def test_unit_has_required_directives_each_with_a_reason() -> None:
     assert values["ExecReload"][0].endswith("--check-config")
 
 
+def syscall_groups(analyze: str) -> dict[str, list[str]]:
+    """systemd's system call groups (`systemd-analyze syscall-filter`): name -> members, which
+    may name other groups."""
+    listing = subprocess.run([analyze, "syscall-filter", "--no-pager"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+    groups: dict[str, list[str]] = {}
+    members: list[str] = []
+    for line in listing.splitlines():
+        if line.startswith("@"):
+            members = groups.setdefault(line.split()[0], [])
+        elif line.strip() and not line.lstrip().startswith("#"):
+            members.append(line.split()[0])
+    return groups
+
+
+def expand(name: str, groups: dict[str, list[str]]) -> set[str]:
+    """The system calls of a group (or the one call) `name`."""
+    if not name.startswith("@"):
+        return {name}
+    return set().union(*(expand(member, groups) for member in groups[name]))
+
+
+def allowed_syscalls(unit_text: str, groups: dict[str, list[str]]) -> set[str]:
+    """What the unit's SystemCallFilter= lines allow, in systemd's order: the first (an allow
+    list here) sets the list, each later one adds (`NAME ...`) or takes away (`~NAME ...`)."""
+    allowed: set[str] | None = None
+    for name, value, _reason in parse_unit(unit_text)["Service"]:
+        if name != "SystemCallFilter":
+            continue
+        deny = value.startswith("~")
+        calls = set().union(*(expand(item, groups) for item in value.lstrip("~").split()))
+        if allowed is None:
+            assert not deny, "the unit's filter starts as an allow list"
+            allowed = calls
+        elif deny:
+            allowed -= calls
+        else:
+            allowed |= calls
+    assert allowed is not None
+    return allowed
+
+
+def test_the_filter_lets_the_compaction_worker_lower_its_priority_only() -> None:
+    # msgd/registry/compaction_worker.py:lower_priority; refused, the worker would take the
+    # event loop's CPU during every compaction. Raising a priority needs CAP_SYS_NICE, which
+    # the empty bounding set keeps from every process of the service.
+    groups = syscall_groups(tool("systemd-analyze", "systemd"))
+    allowed = allowed_syscalls(UNIT.read_text(), groups)
+    assert {"setpriority", "sched_setscheduler"} <= allowed
+    assert not allowed & (expand("@resources", groups) - {"setpriority", "sched_setscheduler"})
+    assert not allowed & expand("@privileged", groups)
+    service = dict((n, v) for n, v, _ in parse_unit(UNIT.read_text())["Service"])
+    assert service["CapabilityBoundingSet"] == "" and service["RestrictRealtime"] == "yes"
+
+
 def test_sysusers_snippet_creates_the_service_user(tmp_path: Path) -> None:
     snippet = REPO / "systemd" / "msgd.sysusers.conf"
     lines = [line.split() for line in snippet.read_text().splitlines()
