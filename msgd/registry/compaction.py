@@ -157,6 +157,7 @@ class Compactor:
         self.ok_count = 0
         self.failed_count = 0
         self.steps_total = 0  # steps run, ever (tests kill msgd at a chosen one)
+        self.worker_pid: int | None = None  # the worker process, once its priority is set
 
     # -- any thread ---------------------------------------------------------------------------
 
@@ -331,6 +332,7 @@ steps; split into functions, that state would have to live on an object."""
         (base,) = conn.execute("SELECT coalesce(max(chunk) + 1, 0) FROM snapshot").fetchone()
         worker = _Worker(self.path, (snapshot_seq, first, end, covered), self._wake)
         self._worker = worker
+        self.worker_pid = worker.proc.pid
         try:
             chunk_no = base
             while True:
@@ -356,6 +358,7 @@ steps; split into functions, that state would have to live on an object."""
                 else:
                     raise RegistryError(f"compaction worker failed: {worker.failure()}")
         finally:
+            self.worker_pid = None
             worker.close()
             self._worker = None
         if (summary["registrations"], summary["chunks"]) != (report.registrations,
@@ -443,12 +446,10 @@ class _Worker:
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             # Its own process group: a Ctrl-C meant for msgd must not kill it mid-way (msgd's
             # close does); it dies with the writer thread that started it (PR_SET_PDEATHSIG).
-            # Not its own session: with autogroup scheduling (a desktop or VM kernel's
-            # default) a new session is a new group that the scheduler gives as much CPU as
-            # all of msgd, whatever its scheduling policy (it took half the event loop's core
-            # in the benchmark's half-load run); in msgd's session its priority counts.
+            # Not its own session: with autogroup scheduling a session is a scheduling group
+            # of its own, weighed like all of msgd whatever its priority (docs/registry.md).
             close_fds=True, process_group=0, env=env)
-        lower_priority(self.proc.pid)  # at once, not after its imports (~0.1 s of CPU)
+        lower_priority(self.proc.pid)  # at once, not after its imports
         self._wake = wake
         self._frames: queue.Queue[tuple[bytes, bytes]] = queue.Queue(maxsize=8)
         self._closing = False

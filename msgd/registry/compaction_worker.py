@@ -35,7 +35,7 @@ import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from msgd.registry.blobs import (
     Value,
@@ -48,7 +48,7 @@ from msgd.registry.blobs import (
 from msgd.registry.snapshot import SNAPSHOT_CHUNK
 from msgd.registry.sql import describe, readonly
 
-__all__ = ["COUNT", "FRAME", "WORKER_NICE", "fold", "lower_priority"]
+__all__ = ["COUNT", "FRAME", "WORKER_NICE", "fold", "frame_output", "lower_priority"]
 
 FRAME = struct.Struct("<cI")
 COUNT = struct.Struct("<I")  # the registrations of a C frame
@@ -124,19 +124,26 @@ def _die_with_parent() -> None:
 
 
 def lower_priority(pid: int) -> None:
-    """Run process `pid` (0: this one) on the CPU time nothing else wants (SCHED_IDLE), at nice
-    WORKER_NICE (which also lowers its I/O priority). Only SCHED_IDLE keeps it off the event
-    loop's core: the kernel counts a core running nothing but SCHED_IDLE tasks as idle and
-    wakes the loop there at once, where a nice value only shares the core out (measured at
-    half load: the loop runnable but waiting 45 % of a compaction's 0.3 s with nice 10, ~5 %
-    with SCHED_IDLE). On a machine busy to the last cycle a compaction takes longer, never
-    the answers. Either call may be refused (a seccomp filter, a container): the worker then
-    runs as it is."""
+    """Run process `pid` (0: this one) at nice WORKER_NICE and under SCHED_IDLE, which also
+    puts its I/O in the idle class: it gets the CPU time nothing else wants, so not the event
+    loop's (docs/registry.md, "Why a process": a nice value alone did not do it). Either call
+    may be refused (a seccomp filter, a container): the worker then runs as it is."""
     with contextlib.suppress(OSError):
         if os.getpriority(os.PRIO_PROCESS, pid) < WORKER_NICE:
             os.setpriority(os.PRIO_PROCESS, pid, WORKER_NICE)
-    with contextlib.suppress(OSError):
-        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    idle = getattr(os, "SCHED_IDLE", None)  # Linux
+    if idle is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(pid, idle, os.sched_param(0))
+
+
+def frame_output() -> BinaryIO:
+    """Standard output as a buffered binary stream. Under `python -u` or PYTHONUNBUFFERED
+    (common in containers, and inherited from the daemon) `sys.stdout.buffer` is the raw
+    file, whose write into a full pipe returns having written only part of a frame when a
+    signal interrupts it (SIGSTOP/SIGCONT, a profiler attaching); a BufferedWriter writes
+    the rest."""
+    return open(sys.stdout.fileno(), "wb", buffering=1 << 16, closefd=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != parent:  # the daemon died before prctl: nobody reads our output
         return 1
     lower_priority(0)  # the daemon did at spawn; run by hand, here
-    out = sys.stdout.buffer
+    out = frame_output()
 
     def emit(count: int, chunk: bytes) -> None:
         out.write(FRAME.pack(b"C", COUNT.size + len(chunk)))

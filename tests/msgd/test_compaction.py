@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import pytest
 from msgd.errors import RegistryError
 from msgd.registry import checkpoint
 from msgd.registry.compaction import CompactionPolicy
+from msgd.registry.compaction_worker import WORKER_NICE
 from msgd.registry.schema import APPLICATION_ID, SCHEMA_VERSION
 from msgd.registry.snapshot import has_garbage
 from msgd.registry.store import Registration, Registry
@@ -330,9 +332,11 @@ async def test_close_during_a_compaction(tmp_path: Path) -> None:
     # Hold the compaction where close() must abandon it: its worker stopped, it cannot end
     # (it waits for the worker's last frame). Polling its steps alone let a fast compaction
     # end between two polls on a loaded machine (a fresh-clone run: DID NOT RAISE).
-    await until(lambda: _workers_of(path), "the compaction's worker running")
-    for pid in _workers_of(path):
-        os.kill(pid, signal.SIGSTOP)
+    await until(lambda: reg.compaction.worker_pid is not None or compaction.done(),
+                "the compaction's worker running")
+    pid = reg.compaction.worker_pid
+    assert pid is not None, "the compaction ended before its worker was seen"
+    os.kill(pid, signal.SIGSTOP)
     assert reg.compaction.running
     await reg.close()  # abandons it (SIGKILL reaches a stopped worker); compacts offline
     with pytest.raises(RegistryError, match="closed"):
@@ -346,13 +350,14 @@ async def test_close_during_a_compaction(tmp_path: Path) -> None:
 
 
 async def test_the_worker_runs_below_the_daemon_in_its_scheduling_group(tmp_path: Path) -> None:
-    """The worker runs only on CPU time msgd leaves (SCHED_IDLE, and niced), from its first
-    instant, and that counts against msgd's own threads: it stays in msgd's session (a
-    session of its own is an autogroup of its own, which the scheduler weighs like all of
-    msgd), in a process group of its own (a terminal's Ctrl-C for msgd does not reach it)."""
+    """The worker runs on CPU time msgd leaves (SCHED_IDLE, niced) from its first instant, and
+    that counts against msgd's own threads: it stays in msgd's session (a session of its own
+    is an autogroup of its own, docs/registry.md), in a process group of its own (a
+    terminal's Ctrl-C for msgd does not reach it)."""
     path = tmp_path / "registry.sqlite"
     reg = Registry.open(path, compaction=OFF)
     reg.start(asyncio.get_running_loop())
+    compaction = None
     try:
         for i in range(60_000):
             reg.submit_register(f"ue-{i}", "gw-a", None)
@@ -360,12 +365,17 @@ async def test_the_worker_runs_below_the_daemon_in_its_scheduling_group(tmp_path
                 await asyncio.sleep(0)
         await reg.wait_durable(reg.last_seq)
         compaction = asyncio.ensure_future(reg.compact())
-        await until(lambda: _workers_of(path), "the compaction's worker running")
-        [pid] = _workers_of(path)
-        os.kill(pid, signal.SIGSTOP)  # held as it is, wherever it got to
+        # Shown once the daemon has set its priority; the worker cannot exit unseen before
+        # the compaction reads its last frame, which the stop below holds back.
+        await until(lambda: reg.compaction.worker_pid is not None or compaction.done(),
+                    "the compaction's worker started")
+        pid = reg.compaction.worker_pid
+        assert pid is not None, "the compaction ended before its worker was seen"
+        os.kill(pid, signal.SIGSTOP)
         try:
+            own = os.getpriority(os.PRIO_PROCESS, 0)
             assert os.sched_getscheduler(pid) == os.SCHED_IDLE
-            assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+            assert os.getpriority(os.PRIO_PROCESS, pid) >= max(WORKER_NICE, own)
             assert os.getsid(pid) == os.getsid(0)
             assert os.getpgid(pid) == pid != os.getpgid(0)
             mine = Path("/proc/self/autogroup")
@@ -377,7 +387,53 @@ async def test_the_worker_runs_below_the_daemon_in_its_scheduling_group(tmp_path
         report = await compaction
         assert report.ok and report.registrations == 60_000
     finally:
+        if compaction is not None and not compaction.done():
+            compaction.cancel()
         await reg.close()
+
+
+FRAME_CHILD = """
+import struct, sys
+sys.path.insert(0, sys.argv[1])
+from msgd.registry.compaction_worker import frame_output
+out = frame_output()
+for start in range(0, 6_000_000, 25_000):  # 48 MB of 8-octet words, each its own index
+    out.write(b"".join(struct.pack("<Q", n) for n in range(start, start + 25_000)))
+out.flush()
+"""
+
+
+def test_the_workers_frames_survive_stops_with_python_unbuffered() -> None:
+    """Under PYTHONUNBUFFERED (inherited from the daemon) a raw write into a full pipe that a
+    SIGSTOP/SIGCONT interrupts returns having written part of its octets; the worker's output
+    must write the rest. Each write is larger than a pipe holds, so it blocks part-way, and
+    the stops land there."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    child = subprocess.Popen([sys.executable, "-c", FRAME_CHILD, str(Path(__file__).parents[2])],
+                             stdout=subprocess.PIPE, env=env)
+    done = threading.Event()
+
+    def stop_and_continue() -> None:
+        while not done.wait(0.001):
+            try:
+                os.kill(child.pid, signal.SIGSTOP)
+                os.kill(child.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                return
+
+    pester = threading.Thread(target=stop_and_continue)
+    pester.start()
+    try:
+        assert child.stdout is not None
+        got = child.stdout.read()
+    finally:
+        done.set()
+        pester.join()
+        child.wait(timeout=60)
+    assert child.returncode == 0
+    assert len(got) == 6_000_000 * 8
+    words = struct.unpack(f"<{6_000_000}Q", got)
+    assert words == tuple(range(6_000_000)), "octets lost or repeated"
 
 
 async def test_load_ignores_garbage_and_cleans_it_up(tmp_path: Path) -> None:
@@ -445,6 +501,7 @@ import asyncio, sys
 from pathlib import Path
 from msgd.registry import checkpoint
 from msgd.registry.compaction import CompactionPolicy
+from msgd.registry.compaction_worker import WORKER_NICE
 from msgd.registry.store import Registry
 from tests.msgd.test_compaction import crash_op
 

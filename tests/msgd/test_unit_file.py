@@ -165,6 +165,7 @@ def test_the_filter_lets_the_compaction_worker_lower_its_priority_only() -> None
     assert not allowed & expand("@privileged", groups)
     service = dict((n, v) for n, v, _ in parse_unit(UNIT.read_text())["Service"])
     assert service["CapabilityBoundingSet"] == "" and service["RestrictRealtime"] == "yes"
+    assert "LimitNICE" not in service, "RLIMIT_NICE above 0 would let it raise priorities"
 
 
 def test_sysusers_snippet_creates_the_service_user(tmp_path: Path) -> None:
