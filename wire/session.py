@@ -622,7 +622,13 @@ class Session:
             if header.more:
                 self._discard(tid, mtype)
             return
-        self._frame = _Frame(header, None, mtype)
+        # A whole message already read (a single request usually is): handled now, not on
+        # the next step.
+        body = self._buf.read_exact(header.body_length)
+        if body is None:
+            self._frame = _Frame(header, None, mtype)
+        else:
+            self._on_message(header, mtype, body)
 
     def _reuses_live_id(self, header: FrameHeader, mtype: MessageType | None) -> bool:
         """Server: whether a frame whose id is in use starts a new message with that id.
