@@ -381,6 +381,7 @@ class OutputChecker:
         self.answered: defaultdict[_Key, int] = defaultdict(int)
         self.keepalive_tid: int | None = None
         self.frames = 0
+        self.session_closed = False  # what is still open then is owed nothing
 
     def feed(self, data: bytes) -> None:
         buf = self.buf
@@ -521,7 +522,10 @@ class OutputChecker:
         elif kind is ErrorReceived:
             self._ended(event.error.transaction_id)
         elif kind is ConnectionClosed:
-            self.open.clear()
+            # `open` stays: answers the session queued before it closed (a bulk answered by
+            # the rules, then a fatal frame in the same read) are written after this event,
+            # at the end of the turn, ahead of the ERROR. Nothing new can be queued now.
+            self.session_closed = True
             if event.cause is ErrorCause.IDLE_TIMEOUT:
                 self.harness.check_idle()
 
@@ -798,6 +802,8 @@ class Harness:
     def _check_all_answered(self) -> None:
         if self.transport.reading_paused and self.conn._backlog:
             return  # events still waiting in the session (fairness)
+        if self.output.session_closed:
+            return
         for tid, txns in self.output.open.items():
             for txn in txns:
                 if txn.answered < len(txn.entries) or (not txn.entries and txn.uid):
