@@ -118,8 +118,8 @@ _INBOUND_MAX = 32 * 1024
 # Reads and timer firings one callback may cause before the harness calls it a livelock.
 _READY_LIMIT = 10_000
 
-# (a registration?, UE Service ID, cause): how many outcomes so far.
-_Key = tuple[bool, str, FailureCause | None]
+# (a registration?, UE Service ID, cause, Retry after): how many outcomes so far.
+_Key = tuple[bool, str, FailureCause | None, int | None]
 
 _QUIET = logging.getLogger("msgd.fuzz.quiet")
 _QUIET.propagate = False
@@ -287,7 +287,8 @@ class MemoryRegistrar:
             if not change.register and outcome.ok and change.verdict is not None:
                 outcome = Outcome(change.verdict)
             outcomes.append(outcome)
-            self.harness.decided[(change.register, change.ue_service_id, outcome.cause)] += 1
+            self.harness.decided[(change.register, change.ue_service_id, outcome.cause,
+                                  outcome.retry_after)] += 1
         if self.synchronous:
             decided(outcomes)
         else:
@@ -482,7 +483,9 @@ class OutputChecker:
         cause = None if answer.result == Result.SUCCESS else FailureCause(answer.failure_cause)
         registration = mtype in (MessageType.UE_REGISTRATION_RESPONSE,
                                  MessageType.BULK_REGISTRATION_RESPONSE)
-        key = (registration, uid, cause)
+        # With the Retry after: the overload refusal below (1500 ms) is a SERVER_BUSY too, and
+        # must not take a count the registrar's (500 ms) gave another answer for this UE.
+        key = (registration, uid, cause, answer.retry_after)
         if self.answered[key] < self.harness.decided[key]:
             self.answered[key] += 1
             return
