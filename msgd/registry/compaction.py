@@ -157,9 +157,14 @@ class Compactor:
         self.ok_count = 0
         self.failed_count = 0
         self.steps_total = 0  # steps run, ever (tests kill msgd at a chosen one)
-        self.worker_pid: int | None = None  # the worker process, once its priority is set
 
     # -- any thread ---------------------------------------------------------------------------
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The running worker's process id (set once its priority is lowered), or None."""
+        worker = self._worker
+        return None if worker is None else worker.proc.pid
 
     def request(self) -> concurrent.futures.Future[CompactionReport]:
         """Ask for a compaction now; the future gets its report (or RegistryError).
@@ -332,7 +337,6 @@ steps; split into functions, that state would have to live on an object."""
         (base,) = conn.execute("SELECT coalesce(max(chunk) + 1, 0) FROM snapshot").fetchone()
         worker = _Worker(self.path, (snapshot_seq, first, end, covered), self._wake)
         self._worker = worker
-        self.worker_pid = worker.proc.pid
         try:
             chunk_no = base
             while True:
@@ -358,7 +362,6 @@ steps; split into functions, that state would have to live on an object."""
                 else:
                     raise RegistryError(f"compaction worker failed: {worker.failure()}")
         finally:
-            self.worker_pid = None
             worker.close()
             self._worker = None
         if (summary["registrations"], summary["chunks"]) != (report.registrations,

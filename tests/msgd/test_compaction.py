@@ -24,7 +24,7 @@ import pytest
 
 from msgd.errors import RegistryError
 from msgd.registry import checkpoint
-from msgd.registry.compaction import CompactionPolicy
+from msgd.registry.compaction import CompactionPolicy, CompactionReport
 from msgd.registry.compaction_worker import WORKER_NICE
 from msgd.registry.schema import APPLICATION_ID, SCHEMA_VERSION
 from msgd.registry.snapshot import has_garbage
@@ -319,24 +319,31 @@ async def test_failed_compaction_keeps_the_state_and_commits_go_on(tmp_path: Pat
         reopened.close_sync()
 
 
-async def test_close_during_a_compaction(tmp_path: Path) -> None:
-    path = tmp_path / "registry.sqlite"
-    reg = Registry.open(path, compaction=OFF)
-    reg.start(asyncio.get_running_loop())
+async def _held_compaction(reg: Registry) -> tuple[asyncio.Future[CompactionReport], int]:
+    """60,000 registrations made durable, then a compaction held with its worker stopped
+    (SIGSTOP): it cannot end, it waits for the worker's last frame. Returns the compaction
+    and the worker's pid. Polling the compaction's steps alone let a fast one end between
+    two polls on a loaded machine (a fresh-clone run: DID NOT RAISE)."""
     for i in range(60_000):
         reg.submit_register(f"ue-{i}", "gw-a", None)
         if i % 2000 == 0:
             await asyncio.sleep(0)
     await reg.wait_durable(reg.last_seq)
     compaction = asyncio.ensure_future(reg.compact())
-    # Hold the compaction where close() must abandon it: its worker stopped, it cannot end
-    # (it waits for the worker's last frame). Polling its steps alone let a fast compaction
-    # end between two polls on a loaded machine (a fresh-clone run: DID NOT RAISE).
+    # Shown once the daemon has set its priority.
     await until(lambda: reg.compaction.worker_pid is not None or compaction.done(),
                 "the compaction's worker running")
     pid = reg.compaction.worker_pid
     assert pid is not None, "the compaction ended before its worker was seen"
     os.kill(pid, signal.SIGSTOP)
+    return compaction, pid
+
+
+async def test_close_during_a_compaction(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite"
+    reg = Registry.open(path, compaction=OFF)
+    reg.start(asyncio.get_running_loop())
+    compaction, _pid = await _held_compaction(reg)
     assert reg.compaction.running
     await reg.close()  # abandons it (SIGKILL reaches a stopped worker); compacts offline
     with pytest.raises(RegistryError, match="closed"):
@@ -359,19 +366,7 @@ async def test_the_worker_runs_below_the_daemon_in_its_scheduling_group(tmp_path
     reg.start(asyncio.get_running_loop())
     compaction = None
     try:
-        for i in range(60_000):
-            reg.submit_register(f"ue-{i}", "gw-a", None)
-            if i % 2000 == 0:
-                await asyncio.sleep(0)
-        await reg.wait_durable(reg.last_seq)
-        compaction = asyncio.ensure_future(reg.compact())
-        # Shown once the daemon has set its priority; the worker cannot exit unseen before
-        # the compaction reads its last frame, which the stop below holds back.
-        await until(lambda: reg.compaction.worker_pid is not None or compaction.done(),
-                    "the compaction's worker started")
-        pid = reg.compaction.worker_pid
-        assert pid is not None, "the compaction ended before its worker was seen"
-        os.kill(pid, signal.SIGSTOP)
+        compaction, pid = await _held_compaction(reg)
         try:
             own = os.getpriority(os.PRIO_PROCESS, 0)
             assert os.sched_getscheduler(pid) == os.SCHED_IDLE
@@ -501,7 +496,6 @@ import asyncio, sys
 from pathlib import Path
 from msgd.registry import checkpoint
 from msgd.registry.compaction import CompactionPolicy
-from msgd.registry.compaction_worker import WORKER_NICE
 from msgd.registry.store import Registry
 from tests.msgd.test_compaction import crash_op
 
