@@ -375,8 +375,9 @@ async def test_the_worker_runs_below_the_daemon_in_its_scheduling_group(tmp_path
             assert os.getpgid(pid) == pid != os.getpgid(0)
             mine = Path("/proc/self/autogroup")
             if mine.exists():  # kernels built with autogroup scheduling
-                assert Path(f"/proc/{pid}/autogroup").read_text().split()[0] == \
-                    mine.read_text().split()[0]
+                # "/autogroup-N nice K" names the group; a task in a cpu cgroup of its own has
+                # no autogroup and the file is empty (CI's containers): the same there too
+                assert Path(f"/proc/{pid}/autogroup").read_text() == mine.read_text()
         finally:
             os.kill(pid, signal.SIGCONT)
         report = await compaction
