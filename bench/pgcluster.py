@@ -116,6 +116,11 @@ class PgCluster:
     def promote(self) -> None:
         self._pg("pg_ctl", "-D", str(self.data), "-w", "promote")
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's pid (its children are the backends and background workers)."""
+        return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+
     def running(self) -> bool:
         return self._pg("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
 

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from bench import scenarios
+from bench.hostcpu import CpuMeter
 from bench.loadgen import ue_ids
 from bench.pgcluster import running_cluster
 
@@ -47,8 +48,9 @@ REGISTRY_SETTINGS: dict[str, str] = dict(
 TARGET_BULK = 50_000
 
 
-def ceiling(dsn: str, n: int) -> dict[str, Any]:
-    """Rows per second of the issue's raw upsert, batches of 10,000, one transaction each."""
+def ceiling(dsn: str, n: int, postgresql_pid: int) -> dict[str, Any]:
+    """Rows per second of the issue's raw upsert, batches of 10,000, one transaction each;
+    the CPU it took: PostgreSQL's and this process's (the client)."""
     import psycopg
 
     ids = ue_ids(scenarios.BULK_SEED, n)
@@ -59,6 +61,7 @@ def ceiling(dsn: str, n: int) -> dict[str, Any]:
                      "profile bytea)")
         conn.execute("SET synchronous_commit = on")
         started = time.perf_counter()
+        meter = CpuMeter({"postgresql": [postgresql_pid], "client": [os.getpid()]})
         for first in range(0, n, CEILING_BATCH):
             batch = ids[first:first + CEILING_BATCH]
             with conn.transaction():
@@ -68,8 +71,10 @@ def ceiling(dsn: str, n: int) -> dict[str, Any]:
                     "SET gateway = excluded.gateway, profile = excluded.profile",
                     (batch, gateways[:len(batch)], profiles[:len(batch)]))
         wall = time.perf_counter() - started
+        cpu = meter.read(n)
         conn.execute("DROP TABLE reg")
-    return {"rows": n, "wall_s": wall, "rows_per_s": n / wall, "batch": CEILING_BATCH}
+    return {"rows": n, "wall_s": wall, "rows_per_s": n / wall, "batch": CEILING_BATCH,
+            "cpu": cpu}
 
 
 def _vacuum(dsn: str) -> float:
@@ -102,9 +107,20 @@ def _node_config(run: scenarios.Run, dsn: str, name: str) -> scenarios.Run:
     return dataclasses.replace(run, config_path=path)
 
 
-def _bulk_on(nodes: list[scenarios.Msgd], run: scenarios.Run, op: str) -> dict[str, Any]:
+def _meter(nodes: list[scenarios.Msgd], postgresql_pid: int) -> CpuMeter:
+    return CpuMeter({"postgresql": [postgresql_pid], "nodes": [node.pid for node in nodes]})
+
+
+def _loadgen_cpu(results: list[dict[str, Any]]) -> dict[str, float]:
+    """What the load generators used, as they report it (they have ended when it is read)."""
+    return {"loadgen": sum(r["loadgen_cpu_s"] for r in results)}
+
+
+def _bulk_on(nodes: list[scenarios.Msgd], run: scenarios.Run, op: str,
+             postgresql_pid: int) -> dict[str, Any]:
     """One bulk of every bulk UE, shared out among `nodes` (every len(nodes)-th UE each),
-    all load generators started at once; server CPU summed over the nodes."""
+    all load generators started at once; server CPU summed over the nodes, and where the
+    host's CPU went."""
     gens = []
     for index, node in enumerate(nodes):
         part = [index, len(nodes)] if len(nodes) > 1 else None
@@ -114,20 +130,23 @@ def _bulk_on(nodes: list[scenarios.Msgd], run: scenarios.Run, op: str) -> dict[s
     for gen in gens:
         gen.wait_for("prepared")
     cpu_before = [node.cpu_s() for node in nodes]
+    meter = _meter(nodes, postgresql_pid)
     for gen in gens:
         gen.send()
     results = [gen.finish() for gen in gens]
     cpu = sum(node.cpu_s() - before for node, before in zip(nodes, cpu_before, strict=True))
     n = sum(r["n"] for r in results)
+    host = meter.read(n, _loadgen_cpu(results))
     wall = max(r["wall_s"] for r in results)
-    return {"n": n, "ok": sum(r["ok"] for r in results),
+    return {"n": n, "ok": sum(r["ok"] for r in results), "cpu": host,
             "failed": sum(r["failed"] for r in results),
             "causes": [r["causes"] for r in results], "wall_s": wall, "ue_per_s": n / wall,
             "server_cpu_s": cpu, "server_cpu_us_per_ue": cpu / n * 1e6,
             "per_node": results}
 
 
-def _singles(nodes: list[scenarios.Msgd], run: scenarios.Run) -> dict[str, Any]:
+def _singles(nodes: list[scenarios.Msgd], run: scenarios.Run,
+             postgresql_pid: int) -> dict[str, Any]:
     gateways = run.pool_gateways
     share = -(-len(gateways) // len(nodes))
     s = run.sizes
@@ -140,12 +159,14 @@ def _singles(nodes: list[scenarios.Msgd], run: scenarios.Run) -> dict[str, Any]:
     for gen in gens:
         gen.wait_for("prepared")
     cpu_before = [node.cpu_s() for node in nodes]
+    meter = _meter(nodes, postgresql_pid)
     for gen in gens:
         gen.send()
     results = [gen.finish() for gen in gens]
     cpu = sum(node.cpu_s() - before for node, before in zip(nodes, cpu_before, strict=True))
     answered = sum(r["answered"] for r in results)
     return {"gateways": len(gateways), "per_s": sum(r["per_s"] for r in results),
+            "cpu": meter.read(answered, _loadgen_cpu(results)),
             "ok": sum(r["ok"] for r in results), "answered": answered,
             "p50_ms": max(r["p50_ms"] for r in results),
             "p99_ms": max(r["p99_ms"] for r in results),
@@ -160,27 +181,27 @@ def run_postgresql(run: scenarios.Run) -> dict[str, Any]:
         out["postgresql"] = cluster.sql("SHOW server_version")[0][0]
         dsn = cluster.dsn(cluster.create_database())
         started = time.perf_counter()
-        out["ceiling"] = ceiling(dsn, run.sizes.bulk_n)
+        out["ceiling"] = ceiling(dsn, run.sizes.bulk_n, cluster.pid)
         out["ceiling"]["elapsed_s"] = time.perf_counter() - started
         node1 = scenarios.Msgd(_node_config(run, dsn, "pg-node-1"), "pg-node-1")
         node2 = scenarios.Msgd(_node_config(run, dsn, "pg-node-2"), "pg-node-2")
         try:
             out["ready_s"] = node1.start()
-            out["one_node_register"] = _bulk_on([node1], run, "register")
+            out["one_node_register"] = _bulk_on([node1], run, "register", cluster.pid)
             out["one_node_register"]["rows_after"] = _rows(dsn)
-            out["one_node_deregister"] = _bulk_on([node1], run, "deregister")
+            out["one_node_deregister"] = _bulk_on([node1], run, "deregister", cluster.pid)
             out["one_node_deregister"]["rows_after"] = _rows(dsn)
             # A million dead rows and their index entries would otherwise make the next bulk
             # measure autovacuum: each phase starts from a vacuumed table (time reported).
             out["vacuum_s"] = _vacuum(dsn)
             node2.start()
-            out["two_nodes_register"] = _bulk_on([node1, node2], run, "register")
+            out["two_nodes_register"] = _bulk_on([node1, node2], run, "register", cluster.pid)
             out["two_nodes_register"]["rows_after"] = _rows(dsn)
             out["vacuum2_s"] = _vacuum(dsn)
-            out["two_nodes_deregister"] = _bulk_on([node1, node2], run, "deregister")
+            out["two_nodes_deregister"] = _bulk_on([node1, node2], run, "deregister", cluster.pid)
             out["two_nodes_deregister"]["rows_after"] = _rows(dsn)
             out["vacuum3_s"] = _vacuum(dsn)
-            out["singles"] = _singles([node1, node2], run)
+            out["singles"] = _singles([node1, node2], run, cluster.pid)
         finally:
             for node in (node1, node2):
                 if node.proc is not None:
@@ -220,4 +241,24 @@ def render(results: dict[str, Any]) -> str:
         + (f"{pg['singles']['server_cpu_us_per_ue']:.0f} µs"
            if pg["singles"]["server_cpu_us_per_ue"] else "–") + " | |",
     ]
+    lines += ["", f"Where the host's CPU went ({pg['ceiling']['cpu']['cores']} cores; µs of a "
+              "core per UE, and cores busy):", "",
+              "| phase | PostgreSQL | msgd nodes / the ceiling's client | load generators "
+              "| rest | host busy |", "|---|---:|---:|---:|---:|---:|"]
+
+    def cpu_row(name: str, cpu: dict[str, Any], side: str) -> str:
+        def cell(key: str) -> str:
+            if f"{key}_us_per_ue" not in cpu:
+                return "–"
+            return f"{cpu[f'{key}_us_per_ue']:.1f} µs ({cpu[f'{key}_cores']:.2f})"
+        return (f"| {name} | {cell('postgresql')} | {cell(side)} | {cell('loadgen')} | "
+                f"{cell('rest')} | {cpu['host_busy_cores']:.2f} |")
+
+    lines.append(cpu_row("ceiling (raw upsert)", pg["ceiling"]["cpu"], "client"))
+    for key, name in (("one_node_register", "bulk registration, one node"),
+                      ("one_node_deregister", "bulk de-registration, one node"),
+                      ("two_nodes_register", "bulk registration, two nodes"),
+                      ("two_nodes_deregister", "bulk de-registration, two nodes"),
+                      ("singles", "singles, two nodes")):
+        lines.append(cpu_row(name, pg[key]["cpu"], "nodes"))
     return "\n".join(lines)

@@ -44,6 +44,15 @@ def test_quick_postgresql_benchmark_reports_every_number(tmp_path: Path) -> None
         # What the answers claim is what the database holds.
         assert result["rows_after"] == (n if name.endswith("_register") else 0), (name, result)
         assert _number(result["ue_per_s"]) and _number(result["server_cpu_us_per_ue"])
+    # Where the host's CPU went, per phase: PostgreSQL's and the other side's share.
+    assert pg["ceiling"]["cpu"]["postgresql_us_per_ue"] > 0
+    assert pg["ceiling"]["cpu"]["client_us_per_ue"] > 0
+    for name in ("one_node_register", "one_node_deregister", "two_nodes_register",
+                 "two_nodes_deregister", "singles"):
+        cpu = pg[name]["cpu"]
+        assert cpu["postgresql_us_per_ue"] > 0 and cpu["nodes_us_per_ue"] > 0, (name, cpu)
+        assert cpu["loadgen_us_per_ue"] > 0 and _number(cpu["host_busy_cores"]), (name, cpu)
+    assert "| bulk registration, one node | " in proc.stdout.split("Where the host's CPU")[1]
     singles = pg["singles"]
     assert singles["ok"] > 0 and singles["ok"] == singles["answered"], singles
     assert _number(singles["p99_ms"])
