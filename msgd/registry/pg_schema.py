@@ -160,6 +160,18 @@ _SYNC_FUNCTIONS_INLINED = (
                                          || p_profile, ''::bytea)), 1, 16) $$""",
 )
 
+# Migration 4: the bucket from one SHA-256. PostgreSQL does not share a subexpression, so the
+# bucket of migration 3, a get_byte of each of the digest's first two octets, computed the
+# digest twice: ~0.9 µs of a registration's ~10 in the database (measured on the development
+# machine, 400,000 upserts in groups of 2,000, backend CPU). Its first three hex digits are
+# the same twelve bits, from IMMUTABLE parts only, so it is still inlined; the values are the
+# same, and the stored column stays valid.
+_SYNC_BUCKET_ONE_DIGEST = \
+    r"""CREATE OR REPLACE FUNCTION msgd_sync_bucket(p_ue text) RETURNS smallint
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT ('x' || left(encode(substr(sha256(decode(replace(p_ue, '\', '\\'), 'escape')),
+                                          1, 2), 'hex'), 3))::bit(12)::integer::smallint $$"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "registrations and the batch decision function", (
         # COLLATE "C": UE Service IDs compare as octets, as the wire and the SQLite registry
@@ -191,6 +203,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "DROP INDEX msgd_registration_gateway",
         "DROP INDEX msgd_registration_sync",
     )),
+    Migration(4, "sync bucket from one SHA-256", (_SYNC_BUCKET_ONE_DIGEST,)),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -58,3 +58,16 @@ def test_quick_postgresql_benchmark_reports_every_number(tmp_path: Path) -> None
     assert _number(singles["p99_ms"])
     for node in ("pg-node-1_stop", "pg-node-2_stop"):
         assert pg[node]["exit_code"] == 0
+
+
+def test_pg_rows_reports_each_variant_against_its_ceiling() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.pg_rows", "--rows", "4000", "--rounds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["variant"] for r in results] == ["ceiling", "bare", "table", "decide"]
+    for result in results:
+        assert result["rows"] == 4000 and result["backend_us_per_row"] > 0, result
+        assert _number(result["ratio_to_ceiling"]) and _number(result["rows_per_s"])
+    assert results[0]["ratio_to_ceiling"] == 1.0

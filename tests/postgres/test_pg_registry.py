@@ -140,7 +140,7 @@ def test_migration_3_keeps_every_sync_value_and_is_inlined(pg_dsn: str) -> None:
         for row in before:
             conn.execute("INSERT INTO msgd_registration VALUES (%s, %s, %s)", row)
         plan = pg_schema.migrate(conn)
-        assert [m.version for m in plan.pending] == [3]
+        assert [m.version for m in plan.pending] == list(range(3, pg_schema.LATEST_VERSION + 1))
         renamed = [u + "/3" if len(u.encode()) < 254 else f"{n}" + "y" * 254
                    for n, u in enumerate(TRICKY_UES)]
         after = [(u, "gw2", None if n % 2 else profile) for n, u in enumerate(renamed)]
@@ -157,6 +157,42 @@ def test_migration_3_keeps_every_sync_value_and_is_inlined(pg_dsn: str) -> None:
                    for u, _, p in before + after}
     assert "msgd_sync_" not in plan_text and "sha256" in plan_text
     assert indexes == {"msgd_registration_pkey"}
+
+
+def test_migration_4_computes_the_bucket_from_one_digest(pg_dsn: str) -> None:
+    """Migration 4 takes the bucket from one SHA-256 of the id instead of two: the rows stored
+    before it and the rows inserted after it hold wire.sync's bucket, and the inlined bucket
+    has one sha256 in its plan."""
+    from wire.sync import bucket_of
+
+    def plan_of_bucket(conn: psycopg.Connection) -> str:
+        return "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN VERBOSE SELECT msgd_sync_bucket(u) FROM unnest(ARRAY['a']) AS u"))
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute(pg_schema._CREATE_VERSION_TABLE)
+            for migration in pg_schema.MIGRATIONS[:3]:
+                for statement in migration.statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO msgd_schema(version, description) VALUES (%s, 'x')",
+                             (migration.version,))
+        assert plan_of_bucket(conn).count("sha256") == 2
+        for ue in TRICKY_UES:
+            conn.execute("INSERT INTO msgd_registration VALUES (%s, 'gw1', NULL)", (ue,))
+        plan = pg_schema.migrate(conn)
+        assert [m.version for m in plan.pending] == [4]
+        renamed = [u + "/4" if len(u.encode()) < 254 else f"{n}" + "z" * 254
+                   for n, u in enumerate(TRICKY_UES)]
+        for ue in renamed:
+            conn.execute("INSERT INTO msgd_registration VALUES (%s, 'gw2', NULL)", (ue,))
+        got = dict(conn.execute("SELECT ue_service_id, sync_bucket FROM msgd_registration"))
+        recomputed = dict(conn.execute(
+            "SELECT ue_service_id, msgd_sync_bucket(ue_service_id) FROM msgd_registration"))
+        plan_text = plan_of_bucket(conn)
+    expected = {u: bucket_of(u.encode(), 12) for u in TRICKY_UES + renamed}
+    assert got == expected and recomputed == expected
+    assert "msgd_sync_" not in plan_text and plan_text.count("sha256") == 1
 
 
 # --- what is shown of the DSN -------------------------------------------------------------------
