@@ -94,17 +94,24 @@ def test_msgctl_registry_migrate_dry_run_then_for_real(
         assert pg_schema.current_version(conn) == pg_schema.LATEST_VERSION
 
 
+def _schema_at(conn: psycopg.Connection, version: int) -> None:
+    """Apply migrations 1..version by hand, as an older msgd left the database."""
+    with conn.transaction():
+        conn.execute(pg_schema._CREATE_VERSION_TABLE)
+        for migration in pg_schema.MIGRATIONS[:version]:
+            for statement in migration.statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO msgd_schema(version, description) VALUES (%s, 'x')",
+                         (migration.version,))
+
+
 def test_migration_2_gives_existing_rows_their_sync_bucket_and_hash(pg_dsn: str) -> None:
     """A database at version 1 with registrations: migration 2 (wire v1.1 sync) computes each
     row's bucket and ue_hash as docs/protocol.md §6.1 says (wire.sync)."""
     from wire.sync import bucket_of, ue_hash
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        with conn.transaction():
-            conn.execute(pg_schema._CREATE_VERSION_TABLE)
-            for statement in pg_schema.MIGRATIONS[0].statements:
-                conn.execute(statement)
-            conn.execute("INSERT INTO msgd_schema(version, description) VALUES (1, 'v1')")
+        _schema_at(conn, 1)
         rows = [("ue-1@example", "gw1", None), ("ü-2@example", "gw1", b"\x30\x00\x01\x02")]
         for row in rows:
             conn.execute("INSERT INTO msgd_registration VALUES (%s, %s, %s)", row)
@@ -129,13 +136,7 @@ def test_migration_3_keeps_every_sync_value_and_is_inlined(pg_dsn: str) -> None:
 
     profile = b"\x30\x00\x01\x02"
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        with conn.transaction():
-            conn.execute(pg_schema._CREATE_VERSION_TABLE)
-            for migration in pg_schema.MIGRATIONS[:2]:
-                for statement in migration.statements:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO msgd_schema(version, description) VALUES (%s, 'x')",
-                             (migration.version,))
+        _schema_at(conn, 2)
         before = [(u, "gw1", profile if n % 2 else None) for n, u in enumerate(TRICKY_UES)]
         for row in before:
             conn.execute("INSERT INTO msgd_registration VALUES (%s, %s, %s)", row)
@@ -170,13 +171,7 @@ def test_migration_4_computes_the_bucket_from_one_digest(pg_dsn: str) -> None:
             "EXPLAIN VERBOSE SELECT msgd_sync_bucket(u) FROM unnest(ARRAY['a']) AS u"))
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        with conn.transaction():
-            conn.execute(pg_schema._CREATE_VERSION_TABLE)
-            for migration in pg_schema.MIGRATIONS[:3]:
-                for statement in migration.statements:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO msgd_schema(version, description) VALUES (%s, 'x')",
-                             (migration.version,))
+        _schema_at(conn, 3)
         assert plan_of_bucket(conn).count("sha256") == 2
         for ue in TRICKY_UES:
             conn.execute("INSERT INTO msgd_registration VALUES (%s, 'gw1', NULL)", (ue,))
