@@ -97,6 +97,11 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
          fsync_p99, "fsync p99 ms", ("<=", p99_target)),
         ("singles_half_p999_ms", "  latency p99.9 at half load", half.get("p999_ms"), "ms",
          None, None, None),
+        # Not msgd's: how much of that window the machine's CPUs ran slowed (vcpu_speed.py).
+        ("singles_half_vcpu_slowed_pct", "  share of it the vCPUs ran ≥ 1.3 × slower",
+         100 * half["vcpu_speed"]["slow_share"]
+         if (half.get("vcpu_speed") or {}).get("slow_share") is not None else None, "%",
+         None, None, None),
         ("bulk_register_cpu_us", "  server CPU per UE, bulk registration",
          bulk.get("server_cpu_us_per_ue"), "µs", None, None, ("<=", 10)),
         ("bulk_deregister_cpu_us", "  server CPU per UE, bulk de-registration",

@@ -36,6 +36,7 @@ from typing import Any
 
 from bench import ceilings
 from bench.loadgen import ue_ids, ue_key
+from bench.vcpu_speed import SpeedProbe
 
 ROOT = Path(__file__).resolve().parent.parent
 BULK_GATEWAY = "gw-bulk"
@@ -618,9 +619,12 @@ def registered(run: Run) -> dict[str, Any]:
         gen = LoadGen(run, server, "singles", rate=half, **common)
         gen.wait_for("prepared")
         cpu_before = server.cpu_s()
-        with Profiler(run, server, "singles-half") as profiler:
+        # The p99 here follows the vCPUs' speed (bench/vcpu_speed.py): the run says how much
+        # of its window they ran slowed.
+        with Profiler(run, server, "singles-half") as profiler, SpeedProbe() as speed:
             gen.send()
             out["singles_half"] = gen.finish()
+        out["singles_half"]["vcpu_speed"] = speed.result
         _cpu_per(out["singles_half"], server.cpu_s() - cpu_before, "answered")
         out["singles_half"]["profile"] = profiler.summary()
         gen = LoadGen(run, server, "bulk", op="deregister", n=s.bulk_n, seed=BULK_SEED,

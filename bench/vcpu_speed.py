@@ -1,0 +1,121 @@
+"""How fast this machine's CPUs ran during a measurement, from inside the guest.
+
+A virtual CPU is not a fixed amount of compute: on the benchmark VM the same work takes 1.6 to
+2.1 times as long in stretches of 100 ms to seconds (a busy sibling hyper-thread on the host,
+invisible to the guest, which reports no steal time), in a fifth to a third of the time, even
+idle (docs/performance.md, "Where the tail at half load comes from"). Latency percentiles of
+a busy event loop follow those stretches, so a run reports how much of its window ran slowed.
+
+`SpeedProbe` runs one probe process pinned to each CPU the benchmark may use: every 10 ms it
+times the CPU time of a fixed piece of Python (~60 µs at full speed; preemption is not
+counted, only how fast the CPU ran it). The reference is the tenth percentile of a probe's
+own samples (full speed); a 100 ms bin is slowed when its samples take 1.3 × that or more.
+
+`python -m bench.vcpu_speed --seconds 30` reports the machine at rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+SLOW = 1.3  # a bin at least this many times the reference is slowed
+BIN_S = 0.1
+INTERVAL_S = 0.010
+WORK_ITERATIONS = 1500
+
+
+def _work() -> int:
+    total = 0
+    for i in range(WORK_ITERATIONS):
+        total += i * i
+    return total
+
+
+def probe(cpu: int) -> None:
+    """Pinned to `cpu`, sample until stdin closes; then print the samples as JSON."""
+    os.sched_setaffinity(0, {cpu})
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    print("ready", flush=True)
+    while not stop.is_set():
+        started = time.perf_counter()
+        cpu0 = time.thread_time_ns()
+        _work()
+        samples.append((started, time.thread_time_ns() - cpu0))
+        stop.wait(INTERVAL_S)
+    json.dump(samples, sys.stdout)
+
+
+def summarize(samples: list[tuple[float, int]]) -> dict[str, Any]:
+    """One CPU's reading: its reference (full speed), the share of 100 ms bins slowed, and the
+    median ratio to the reference."""
+    if not samples:
+        return {"samples": 0, "reference_us": None, "slow_share": None, "median_ratio": None}
+    times = sorted(ns for _, ns in samples)
+    reference = times[len(times) // 10]
+    first = samples[0][0]
+    bins: dict[int, list[float]] = {}
+    for at, ns in samples:
+        bins.setdefault(int((at - first) / BIN_S), []).append(ns / reference)
+    means = [statistics.fmean(ratios) for ratios in bins.values()]
+    return {"samples": len(samples), "reference_us": reference / 1000,
+            "slow_share": sum(1 for m in means if m >= SLOW) / len(means),
+            "median_ratio": statistics.median(ns / reference for ns in times)}
+
+
+class SpeedProbe:
+    """`with SpeedProbe() as probe: ...` then `probe.result`: per CPU and overall."""
+
+    def __init__(self, cpus: set[int] | None = None) -> None:
+        self.cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+        self._procs: list[subprocess.Popen[str]] = []
+        self.result: dict[str, Any] | None = None
+
+    def __enter__(self) -> SpeedProbe:
+        for cpu in self.cpus:
+            proc = subprocess.Popen([sys.executable, "-m", "bench.vcpu_speed", "--probe", str(cpu)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    cwd=os.path.dirname(os.path.dirname(__file__)))
+            self._procs.append(proc)
+        for proc in self._procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("a vCPU speed probe did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        per_cpu = {}
+        for cpu, proc in zip(self.cpus, self._procs, strict=True):
+            out, _ = proc.communicate("", timeout=60)
+            per_cpu[str(cpu)] = summarize([tuple(s) for s in json.loads(out)])
+        shares = [c["slow_share"] for c in per_cpu.values() if c["slow_share"] is not None]
+        self.result = {"slow_threshold": SLOW, "per_cpu": per_cpu,
+                       "slow_share": statistics.fmean(shares) if shares else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.vcpu_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long to watch")
+    parser.add_argument("--probe", type=int, help=argparse.SUPPRESS)  # one probe (internal)
+    args = parser.parse_args(argv)
+    if args.probe is not None:
+        probe(args.probe)
+        return 0
+    with SpeedProbe() as speed:
+        time.sleep(args.seconds)  # the measured window: the probes sample meanwhile
+    print(json.dumps(speed.result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
