@@ -119,10 +119,12 @@ def _load(conn: sqlite3.Connection) -> State:
 
 def live_range(conn: sqlite3.Connection) -> tuple[int, int, int]:
     """(snapshot_seq, snapshot_chunk_first, snapshot_chunk_end) as `meta` has them now."""
-    meta = dict(conn.execute(
-        "SELECT key, value FROM meta WHERE key IN "
-        "('snapshot_seq', 'snapshot_chunk_first', 'snapshot_chunk_end')"))
-    return meta["snapshot_seq"], meta["snapshot_chunk_first"], meta["snapshot_chunk_end"]
+    # One row, not one per key: each row fetched gives the GIL away (compaction.py).
+    seq, first, end = conn.execute(
+        "SELECT (SELECT value FROM meta WHERE key = 'snapshot_seq'), "
+        "(SELECT value FROM meta WHERE key = 'snapshot_chunk_first'), "
+        "(SELECT value FROM meta WHERE key = 'snapshot_chunk_end')").fetchone()
+    return seq, first, end
 
 
 def has_garbage(conn: sqlite3.Connection) -> bool:

@@ -677,3 +677,48 @@ async def _check_round(path: Path, prefix: str, acked: int, garbage: bool) -> No
             assert reg.compaction.last.trigger == "cleanup"
     finally:
         await reg.close()
+
+
+def test_a_clean_up_step_deletes_at_most_its_share_and_at_least_one_row(tmp_path: Path) -> None:
+    """Garbage goes about DELETE_OCTETS a step, in key order: the rows whose sizes add up to
+    at most that, or the first row alone when it is larger; chunks before journal rows;
+    nothing live is touched, and the report counts what went."""
+    from types import SimpleNamespace
+
+    from msgd.registry.compaction import DELETE_OCTETS, Compactor
+
+    path = tmp_path / "registry.sqlite"
+    Registry.open(path).close_sync()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        seq, first, end = (dict(conn.execute("SELECT key, value FROM meta"))[key]
+                           for key in ("snapshot_seq", "snapshot_chunk_first",
+                                       "snapshot_chunk_end"))
+        assert (first, end) == (0, 0) and seq == 0  # every chunk is garbage
+        kib = 1024
+        chunk_sizes = [600 * kib, 300 * kib, 200 * kib, 2 * DELETE_OCTETS, 100 * kib]
+        conn.executemany("INSERT INTO snapshot(chunk, data) VALUES (?, zeroblob(?))",
+                         list(enumerate(chunk_sizes)))
+        # Journal rows 1..4 covered by the snapshot (garbage), 5..6 live.
+        conn.execute("UPDATE meta SET value = 4 WHERE key = 'snapshot_seq'")
+        conn.executemany("INSERT INTO journal(seq, ops) VALUES (?, zeroblob(?))",
+                         [(n, 400 * kib) for n in range(1, 7)])
+        report = CompactionReport(trigger="cleanup", started_at=time.time())
+        steps = Compactor._delete_garbage(  # type: ignore[arg-type]
+            SimpleNamespace(conn=conn, wrote=lambda octets: None), report)
+        left = []
+        for _ in steps:
+            left.append(([c for (c,) in conn.execute("SELECT chunk FROM snapshot")],
+                         [s for (s,) in conn.execute("SELECT seq FROM journal")]))
+    finally:
+        conn.close()
+    assert left == [
+        ([2, 3, 4], [1, 2, 3, 4, 5, 6]),  # 600 + 300 KiB; with 200 more, over 1 MiB
+        ([3, 4], [1, 2, 3, 4, 5, 6]),     # 200 KiB; the next is 2 MiB
+        ([4], [1, 2, 3, 4, 5, 6]),        # the 2 MiB chunk, alone
+        ([], [1, 2, 3, 4, 5, 6]),
+        ([], [3, 4, 5, 6]),               # 2 x 400 KiB of the journal
+        ([], [5, 6]),                     # the rest it covers; 5 and 6 are live
+    ]
+    assert report.garbage_rows_deleted == len(chunk_sizes) + 4
+    assert report.garbage_octets_deleted == sum(chunk_sizes) + 4 * 400 * kib
