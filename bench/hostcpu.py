@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,20 @@ _CPUCLOCK_SCHED = 2  # Linux: a CPU clock of the whole process, in scheduler tim
 
 
 def host_busy_s() -> float:
-    """CPU seconds all cores have spent on anything but idle and I/O wait since boot."""
+    """CPU seconds all cores have spent on anything but idle, I/O wait and steal since boot
+    (steal is time the hypervisor gave away: no process of ours has it)."""
+    return _host()[0]
+
+
+def host_steal_s() -> float:
+    return _host()[1]
+
+
+def _host() -> tuple[float, float]:
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle, iowait = fields[3], fields[4]
     # user nice system idle iowait irq softirq steal (guest time is inside user already)
-    return (sum(fields[:8]) - idle - iowait) / _TICK
+    idle, iowait, steal = fields[3], fields[4], fields[7]
+    return (sum(fields[:8]) - idle - iowait - steal) / _TICK, steal / _TICK
 
 
 def _children() -> dict[int, list[int]]:
@@ -49,19 +58,41 @@ def _run_s(pid: int) -> float:
         return 0.0  # ended meanwhile
 
 
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds of process `root` and its descendants, reaped children included."""
+def tree_cpu_s(root: int, exclude: frozenset[int] = frozenset()) -> float:
+    """CPU seconds of process `root` and its descendants (but the trees of `exclude`, unless
+    one is the root), reaped children included. A child reaped between the reads of its
+    parent and of itself would be missed, so the parents' reaped-children times are read
+    again and the walk repeated when they moved."""
+    for _attempt in range(5):
+        total, reaped = _walk(root, exclude)
+        if _reaped_s(reaped) == sum(reaped.values()):
+            break
+    return total
+
+
+def _reaped_s(pids: dict[int, float]) -> float:
+    return sum(_stat_reaped_s(pid) for pid in pids)
+
+
+def _stat_reaped_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[13]) + int(fields[14])) / _TICK  # cutime cstime
+
+
+def _walk(root: int, exclude: frozenset[int]) -> tuple[float, dict[int, float]]:
     tree = _children()
-    total, todo = 0.0, [root]
+    total, reaped, todo = 0.0, {}, [root]
     while todo:
         pid = todo.pop()
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
+        if pid in exclude and pid != root:
             continue
-        total += _run_s(pid) + (int(fields[13]) + int(fields[14])) / _TICK  # + cutime cstime
+        reaped[pid] = _stat_reaped_s(pid)
+        total += _run_s(pid) + reaped[pid]
         todo.extend(tree.get(pid, ()))
-    return total
+    return total, reaped
 
 
 @dataclass
@@ -69,28 +100,32 @@ class CpuMeter:
     """Started at a phase's start, `read(units)` at its end: cores used and µs per unit."""
 
     trees: dict[str, list[int]]  # name -> root pids
+    # pids whose trees count only where they are a root (PostgreSQL, if adopted by the client)
+    exclude: set[int] = field(default_factory=set)
     started: float = 0.0
     host0: float = 0.0
+    steal0: float = 0.0
     tree0: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.started = time.perf_counter()
-        self.host0 = host_busy_s()
+        self.host0, self.steal0 = _host()
         self.tree0 = {name: self._tree(roots) for name, roots in self.trees.items()}
 
-    @staticmethod
-    def _tree(roots: list[int]) -> float:
-        return sum(tree_cpu_s(root) for root in roots)
+    def _tree(self, roots: list[int]) -> float:
+        return sum(tree_cpu_s(root, frozenset(self.exclude)) for root in roots)
 
     def read(self, units: int, reported: dict[str, float] | None = None) -> dict[str, Any]:
         """Cores and µs per unit of each tree since the start, and of the `reported` CPU
         seconds of processes that have ended by now (and so cannot be read here)."""
         wall = time.perf_counter() - self.started
-        host = host_busy_s() - self.host0
+        host_now, steal_now = _host()
+        host = host_now - self.host0
         assert self.tree0 is not None
         used = {name: self._tree(roots) - self.tree0[name] for name, roots in self.trees.items()}
         used.update(reported or {})
-        out: dict[str, Any] = {"cores": os.cpu_count(), "host_busy_cores": host / wall}
+        out: dict[str, Any] = {"cores": os.cpu_count(), "host_busy_cores": host / wall,
+                               "steal_cores": (steal_now - self.steal0) / wall}
         for name, seconds in used.items():
             out[f"{name}_cores"] = seconds / wall
             out[f"{name}_us_per_ue"] = seconds / units * 1e6 if units else None

@@ -61,7 +61,10 @@ def ceiling(dsn: str, n: int, postgresql_pid: int) -> dict[str, Any]:
                      "profile bytea)")
         conn.execute("SET synchronous_commit = on")
         started = time.perf_counter()
-        meter = CpuMeter({"postgresql": [postgresql_pid], "client": [os.getpid()]})
+        # The client's tree leaves PostgreSQL out (adopted by this process when it runs as
+        # a container's PID 1 or a subreaper).
+        meter = CpuMeter({"postgresql": [postgresql_pid], "client": [os.getpid()]},
+                         exclude={postgresql_pid})
         for first in range(0, n, CEILING_BATCH):
             batch = ids[first:first + CEILING_BATCH]
             with conn.transaction():
@@ -248,7 +251,7 @@ def render(results: dict[str, Any]) -> str:
 
     def cpu_row(name: str, cpu: dict[str, Any], side: str) -> str:
         def cell(key: str) -> str:
-            if f"{key}_us_per_ue" not in cpu:
+            if cpu.get(f"{key}_us_per_ue") is None:  # not in this phase, or nothing counted
                 return "–"
             return f"{cpu[f'{key}_us_per_ue']:.1f} µs ({cpu[f'{key}_cores']:.2f})"
         return (f"| {name} | {cell('postgresql')} | {cell(side)} | {cell('loadgen')} | "

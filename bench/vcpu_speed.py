@@ -42,6 +42,9 @@ def _work() -> int:
 def probe(cpu: int) -> None:
     """Pinned to `cpu`, sample until stdin closes; then print the samples as JSON."""
     os.sched_setaffinity(0, {cpu})
+    # Below what it measures: it needs ~0.6 % of a CPU, which a niced task still gets, and
+    # preemption does not count in the CPU time it reads.
+    os.nice(10)
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
@@ -81,25 +84,40 @@ class SpeedProbe:
         self.result: dict[str, Any] | None = None
 
     def __enter__(self) -> SpeedProbe:
-        for cpu in self.cpus:
-            proc = subprocess.Popen([sys.executable, "-m", "bench.vcpu_speed", "--probe", str(cpu)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                    cwd=os.path.dirname(os.path.dirname(__file__)))
-            self._procs.append(proc)
-        for proc in self._procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError("a vCPU speed probe did not start")
+        try:
+            for cpu in self.cpus:
+                self._procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "bench.vcpu_speed", "--probe", str(cpu)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    cwd=os.path.dirname(os.path.dirname(__file__))))
+            for proc in self._procs:
+                assert proc.stdout is not None
+                if proc.stdout.readline().strip() != "ready":  # EOF when it failed
+                    raise RuntimeError("a vCPU speed probe did not start")
+        except BaseException:
+            self._kill()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        per_cpu = {}
+        # A probe that failed costs its reading (None), never the measurement around it.
+        per_cpu: dict[str, Any] = {}
         for cpu, proc in zip(self.cpus, self._procs, strict=True):
-            out, _ = proc.communicate("", timeout=60)
-            per_cpu[str(cpu)] = summarize([tuple(s) for s in json.loads(out)])
+            try:
+                out, _ = proc.communicate("", timeout=60)
+                per_cpu[str(cpu)] = summarize([tuple(s) for s in json.loads(out)])
+            except (subprocess.TimeoutExpired, ValueError, TypeError):
+                proc.kill()
+                proc.wait()
+                per_cpu[str(cpu)] = summarize([])
         shares = [c["slow_share"] for c in per_cpu.values() if c["slow_share"] is not None]
         self.result = {"slow_threshold": SLOW, "per_cpu": per_cpu,
                        "slow_share": statistics.fmean(shares) if shares else None}
+
+    def _kill(self) -> None:
+        for proc in self._procs:
+            proc.kill()
+            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,6 +124,8 @@ def live_range(conn: sqlite3.Connection) -> tuple[int, int, int]:
         "SELECT (SELECT value FROM meta WHERE key = 'snapshot_seq'), "
         "(SELECT value FROM meta WHERE key = 'snapshot_chunk_first'), "
         "(SELECT value FROM meta WHERE key = 'snapshot_chunk_end')").fetchone()
+    if seq is None or first is None or end is None:
+        raise RegistryCorruptError("registry meta lacks the live snapshot's range")
     return seq, first, end
 
 

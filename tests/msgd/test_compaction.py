@@ -681,8 +681,9 @@ async def _check_round(path: Path, prefix: str, acked: int, garbage: bool) -> No
 
 def test_a_clean_up_step_deletes_at_most_its_share_and_at_least_one_row(tmp_path: Path) -> None:
     """Garbage goes about DELETE_OCTETS a step, in key order: the rows whose sizes add up to
-    at most that, or the first row alone when it is larger; chunks before journal rows;
-    nothing live is touched, and the report counts what went."""
+    at most that, or the first row alone when it is larger; chunks (on both sides of the live
+    range) before journal rows; the live chunks and rows stay, and the report counts what
+    went."""
     from types import SimpleNamespace
 
     from msgd.registry.compaction import DELETE_OCTETS, Compactor
@@ -691,16 +692,15 @@ def test_a_clean_up_step_deletes_at_most_its_share_and_at_least_one_row(tmp_path
     Registry.open(path).close_sync()
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        seq, first, end = (dict(conn.execute("SELECT key, value FROM meta"))[key]
-                           for key in ("snapshot_seq", "snapshot_chunk_first",
-                                       "snapshot_chunk_end"))
-        assert (first, end) == (0, 0) and seq == 0  # every chunk is garbage
         kib = 1024
-        chunk_sizes = [600 * kib, 300 * kib, 200 * kib, 2 * DELETE_OCTETS, 100 * kib]
+        # Chunks 0-1 and 4-6 are garbage around the live range [2, 4).
+        chunk_sizes = {0: 600 * kib, 1: 300 * kib, 2: 700 * kib, 3: 700 * kib,
+                       4: 200 * kib, 5: 2 * DELETE_OCTETS, 6: 100 * kib}
         conn.executemany("INSERT INTO snapshot(chunk, data) VALUES (?, zeroblob(?))",
-                         list(enumerate(chunk_sizes)))
-        # Journal rows 1..4 covered by the snapshot (garbage), 5..6 live.
-        conn.execute("UPDATE meta SET value = 4 WHERE key = 'snapshot_seq'")
+                         list(chunk_sizes.items()))
+        conn.executemany("UPDATE meta SET value = ? WHERE key = ?",
+                         [(2, "snapshot_chunk_first"), (4, "snapshot_chunk_end"),
+                          (4, "snapshot_seq")])  # journal rows 1..4 covered: garbage
         conn.executemany("INSERT INTO journal(seq, ops) VALUES (?, zeroblob(?))",
                          [(n, 400 * kib) for n in range(1, 7)])
         report = CompactionReport(trigger="cleanup", started_at=time.time())
@@ -712,13 +712,15 @@ def test_a_clean_up_step_deletes_at_most_its_share_and_at_least_one_row(tmp_path
                          [s for (s,) in conn.execute("SELECT seq FROM journal")]))
     finally:
         conn.close()
+    journal = [1, 2, 3, 4, 5, 6]
     assert left == [
-        ([2, 3, 4], [1, 2, 3, 4, 5, 6]),  # 600 + 300 KiB; with 200 more, over 1 MiB
-        ([3, 4], [1, 2, 3, 4, 5, 6]),     # 200 KiB; the next is 2 MiB
-        ([4], [1, 2, 3, 4, 5, 6]),        # the 2 MiB chunk, alone
-        ([], [1, 2, 3, 4, 5, 6]),
-        ([], [3, 4, 5, 6]),               # 2 x 400 KiB of the journal
-        ([], [5, 6]),                     # the rest it covers; 5 and 6 are live
+        ([2, 3, 4, 5, 6], journal),  # 600 + 300 KiB; with the next garbage (200), over 1 MiB
+        ([2, 3, 5, 6], journal),     # 200 KiB; the next is 2 MiB
+        ([2, 3, 6], journal),        # the 2 MiB chunk, alone
+        ([2, 3], journal),
+        ([2, 3], [3, 4, 5, 6]),      # 2 x 400 KiB of the journal
+        ([2, 3], [5, 6]),            # the rest it covers; 5 and 6 are live
     ]
-    assert report.garbage_rows_deleted == len(chunk_sizes) + 4
-    assert report.garbage_octets_deleted == sum(chunk_sizes) + 4 * 400 * kib
+    garbage = [size for chunk, size in chunk_sizes.items() if chunk not in (2, 3)]
+    assert report.garbage_rows_deleted == len(garbage) + 4
+    assert report.garbage_octets_deleted == sum(garbage) + 4 * 400 * kib
