@@ -102,6 +102,12 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
          100 * half["vcpu_speed"]["slow_share"]
          if (half.get("vcpu_speed") or {}).get("slow_share") is not None else None, "%",
          None, None, None),
+        ("singles_half_quiet_share_pct", "  share of its requests after ≥ 1 s at full speed",
+         100 * half["quiet"]["share"]
+         if (half.get("quiet") or {}).get("share") is not None else None, "%", None, None,
+         None),
+        ("singles_half_quiet_p99_ms", "  their latency p99", (half.get("quiet") or {}).get(
+            "p99_ms"), "ms", None, None, None),
         ("bulk_register_cpu_us", "  server CPU per UE, bulk registration",
          bulk.get("server_cpu_us_per_ue"), "µs", None, None, ("<=", 10)),
         ("bulk_deregister_cpu_us", "  server CPU per UE, bulk de-registration",

@@ -460,6 +460,7 @@ class _Recorder:
         self.measure_from = measure_from
         self.measure_to = measure_to
         self.latencies: list[float] = []
+        self.due: list[float] = []  # when each of `latencies` fell due (perf_counter)
         self.ok_latencies: list[float] = []  # from the time each was due
         self.ok_from_send: list[float] = []  # from the time each was sent
         self.busy_latencies: list[float] = []
@@ -484,6 +485,7 @@ class _Recorder:
         if self.measure_from <= sent and now <= self.measure_to:
             self.completed += 1
             self.latencies.append(now - sent)
+            self.due.append(sent)
             if cause is None:
                 self.ok_latencies.append(now - sent)
                 self.ok_from_send.append(now - sent_at)
@@ -553,6 +555,9 @@ async def run_singles(params: dict[str, Any]) -> dict[str, Any]:
     for gw in gws:
         assert gw.transport is not None
         gw.transport.close()
+    if params.get("timeline"):  # [due, latency] of each answer measured, for the bench
+        Path(params["timeline"]).write_text(
+            json.dumps(list(zip(recorder.due, recorder.latencies, strict=True))))
     lat = sorted(recorder.latencies)
     ok_lat = sorted(recorder.ok_latencies)
     busy_lat = sorted(recorder.busy_latencies)

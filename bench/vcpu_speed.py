@@ -17,6 +17,7 @@ own samples (full speed); a 100 ms bin is slowed when its samples take 1.3 × th
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import statistics
@@ -62,7 +63,8 @@ def summarize(samples: list[tuple[float, int]]) -> dict[str, Any]:
     """One CPU's reading: its reference (full speed), the share of 100 ms bins slowed, and the
     median ratio to the reference."""
     if not samples:
-        return {"samples": 0, "reference_us": None, "slow_share": None, "median_ratio": None}
+        return {"samples": 0, "reference_us": None, "slow_share": None, "median_ratio": None,
+                "bins": []}
     times = sorted(ns for _, ns in samples)
     reference = times[len(times) // 10]
     first = samples[0][0]
@@ -72,7 +74,42 @@ def summarize(samples: list[tuple[float, int]]) -> dict[str, Any]:
     means = [statistics.fmean(ratios) for ratios in bins.values()]
     return {"samples": len(samples), "reference_us": reference / 1000,
             "slow_share": sum(1 for m in means if m >= SLOW) / len(means),
-            "median_ratio": statistics.median(ns / reference for ns in times)}
+            "median_ratio": statistics.median(ns / reference for ns in times),
+            # [start, mean ratio] of each bin, on the perf_counter clock every process shares
+            "bins": [[first + k * BIN_S, statistics.fmean(ratios)]
+                     for k, ratios in sorted(bins.items())]}
+
+
+def quiet_latencies(timeline: list[tuple[float, float]], result: dict[str, Any],
+                    lookback: float = 1.0) -> dict[str, Any]:
+    """Of `timeline`'s requests ([due, latency] pairs), those answered while every CPU had
+    run at full speed since `lookback` seconds before they fell due (no bin slowed), and
+    their latency percentiles: the same run where the machine was quiet."""
+    slowed = sorted(start for reading in result["per_cpu"].values()
+                    for start, ratio in reading.get("bins") or () if ratio >= SLOW)
+    starts = sorted(start for reading in result["per_cpu"].values()
+                    for start, _ratio in reading.get("bins") or ())
+    quiet: list[float] = []
+    if starts:
+        watched_from, watched_to = starts[0], starts[-1] + BIN_S
+        for due, latency in timeline:
+            since, until = due - lookback, due + latency
+            if since < watched_from or until > watched_to:
+                continue  # not watched all along
+            at = bisect.bisect_right(slowed, since - BIN_S)  # the first bin ending after since
+            if at < len(slowed) and slowed[at] < until:
+                continue  # a slowed bin overlaps [since, until]
+            quiet.append(latency)
+    quiet.sort()
+
+    def percentile_ms(q: float) -> float | None:
+        if not quiet:
+            return None
+        return quiet[min(len(quiet) - 1, max(0, round(q * len(quiet)) - 1))] * 1000
+
+    return {"lookback_s": lookback, "n": len(quiet),
+            "share": len(quiet) / len(timeline) if timeline else None,
+            "p50_ms": percentile_ms(0.50), "p99_ms": percentile_ms(0.99)}
 
 
 class SpeedProbe:

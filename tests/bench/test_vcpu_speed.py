@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from bench.vcpu_speed import SLOW, SpeedProbe, summarize
+from bench.vcpu_speed import SLOW, SpeedProbe, quiet_latencies, summarize
 
 
 def _samples(slow: range, slow_ns: int = 170_000) -> list[tuple[float, int]]:
@@ -43,3 +43,21 @@ def test_the_probes_read_every_cpu_of_the_run() -> None:
         assert reading["samples"] >= 5 and reading["reference_us"] > 0
         assert 0.0 <= reading["slow_share"] <= 1.0
     assert 0.0 <= speed.result["slow_share"] <= 1.0
+
+
+def test_quiet_requests_are_those_with_no_slowed_bin_since_a_second_before_they_fell_due() -> None:
+    # Two CPUs watched from t = 100.0 to 103.0; CPU 1 slowed in [101.5, 101.6).
+    bins = [[100.0 + k * 0.1, 1.0] for k in range(30)]
+    slowed = [[start, 1.8 if abs(start - 101.5) < 1e-9 else ratio] for start, ratio in bins]
+    result = {"per_cpu": {"0": {"bins": bins}, "1": {"bins": slowed}}}
+    timeline = [
+        (100.5, 0.010),  # due before a second was watched: left out
+        (101.2, 0.050),  # answered by 101.25: quiet
+        (101.45, 0.060),  # answered at 101.51, in the slowed bin: not quiet
+        (102.55, 0.020),  # the slowed bin ended within the second before: not quiet
+        (102.65, 0.030),  # a full second after it: quiet
+        (102.99, 0.200),  # answered after the watch ended: left out
+    ]
+    reading = quiet_latencies(timeline, result)
+    assert reading["n"] == 2 and reading["share"] == 2 / 6
+    assert (reading["p50_ms"], reading["p99_ms"]) == (30.0, 50.0)
