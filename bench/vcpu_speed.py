@@ -1,10 +1,11 @@
 """How fast this machine's CPUs ran during a measurement, from inside the guest.
 
 A virtual CPU is not a fixed amount of compute: on the benchmark VM the same work takes 1.6 to
-2.1 times as long in stretches of 100 ms to seconds (a busy sibling hyper-thread on the host,
-invisible to the guest, which reports no steal time), in a fifth to a third of the time, even
-idle (docs/performance.md, "Where the tail at half load comes from"). Latency percentiles of
-a busy event loop follow those stretches, so a run reports how much of its window ran slowed.
+2.1 times as long in stretches of 100 ms to minutes (by its shape, a busy sibling
+hyper-thread on the host, invisible to the guest, which reports no steal time), in a fifth to
+three quarters of the time, even idle (docs/performance.md, "Where the tail at half load
+comes from"). Latency percentiles of a busy event loop follow those stretches, so a run
+reports how much of its window ran slowed.
 
 `SpeedProbe` runs one probe process pinned to each CPU the benchmark may use: every 10 ms it
 times the CPU time of a fixed piece of Python (~60 µs at full speed; preemption is not
