@@ -24,10 +24,6 @@ def host_busy_s() -> float:
     return _host()[0]
 
 
-def host_steal_s() -> float:
-    return _host()[1]
-
-
 def _host() -> tuple[float, float]:
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is inside user already)
@@ -48,7 +44,7 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _run_s(pid: int) -> float:
+def process_cpu_s(pid: int) -> float:
     """CPU seconds of process `pid`, ended threads included, to the nanosecond: its
     process-wide CPU clock (the clock id glibc's `clock_getcpuclockid` makes; /proc's stat
     counts in 10 ms ticks, too coarse for a quick run's phases)."""
@@ -58,20 +54,16 @@ def _run_s(pid: int) -> float:
         return 0.0  # ended meanwhile
 
 
-def tree_cpu_s(root: int, exclude: frozenset[int] = frozenset()) -> float:
-    """CPU seconds of process `root` and its descendants (but the trees of `exclude`, unless
-    one is the root), reaped children included. A child reaped between the reads of its
-    parent and of itself would be missed, so the parents' reaped-children times are read
-    again and the walk repeated when they moved."""
+def tree_cpu_s(*roots: int, exclude: frozenset[int] = frozenset()) -> float:
+    """CPU seconds of the processes `roots` and their descendants (but the trees of
+    `exclude`, unless one is a root), reaped children included, from one listing of /proc. A
+    child reaped between the reads of its parent and of itself would be missed, so the
+    parents' reaped-children times are read again and the walk repeated when they moved."""
     for _attempt in range(5):
-        total, reaped = _walk(root, exclude)
-        if _reaped_s(reaped) == sum(reaped.values()):
+        total, reaped = _walk(roots, exclude)
+        if sum(_stat_reaped_s(pid) for pid in reaped) == sum(reaped.values()):
             break
     return total
-
-
-def _reaped_s(pids: dict[int, float]) -> float:
-    return sum(_stat_reaped_s(pid) for pid in pids)
 
 
 def _stat_reaped_s(pid: int) -> float:
@@ -82,15 +74,15 @@ def _stat_reaped_s(pid: int) -> float:
     return (int(fields[13]) + int(fields[14])) / _TICK  # cutime cstime
 
 
-def _walk(root: int, exclude: frozenset[int]) -> tuple[float, dict[int, float]]:
+def _walk(roots: tuple[int, ...], exclude: frozenset[int]) -> tuple[float, dict[int, float]]:
     tree = _children()
-    total, reaped, todo = 0.0, {}, [root]
+    total, reaped, todo = 0.0, {}, list(roots)
     while todo:
         pid = todo.pop()
-        if pid in exclude and pid != root:
+        if pid in exclude and pid not in roots:
             continue
         reaped[pid] = _stat_reaped_s(pid)
-        total += _run_s(pid) + reaped[pid]
+        total += process_cpu_s(pid) + reaped[pid]
         todo.extend(tree.get(pid, ()))
     return total, reaped
 
@@ -113,7 +105,7 @@ class CpuMeter:
         self.tree0 = {name: self._tree(roots) for name, roots in self.trees.items()}
 
     def _tree(self, roots: list[int]) -> float:
-        return sum(tree_cpu_s(root, frozenset(self.exclude)) for root in roots)
+        return tree_cpu_s(*roots, exclude=frozenset(self.exclude))
 
     def read(self, units: int, reported: dict[str, float] | None = None) -> dict[str, Any]:
         """Cores and µs per unit of each tree since the start, and of the `reported` CPU
@@ -127,6 +119,7 @@ class CpuMeter:
         out: dict[str, Any] = {"cores": os.cpu_count(), "host_busy_cores": host / wall,
                                "steal_cores": (steal_now - self.steal0) / wall}
         for name, seconds in used.items():
+            out[f"{name}_s"] = seconds
             out[f"{name}_cores"] = seconds / wall
             out[f"{name}_us_per_ue"] = seconds / units * 1e6 if units else None
         rest = host - sum(used.values())

@@ -22,16 +22,12 @@ import sys
 import time
 from typing import Any
 
+from bench.hostcpu import process_cpu_s
 from bench.pgcluster import running_cluster
 from bench.postgres import CLUSTER_SETTINGS
 
 GROUP = 2_000
 GATEWAY = "gw-bench-0001.example.org"
-_CPUCLOCK_SCHED = 2
-
-
-def _backend_cpu_s(pid: int) -> float:
-    return time.clock_gettime(((~pid) << 3) | _CPUCLOCK_SCHED)
 
 
 def _upsert(table: str, key: str) -> str:
@@ -79,12 +75,12 @@ def measure(rows: int, rounds: int) -> list[dict[str, Any]]:
             for name, (statement, table, params) in _variants().items():
                 conn.execute(f"TRUNCATE {table}")
                 conn.execute("CHECKPOINT")
-                cpu0, wall0 = _backend_cpu_s(pid), time.perf_counter()
+                cpu0, wall0 = process_cpu_s(pid), time.perf_counter()
                 for first in range(0, rows, GROUP):
                     with conn.transaction():
                         conn.execute(statement, params(ids[first:first + GROUP]), prepare=True)
                 wall = time.perf_counter() - wall0
-                us = (_backend_cpu_s(pid) - cpu0) / rows * 1e6
+                us = (process_cpu_s(pid) - cpu0) / rows * 1e6
                 ceiling = ceiling or us
                 result = {"event": "result", "round": round_number, "variant": name,
                           "rows": rows, "group": GROUP, "backend_us_per_row": us,

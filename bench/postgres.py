@@ -132,19 +132,17 @@ def _bulk_on(nodes: list[scenarios.Msgd], run: scenarios.Run, op: str,
                                       identity=scenarios.BULK_GATEWAY, part=part))
     for gen in gens:
         gen.wait_for("prepared")
-    cpu_before = [node.cpu_s() for node in nodes]
     meter = _meter(nodes, postgresql_pid)
     for gen in gens:
         gen.send()
     results = [gen.finish() for gen in gens]
-    cpu = sum(node.cpu_s() - before for node, before in zip(nodes, cpu_before, strict=True))
     n = sum(r["n"] for r in results)
     host = meter.read(n, _loadgen_cpu(results))
     wall = max(r["wall_s"] for r in results)
     return {"n": n, "ok": sum(r["ok"] for r in results), "cpu": host,
             "failed": sum(r["failed"] for r in results),
             "causes": [r["causes"] for r in results], "wall_s": wall, "ue_per_s": n / wall,
-            "server_cpu_s": cpu, "server_cpu_us_per_ue": cpu / n * 1e6,
+            "server_cpu_s": host["nodes_s"], "server_cpu_us_per_ue": host["nodes_us_per_ue"],
             "per_node": results}
 
 
@@ -161,19 +159,18 @@ def _singles(nodes: list[scenarios.Msgd], run: scenarios.Run,
                                       warmup=s.warmup_s, duration=s.singles_s))
     for gen in gens:
         gen.wait_for("prepared")
-    cpu_before = [node.cpu_s() for node in nodes]
     meter = _meter(nodes, postgresql_pid)
     for gen in gens:
         gen.send()
     results = [gen.finish() for gen in gens]
-    cpu = sum(node.cpu_s() - before for node, before in zip(nodes, cpu_before, strict=True))
     answered = sum(r["answered"] for r in results)
+    host = meter.read(answered, _loadgen_cpu(results))
     return {"gateways": len(gateways), "per_s": sum(r["per_s"] for r in results),
-            "cpu": meter.read(answered, _loadgen_cpu(results)),
+            "cpu": host,
             "ok": sum(r["ok"] for r in results), "answered": answered,
             "p50_ms": max(r["p50_ms"] for r in results),
             "p99_ms": max(r["p99_ms"] for r in results),
-            "server_cpu_us_per_ue": cpu / answered * 1e6 if answered else None,
+            "server_cpu_us_per_ue": host["nodes_us_per_ue"],
             "per_node": results}
 
 

@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any
 
+from bench.loadgen import percentile
+
 SLOW = 1.3  # a bin at least this many times the reference is slowed
 BIN_S = 0.1
 INTERVAL_S = 0.010
@@ -102,15 +104,10 @@ def quiet_latencies(timeline: list[tuple[float, float]], result: dict[str, Any],
                 continue  # a slowed bin overlaps [since, until]
             quiet.append(latency)
     quiet.sort()
-
-    def percentile_ms(q: float) -> float | None:
-        if not quiet:
-            return None
-        return quiet[min(len(quiet) - 1, max(0, round(q * len(quiet)) - 1))] * 1000
-
     return {"lookback_s": lookback, "n": len(quiet),
             "share": len(quiet) / len(timeline) if timeline else None,
-            "p50_ms": percentile_ms(0.50), "p99_ms": percentile_ms(0.99)}
+            "p50_ms": percentile(quiet, 0.50) * 1000 if quiet else None,
+            "p99_ms": percentile(quiet, 0.99) * 1000 if quiet else None}
 
 
 class SpeedProbe:

@@ -45,7 +45,7 @@ def test_a_tree_counts_its_reaped_and_live_children() -> None:
         assert 2 * BURN <= total < 2 * BURN + 0.4  # interpreter start-ups; not a double count
         assert host_busy_s() - host0 >= 2 * BURN * 0.9
         # A tree without the live child: the reaped one's time stays, the live one's goes.
-        without = tree_cpu_s(parent.pid, frozenset({live}))
+        without = tree_cpu_s(parent.pid, exclude=frozenset({live}))
         assert BURN <= without <= total - BURN * 0.9
         reading = meter.read(units=1000)
         assert meter.tree0 is not None
