@@ -48,6 +48,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     dereg = reg.get("bulk_deregister", {})
     singles = reg.get("singles", {})
     half = reg.get("singles_half", {})
+    floor = reg.get("singles_half_floor", {})
     n = results["sizes"]["bulk_n"]
     sqlite_rate = ceil.get("sqlite_insert", {}).get("rows_per_s")
     hs_rate = ceil.get("tls_handshake", {}).get("per_s")
@@ -97,6 +98,13 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
          fsync_p99, "fsync p99 ms", ("<=", p99_target)),
         ("singles_half_p999_ms", "  latency p99.9 at half load", half.get("p999_ms"), "ms",
          None, None, None),
+        # The least a durable single costs in CPython at that rate, on this machine, in this
+        # run (bench/tls_echo_floor.py --durable): what of the miss is msgd's own.
+        ("singles_half_floor_p99_ms", "  the durable floor's p99 at that rate",
+         floor.get("p99_ms"), "ms", None, None, None),
+        ("singles_half_cpu_us", "  server CPU per single at half load",
+         half.get("server_cpu_us_per_ue"), "µs", floor.get("server_cpu_us_per_request"),
+         "durable floor µs per request", None),
         # Not msgd's: how much of that window the machine's CPUs ran slowed (vcpu_speed.py).
         ("singles_half_vcpu_slowed_pct", "  share of it the vCPUs ran ≥ 1.3 × slower",
          100 * half["vcpu_speed"]["slow_share"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings
+from bench import ceilings, tls_echo_floor
 from bench.loadgen import ue_ids, ue_key
 from bench.vcpu_speed import SpeedProbe, quiet_latencies
 
@@ -645,6 +645,12 @@ def registered(run: Run) -> dict[str, Any]:
         out["rss_peak"] = server.hwm()
     finally:
         out.update({f"server_{k}": v for k, v in server.stop().items()})
+    # The ceiling of the half-load latency: the least a durable single costs in CPython at the
+    # same rate on this machine now (bench/tls_echo_floor.py --durable), msgd stopped.
+    out["singles_half_floor"] = tls_echo_floor.measure(
+        half, len(run.pool_gateways), s.singles_s,
+        Path(run.pki["server_cert"]), Path(run.pki["server_key"]),
+        run.dir / "durable-floor.sqlite", run.synchronous.upper())
     return out
 
 

@@ -1,6 +1,6 @@
 """The floor under a single request that arrives alone: a TLS echo on uvloop (not a test).
 
-    python -m bench.tls_echo_floor [--rates 2000,6000,20000] [--connections 100]
+    python -m bench.tls_echo_floor [--rates 2000,6000,20000] [--connections 100] [--durable]
 
 A server process answers every 100-octet record with 60 octets at once (reading through
 msgd's own TlsReads, as msgd's connections do); a client process holds `connections` TLS
@@ -8,6 +8,15 @@ msgd's own TlsReads, as msgd's connections do); a client process holds `connecti
 the benchmark's load generator does. Prints one JSON line per rate: the server process's CPU
 per request (its handshakes subtracted, measured apart) and the client's round-trip p50/p99.
 `python -m bench --scenarios lone` runs it beside msgd's singles at the same rates (bench/lone.py).
+
+`--durable` is the floor of a durable single instead: what a registration needs at the
+least, written in plain CPython the way batch_floor.py writes a bulk entry. Per record the
+server verifies an HMAC-SHA256 proof from its UE's precomputed key states, marks the UE in a
+dict and queues it; one writer thread commits what is queued as one SQLite row (WAL,
+synchronous FULL, after a 1 ms gather while fewer than 125 wait: msgd's writer and defaults)
+and only then has the loop send the answers. The registered scenario runs it at the half-load
+rate, as the ceiling of that p99 (bench/scenarios.py).
+
 Throwaway self-signed P-256 key in a temporary directory, 127.0.0.1 only.
 """
 
@@ -16,22 +25,47 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
+import sqlite3
 import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
-from bench.loadgen import PoissonArrivals
+from bench.loadgen import PoissonArrivals, percentile
 from msgd.tls.reads import TlsReads
 
 REQUEST, ANSWER = 100, 60
+# The durable floor's record: UE number (4 octets), its 32-octet identity stand-in, the proof
+# over NONCE + identity (32 octets), padding to REQUEST. Answers: ACCEPTED or REFUSED octets.
+FLOOR_UES = 1000
+NONCE = bytes(32)
+ACCEPTED, REFUSED = b"a" * ANSWER, b"r" * ANSWER
+# msgd's writer: a 1 ms gather while fewer than max_batch // 16 (2,000 // 16) changes wait.
+GATHER_S, GATHER_BELOW = 0.001, 125
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+def _floor_key(ue: int) -> bytes:
+    return hashlib.sha256(b"floor-ue-%d" % ue).digest()
+
+
+def floor_record(ue: int) -> bytes:
+    """A durable-floor request for UE `ue` with a valid proof."""
+    identity = hashlib.sha256(b"floor-id-%d" % ue).digest()
+    proof = hmac.digest(_floor_key(ue), NONCE + identity, "sha256")
+    return (ue.to_bytes(4, "big") + identity + proof).ljust(REQUEST, b"\0")
 
 
 class _Echo(TlsReads):
@@ -48,11 +82,111 @@ class _Echo(TlsReads):
             self.transport.write(b"a" * ANSWER * whole)  # type: ignore[attr-defined]
 
 
-async def _serve(cert: Path, key: Path) -> None:
-    """The server process (`--serve CERT KEY`): prints its port, echoes until killed."""
+class _GroupCommit(threading.Thread):
+    """The durable floor's writer: each round commits every queued change as one row."""
+
+    def __init__(self, database: Path, loop: asyncio.AbstractEventLoop,
+                 synchronous: str) -> None:
+        super().__init__(name="floor-writer", daemon=True)
+        self.conn = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        self.conn.execute(f"PRAGMA synchronous={synchronous}")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, "
+                          "ues BLOB NOT NULL)")
+        self.loop = loop
+        self.queued: deque[tuple[int, _DurableFloor]] = deque()
+        self.wake = threading.Event()
+        self.idle = False
+
+    def run(self) -> None:
+        queued = self.queued
+        seq = 0
+        while True:
+            self.wake.clear()
+            if not queued:
+                # Set before the re-check, read by the loop after it queues: no lost wake-up.
+                self.idle = True
+                if not queued:
+                    self.wake.wait()
+                self.idle = False
+                continue
+            if len(queued) < GATHER_BELOW:
+                time.sleep(GATHER_S)
+            batch = [queued.popleft() for _ in range(len(queued))]
+            seq += 1
+            self.conn.execute("INSERT INTO journal VALUES (?, ?)",
+                              (seq, b"".join(ue.to_bytes(4, "big") for ue, _ in batch)))
+            self.loop.call_soon_threadsafe(_answer_durable, batch)
+
+
+def _answer_durable(batch: list[tuple[int, _DurableFloor]]) -> None:
+    owed: dict[_DurableFloor, int] = {}
+    for _ue, connection in batch:
+        owed[connection] = owed.get(connection, 0) + 1
+    for connection, count in owed.items():
+        connection.transport.write(ACCEPTED * count)  # type: ignore[attr-defined]
+
+
+class _DurableFloor(TlsReads):
+    """Verifies, applies and queues each whole record; answers once the writer committed."""
+
+    states: list[tuple[Any, Any]] = []
+    registered: dict[int, bool] = {}
+    writer: _GroupCommit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.partial = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.partial:
+            data = self.partial + data
+        whole = len(data) // REQUEST
+        self.partial = data[whole * REQUEST:]
+        states, registered, queued = self.states, self.registered, self.writer.queued
+        refused = 0
+        for start in range(0, whole * REQUEST, REQUEST):
+            ue = int.from_bytes(data[start:start + 4], "big")
+            if ue >= FLOOR_UES:
+                refused += 1
+                continue
+            inner, outer = states[ue]
+            digest = inner.copy()
+            digest.update(NONCE + data[start + 4:start + 36])
+            proof = outer.copy()
+            proof.update(digest.digest())
+            if not hmac.compare_digest(proof.digest(), data[start + 36:start + 68]):
+                refused += 1
+                continue
+            registered[ue] = True
+            queued.append((ue, self))
+        if refused:
+            self.transport.write(REFUSED * refused)  # type: ignore[attr-defined]
+        if whole > refused and self.writer.idle:
+            self.writer.wake.set()
+
+
+def _key_states(key: bytes) -> tuple[Any, Any]:
+    padded = key.ljust(64, b"\0")
+    return hashlib.sha256(padded.translate(_IPAD)), hashlib.sha256(padded.translate(_OPAD))
+
+
+async def _serve(cert: Path, key: Path, database: Path | None = None,
+                 synchronous: str = "FULL") -> None:
+    """The server process (`--serve CERT KEY [DATABASE SYNCHRONOUS]`): prints its port,
+    answers until killed; with a database, as the durable floor."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    server = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0, ssl=context)
+    loop = asyncio.get_running_loop()
+    protocol: type[TlsReads] = _Echo
+    if database is not None:
+        _DurableFloor.states = [_key_states(_floor_key(ue)) for ue in range(FLOOR_UES)]
+        _DurableFloor.writer = _GroupCommit(database, loop, synchronous)
+        _DurableFloor.writer.start()
+        protocol = _DurableFloor
+    server = await loop.create_server(protocol, "127.0.0.1", 0, ssl=context)
     print(server.sockets[0].getsockname()[1], flush=True)
     await asyncio.Event().wait()
 
@@ -62,19 +196,24 @@ class _Client(asyncio.Protocol):
         self.latencies = latencies
         self.sent: deque[float] = deque()
         self.received = 0
+        self.refused_octets = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        self.refused_octets += data.count(REFUSED[:1])
         now = time.perf_counter()
         while self.received >= ANSWER and self.sent:
             self.received -= ANSWER
             self.latencies.append(now - self.sent.popleft())
 
 
-async def _drive(port: int, rate: float, count: int, seconds: float) -> tuple[int, list[float]]:
+async def _drive(port: int, rate: float, count: int, seconds: float,
+                 records: list[bytes]) -> tuple[int, list[float], int]:
+    """Sends `records` in turn at `rate`; returns what it sent, the sorted round trips and
+    how many answers said REFUSED."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # the throwaway certificate; nothing leaves 127.0.0.1
@@ -93,13 +232,13 @@ async def _drive(port: int, rate: float, count: int, seconds: float) -> tuple[in
             before = len(client.sent)
             arrivals.take(index, now, client.sent)  # latency counts from each due time
             for _ in range(len(client.sent) - before):
-                client.transport.write(b"q" * REQUEST)  # type: ignore[attr-defined]
+                client.transport.write(records[sent % len(records)])  # type: ignore[attr-defined]
                 sent += 1
         await asyncio.sleep(0.001)
     await asyncio.sleep(0.5)
     for client in clients:
         client.transport.close()
-    return sent, sorted(latencies)
+    return sent, sorted(latencies), sum(client.refused_octets for client in clients) // ANSWER
 
 
 def cpu_s(pid: int) -> float:
@@ -112,34 +251,61 @@ def cpu_s(pid: int) -> float:
     return total / 1e9
 
 
-def measure(rate: float, count: int, seconds: float, cert: Path, key: Path) -> dict[str, Any]:
-    """One rate: the server's CPU per request (handshakes apart) and the round trips."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bench.tls_echo_floor", "--serve", str(cert), str(key)],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+def journaled(database: Path) -> int:
+    """UEs the durable floor committed (its journal rows hold 4 octets per UE)."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        return int(conn.execute("SELECT COALESCE(SUM(LENGTH(ues)), 0) / 4 FROM journal")
+                   .fetchone()[0])
+
+
+@contextlib.contextmanager
+def serving(cert: Path, key: Path, database: Path | None = None,
+            synchronous: str = "FULL") -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """The server process and its port: the echo, or with a database (a new file) the durable
+    floor, committing with PRAGMA synchronous=`synchronous`. Killed on leaving."""
+    command = [sys.executable, "-m", "bench.tls_echo_floor", "--serve", str(cert), str(key)]
+    if database is not None:
+        command += [str(database), synchronous]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
     try:
         assert server.stdout is not None
         line = server.stdout.readline()
         if not line:
             raise RuntimeError(f"TLS echo server exited {server.wait()} before listening")
-        port = int(line)
-        before = cpu_s(server.pid)
-        uvloop.run(_drive(port, 1.0, count, 0.0))  # handshakes alone, to subtract
-        handshakes = cpu_s(server.pid) - before
-        before = cpu_s(server.pid)
-        sent, latencies = uvloop.run(_drive(port, rate, count, seconds))
-        cpu = cpu_s(server.pid) - before - handshakes
+        yield server, int(line)
     finally:
         server.kill()
         server.wait()
-    return {
+
+
+def measure(rate: float, count: int, seconds: float, cert: Path, key: Path,
+            database: Path | None = None, synchronous: str = "FULL") -> dict[str, Any]:
+    """One rate: the server's CPU per request (handshakes apart) and the round trips. With a
+    database (a new file), the durable floor instead of the echo."""
+    records = ([floor_record(ue) for ue in range(FLOOR_UES)] if database is not None
+               else [b"q" * REQUEST])
+    with serving(cert, key, database, synchronous) as (server, port):
+        before = cpu_s(server.pid)
+        uvloop.run(_drive(port, 1.0, count, 0.0, records))  # handshakes alone, to subtract
+        handshakes = cpu_s(server.pid) - before
+        before = cpu_s(server.pid)
+        sent, latencies, refused = uvloop.run(_drive(port, rate, count, seconds, records))
+        cpu = cpu_s(server.pid) - before - handshakes
+    out: dict[str, Any] = {
         "rate": rate,
         "connections": count,
         "requests": sent,
+        "answered": len(latencies),
         "server_cpu_us_per_request": round(cpu / sent * 1e6, 1) if sent else None,
-        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2) if latencies else None,
-        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2) if latencies else None,
+        "p50_ms": round(percentile(latencies, 0.5) * 1000, 2) if latencies else None,
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2) if latencies else None,
+        "p999_ms": round(percentile(latencies, 0.999) * 1000, 2) if latencies else None,
     }
+    if database is not None:
+        out.update(durable=True, synchronous=synchronous, refused=refused,
+                   journaled=journaled(database))
+    return out
 
 
 def main() -> int:
@@ -147,10 +313,14 @@ def main() -> int:
     parser.add_argument("--rates", default="2000,6000,20000")
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--serve", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
+    parser.add_argument("--durable", action="store_true",
+                        help="the durable floor (HMAC, dict, SQLite group commit) instead")
+    parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        uvloop.run(_serve(Path(args.serve[0]), Path(args.serve[1])))
+        database = Path(args.serve[2]) if len(args.serve) > 2 else None
+        synchronous = args.serve[3] if len(args.serve) > 3 else "FULL"
+        uvloop.run(_serve(Path(args.serve[0]), Path(args.serve[1]), database, synchronous))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         pki = Path(tmp)
@@ -159,8 +329,9 @@ def main() -> int:
              "-nodes", "-keyout", str(pki / "key.pem"), "-out", str(pki / "cert.pem"),
              "-subj", "/CN=localhost", "-days", "1"], check=True, capture_output=True)
         for rate in (float(text) for text in args.rates.split(",")):
+            database = pki / f"floor-{rate:g}.sqlite" if args.durable else None
             print(json.dumps(measure(rate, args.connections, args.seconds, pki / "cert.pem",
-                                     pki / "key.pem")), flush=True)
+                                     pki / "key.pem", database)), flush=True)
     return 0
 
 

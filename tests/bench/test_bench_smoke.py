@@ -20,7 +20,8 @@ TABLE_KEYS = {
     "bulk_register_per_s", "bulk_register_wall_s", "bulk_deregister_per_s",
     "bulk_deregister_wall_s", "bulk_request_mb_per_s", "singles_per_s", "singles_p50_ms",
     "singles_p99_ms", "singles_p999_ms", "singles_half_per_s", "singles_half_p50_ms",
-    "singles_half_p99_ms", "singles_half_p999_ms", "singles_half_vcpu_slowed_pct",
+    "singles_half_p99_ms", "singles_half_p999_ms", "singles_half_floor_p99_ms",
+    "singles_half_cpu_us", "singles_half_vcpu_slowed_pct",
     "singles_half_quiet_share_pct", "singles_half_quiet_p99_ms",
     "bulk_register_cpu_us",
     "bulk_deregister_cpu_us", "singles_cpu_us", "rss_peak_mb", "rss_per_registered_ue",
@@ -65,6 +66,9 @@ def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
         singles = results["registered"][name]
         assert singles["completed"] > 0 and singles["causes"] == {}, singles
         assert singles["errors"] == {}, singles
+    floor = results["registered"]["singles_half_floor"]
+    assert floor["answered"] == floor["journaled"] == floor["requests"] > 0, floor
+    assert floor["refused"] == 0, floor
     conn = results["connections"]
     assert conn["opened"] == conn["wanted"] == conn["alive_at_end"] == 20
     assert conn["failures"] == {}
