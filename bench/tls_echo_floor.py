@@ -15,7 +15,9 @@ server verifies an HMAC-SHA256 proof from its UE's precomputed key states, marks
 dict and queues it; one writer thread commits what is queued as one SQLite row (WAL,
 synchronous FULL, after a 1 ms gather while fewer than 125 wait: msgd's writer and defaults)
 and only then has the loop send the answers. The registered scenario runs it at the half-load
-rate, as the ceiling of that p99 (bench/scenarios.py).
+rate, as the ceiling of that p99 (bench/scenarios.py). `--extra-us N` adds N µs of fixed
+Python work per request (calibrated at full speed, so it slows with the vCPU as real work
+does): where the floor's p99 crosses a target says how much a server may spend per lone single.
 
 Throwaway self-signed P-256 key in a temporary directory, 127.0.0.1 only.
 """
@@ -135,6 +137,7 @@ class _DurableFloor(TlsReads):
     states: list[tuple[Any, Any]] = []
     registered: dict[int, bool] = {}
     writer: _GroupCommit
+    extra_loops = 0  # iterations of an empty loop per request (--extra-us)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -146,6 +149,7 @@ class _DurableFloor(TlsReads):
         whole = len(data) // REQUEST
         self.partial = data[whole * REQUEST:]
         states, registered, queued = self.states, self.registered, self.writer.queued
+        extra = self.extra_loops
         refused = 0
         for start in range(0, whole * REQUEST, REQUEST):
             ue = int.from_bytes(data[start:start + 4], "big")
@@ -162,10 +166,25 @@ class _DurableFloor(TlsReads):
                 continue
             registered[ue] = True
             queued.append((ue, self))
+            if extra:
+                for _ in range(extra):
+                    pass
         if refused:
             self.transport.write(REFUSED * refused)  # type: ignore[attr-defined]
         if whole > refused and self.writer.idle:
             self.writer.wake.set()
+
+
+def _loops_per_us() -> float:
+    """Iterations of an empty Python loop per µs at full speed (the best of several tries:
+    a slowed vCPU only makes a try slower)."""
+    best = float("inf")
+    for _ in range(20):
+        started = time.perf_counter()
+        for _ in range(100_000):
+            pass
+        best = min(best, time.perf_counter() - started)
+    return 100_000 / (best * 1e6)
 
 
 def _key_states(key: bytes) -> tuple[Any, Any]:
@@ -174,9 +193,9 @@ def _key_states(key: bytes) -> tuple[Any, Any]:
 
 
 async def _serve(cert: Path, key: Path, database: Path | None = None,
-                 synchronous: str = "FULL") -> None:
-    """The server process (`--serve CERT KEY [DATABASE SYNCHRONOUS]`): prints its port,
-    answers until killed; with a database, as the durable floor."""
+                 synchronous: str = "FULL", extra_us: float = 0.0) -> None:
+    """The server process (`--serve CERT KEY [DATABASE SYNCHRONOUS EXTRA_US]`): prints its
+    port, answers until killed; with a database, as the durable floor."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     loop = asyncio.get_running_loop()
@@ -185,6 +204,8 @@ async def _serve(cert: Path, key: Path, database: Path | None = None,
         _DurableFloor.states = [_key_states(_floor_key(ue)) for ue in range(FLOOR_UES)]
         _DurableFloor.writer = _GroupCommit(database, loop, synchronous)
         _DurableFloor.writer.start()
+        if extra_us:
+            _DurableFloor.extra_loops = round(extra_us * _loops_per_us())
         protocol = _DurableFloor
     server = await loop.create_server(protocol, "127.0.0.1", 0, ssl=context)
     print(server.sockets[0].getsockname()[1], flush=True)
@@ -259,13 +280,14 @@ def journaled(database: Path) -> int:
 
 
 @contextlib.contextmanager
-def serving(cert: Path, key: Path, database: Path | None = None,
-            synchronous: str = "FULL") -> Iterator[tuple[subprocess.Popen[str], int]]:
+def serving(cert: Path, key: Path, database: Path | None = None, synchronous: str = "FULL",
+            extra_us: float = 0.0) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """The server process and its port: the echo, or with a database (a new file) the durable
-    floor, committing with PRAGMA synchronous=`synchronous`. Killed on leaving."""
+    floor, committing with PRAGMA synchronous=`synchronous`, `extra_us` of work more per
+    request. Killed on leaving."""
     command = [sys.executable, "-m", "bench.tls_echo_floor", "--serve", str(cert), str(key)]
     if database is not None:
-        command += [str(database), synchronous]
+        command += [str(database), synchronous, str(extra_us)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1])
     try:
@@ -280,12 +302,13 @@ def serving(cert: Path, key: Path, database: Path | None = None,
 
 
 def measure(rate: float, count: int, seconds: float, cert: Path, key: Path,
-            database: Path | None = None, synchronous: str = "FULL") -> dict[str, Any]:
+            database: Path | None = None, synchronous: str = "FULL",
+            extra_us: float = 0.0) -> dict[str, Any]:
     """One rate: the server's CPU per request (handshakes apart) and the round trips. With a
     database (a new file), the durable floor instead of the echo."""
     records = ([floor_record(ue) for ue in range(FLOOR_UES)] if database is not None
                else [b"q" * REQUEST])
-    with serving(cert, key, database, synchronous) as (server, port):
+    with serving(cert, key, database, synchronous, extra_us) as (server, port):
         before = cpu_s(server.pid)
         uvloop.run(_drive(port, 1.0, count, 0.0, records))  # handshakes alone, to subtract
         handshakes = cpu_s(server.pid) - before
@@ -303,7 +326,7 @@ def measure(rate: float, count: int, seconds: float, cert: Path, key: Path,
         "p999_ms": round(percentile(latencies, 0.999) * 1000, 2) if latencies else None,
     }
     if database is not None:
-        out.update(durable=True, synchronous=synchronous, refused=refused,
+        out.update(durable=True, synchronous=synchronous, extra_us=extra_us, refused=refused,
                    journaled=journaled(database))
     return out
 
@@ -315,12 +338,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--durable", action="store_true",
                         help="the durable floor (HMAC, dict, SQLite group commit) instead")
+    parser.add_argument("--extra-us", type=float, default=0.0,
+                        help="with --durable: µs of fixed work more per request")
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         database = Path(args.serve[2]) if len(args.serve) > 2 else None
         synchronous = args.serve[3] if len(args.serve) > 3 else "FULL"
-        uvloop.run(_serve(Path(args.serve[0]), Path(args.serve[1]), database, synchronous))
+        extra_us = float(args.serve[4]) if len(args.serve) > 4 else 0.0
+        uvloop.run(_serve(Path(args.serve[0]), Path(args.serve[1]), database, synchronous,
+                          extra_us))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         pki = Path(tmp)
@@ -331,7 +358,8 @@ def main() -> int:
         for rate in (float(text) for text in args.rates.split(",")):
             database = pki / f"floor-{rate:g}.sqlite" if args.durable else None
             print(json.dumps(measure(rate, args.connections, args.seconds, pki / "cert.pem",
-                                     pki / "key.pem", database)), flush=True)
+                                     pki / "key.pem", database, extra_us=args.extra_us)),
+                  flush=True)
     return 0
 
 

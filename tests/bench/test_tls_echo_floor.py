@@ -45,3 +45,13 @@ def test_the_echo_answers_every_request(pki: Pki) -> None:
     assert result["requests"] > 0
     assert result["answered"] == result["requests"]
     assert "journaled" not in result
+
+
+def test_extra_work_per_request_costs_the_floor_at_least_that_cpu(
+        pki: Pki, tmp_path: Path) -> None:
+    # Calibrated at the fastest of its tries, the work cannot take less CPU later; without
+    # it a request here costs the floor a few hundred µs (mostly the loop's wake-ups).
+    result = tls_echo_floor.measure(100, 2, 1.0, pki.server_cert, pki.server_key,
+                                    tmp_path / "floor.sqlite", extra_us=2000)
+    assert result["journaled"] == result["requests"] > 0
+    assert result["server_cpu_us_per_request"] >= 2000, result
