@@ -172,6 +172,28 @@ _SYNC_BUCKET_ONE_DIGEST = \
         SELECT ('x' || left(encode(substr(sha256(decode(replace(p_ue, '\', '\\'), 'escape')),
                                           1, 2), 'hex'), 3))::bit(12)::integer::smallint $$"""
 
+# Migration 5: the same functions with no backslash in them. An SQL function's body is parsed
+# in the session that runs it, and a role or database may still set standard_conforming_strings
+# = off (an old application's need): '\x..' and '\' then read as escapes, and inlining the
+# bucket failed with a syntax error, so such a session could insert no registration at all.
+# decode(hex) and chr(92) mean the same in either setting, are IMMUTABLE (still inlined) and
+# fold to constants; the values are the same, and the stored columns stay valid.
+_BACKSLASH_DOUBLED = "replace(p_ue, chr(92), chr(92) || chr(92))"
+_SYNC_FUNCTIONS_ANY_QUOTING = (
+    f"""CREATE OR REPLACE FUNCTION msgd_sync_bucket(p_ue text) RETURNS smallint
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT ('x' || left(encode(substr(sha256(decode({_BACKSLASH_DOUBLED}, 'escape')),
+                                          1, 2), 'hex'), 3))::bit(12)::integer::smallint $$""",
+    f"""CREATE OR REPLACE FUNCTION msgd_sync_hash(p_ue text, p_profile bytea) RETURNS bytea
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT substr(sha256(decode('4d5347696e35472d53594e432f3100', 'hex')
+                             || substr(int2send(octet_length(p_ue)::int2), 2, 1)
+                             || decode({_BACKSLASH_DOUBLED}, 'escape')
+                             || coalesce(decode('03', 'hex')
+                                         || int2send(octet_length(p_profile)::int2)
+                                         || p_profile, ''::bytea)), 1, 16) $$""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "registrations and the batch decision function", (
         # COLLATE "C": UE Service IDs compare as octets, as the wire and the SQLite registry
@@ -204,6 +226,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         "DROP INDEX msgd_registration_sync",
     )),
     Migration(4, "sync bucket from one SHA-256", (_SYNC_BUCKET_ONE_DIGEST,)),
+    Migration(5, "sync functions without backslashes: any standard_conforming_strings",
+              _SYNC_FUNCTIONS_ANY_QUOTING),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -264,6 +288,9 @@ def migrate(conn: Any, *, dry_run: bool = False) -> MigrationPlan:
     with conn.transaction():
         # Nodes starting together: the second waits here and then finds nothing to do.
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        # The statements are written for standard strings, and a CREATE FUNCTION parses its
+        # body in this session: a database whose default is off must not change them.
+        conn.execute("SET LOCAL standard_conforming_strings = on")
         conn.execute(_CREATE_VERSION_TABLE)
         plan = plan_migration(current_version(conn))
         for migration in plan.pending:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
 import pytest
 
 from msgd.cli import main as cli
@@ -176,7 +177,7 @@ def test_migration_4_computes_the_bucket_from_one_digest(pg_dsn: str) -> None:
         for ue in TRICKY_UES:
             conn.execute("INSERT INTO msgd_registration VALUES (%s, 'gw1', NULL)", (ue,))
         plan = pg_schema.migrate(conn)
-        assert [m.version for m in plan.pending] == [4]
+        assert [m.version for m in plan.pending] == list(range(4, pg_schema.LATEST_VERSION + 1))
         renamed = [u + "/4" if len(u.encode()) < 254 else f"{n}" + "z" * 254
                    for n, u in enumerate(TRICKY_UES)]
         for ue in renamed:
@@ -188,6 +189,66 @@ def test_migration_4_computes_the_bucket_from_one_digest(pg_dsn: str) -> None:
     expected = {u: bucket_of(u.encode(), 12) for u in TRICKY_UES + renamed}
     assert got == expected and recomputed == expected
     assert "msgd_sync_" not in plan_text and plan_text.count("sha256") == 1
+
+
+def test_migration_5_lets_a_session_without_standard_conforming_strings_register(
+        pg_dsn: str) -> None:
+    """A database or role may still set standard_conforming_strings = off (an old
+    application's need), and an SQL function's body is parsed in the session that runs it.
+    Up to migration 4 the sync functions' backslashes made every insert of such a session fail;
+    from migration 5 on it stores wire.sync's octets, the rows stored before keep theirs, and
+    the functions are still inlined."""
+    from wire.sync import bucket_of, ue_hash
+
+    profile = b"\x30\x00\x01\x02"
+    before = [(u, "gw1", profile if n % 2 else None) for n, u in enumerate(TRICKY_UES)]
+    renamed = [u + "/5" if len(u.encode()) < 254 else f"{n}" + "w" * 254
+               for n, u in enumerate(TRICKY_UES)]
+    after = [(u, "gw2", None if n % 2 else profile) for n, u in enumerate(renamed)]
+    insert = "INSERT INTO msgd_registration VALUES (%s, %s, %s)"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        _schema_at(conn, 4)
+        for row in before:
+            conn.execute(insert, row)
+        conn.execute("SET standard_conforming_strings = off")
+        conn.execute("SET escape_string_warning = off")
+        with pytest.raises(psycopg.errors.SyntaxError):
+            conn.execute(insert, after[0])
+        plan = pg_schema.migrate(conn)
+        assert [m.version for m in plan.pending] == [5]
+        for row in after:
+            conn.execute(insert, row)
+        got = {u: (b, bytes(h)) for u, b, h in conn.execute(
+            "SELECT ue_service_id, sync_bucket, sync_hash FROM msgd_registration")}
+        recomputed = {u: (b, bytes(h)) for u, b, h in conn.execute(
+            "SELECT ue_service_id, msgd_sync_bucket(ue_service_id), "
+            "msgd_sync_hash(ue_service_id, profile) FROM msgd_registration")}
+        plan_text = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN VERBOSE SELECT msgd_sync_bucket(u), msgd_sync_hash(u, NULL) "
+            "FROM unnest(ARRAY['a']) AS u"))
+    expected = {u: (bucket_of(u.encode(), 12), ue_hash(u.encode(), p))
+                for u, _, p in before + after}
+    assert got == expected and recomputed == expected
+    assert "msgd_sync_" not in plan_text and plan_text.count("sha256") == 2
+
+
+async def test_a_node_on_a_database_without_standard_conforming_strings_registers(
+        pg_dsn: str) -> None:
+    """The same through msgd, the database's default being off: its registrations succeed and
+    its digests are wire.sync's."""
+    from wire.sync import digests_of
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET standard_conforming_strings = off")
+                     .format(psycopg.sql.Identifier(conn.info.dbname)))
+    registry = await opened(pg_dsn)
+    try:
+        changes = [Change(u, True, None) for u in TRICKY_UES]
+        assert await decide(registry, "gw1", changes) == [SUCCESS] * len(changes)
+        digests = await registry.sync_digests("gw1", 12)
+    finally:
+        await registry.close()
+    assert digests == digests_of([(u.encode(), None) for u in TRICKY_UES], 12)
 
 
 # --- what is shown of the DSN -------------------------------------------------------------------
