@@ -184,6 +184,9 @@ def render(results: dict[str, Any]) -> str:
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]
         lines.append(f"| {row['label']} | {_fmt(row['value'])} | {row['unit']} | {ceiling} "
                      f"| {ratio} | {row['target'] or ''} | {met} |")
+    floor_error = results.get("registered", {}).get("singles_half_floor", {}).get("error")
+    if floor_error:
+        lines.append(f"\nthe durable floor (bench/tls_echo_floor.py) failed: {floor_error}")
     m = results["machine"]
     lines.append("")
     lines.append(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, Linux "

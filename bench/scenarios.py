@@ -646,11 +646,15 @@ def registered(run: Run) -> dict[str, Any]:
     finally:
         out.update({f"server_{k}": v for k, v in server.stop().items()})
     # The ceiling of the half-load latency: the least a durable single costs in CPython at the
-    # same rate on this machine now (bench/tls_echo_floor.py --durable), msgd stopped.
-    out["singles_half_floor"] = tls_echo_floor.measure(
-        half, len(run.pool_gateways), s.singles_s,
-        Path(run.pki["server_cert"]), Path(run.pki["server_key"]),
-        run.dir / "durable-floor.sqlite", run.synchronous.upper())
+    # same rate on this machine now (bench/tls_echo_floor.py --durable), msgd stopped. A
+    # failure costs this row, not msgd's results above.
+    try:
+        out["singles_half_floor"] = tls_echo_floor.measure(
+            half, len(run.pool_gateways), s.singles_s,
+            Path(run.pki["server_cert"]), Path(run.pki["server_key"]),
+            run.dir / "durable-floor.sqlite", run.synchronous.upper())
+    except (OSError, RuntimeError, ValueError) as exc:
+        out["singles_half_floor"] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
 
 

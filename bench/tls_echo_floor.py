@@ -13,11 +13,15 @@ per request (its handshakes subtracted, measured apart) and the client's round-t
 least, written in plain CPython the way batch_floor.py writes a bulk entry. Per record the
 server verifies an HMAC-SHA256 proof from its UE's precomputed key states, marks the UE in a
 dict and queues it; one writer thread commits what is queued as one SQLite row (WAL,
-synchronous FULL, after a 1 ms gather while fewer than 125 wait: msgd's writer and defaults)
-and only then has the loop send the answers. The registered scenario runs it at the half-load
-rate, as the ceiling of that p99 (bench/scenarios.py). `--extra-us N` adds N µs of fixed
-Python work per request (calibrated at full speed, so it slows with the vCPU as real work
-does): where the floor's p99 crosses a target says how much a server may spend per lone single.
+synchronous FULL, the group commit of msgd's writer with the daemon's defaults: a wait of
+COMMIT_INTERVAL while the queue is short, at most MAX_BATCH per row; no checkpoint in the
+writer, as in msgd) and only then has the loop send the answers. Its p99 and CPU count every
+request sent: one never answered is slower than any answer. The registered scenario runs it at
+the half-load rate, as the ceiling of that p99 (bench/scenarios.py). `--extra-us N` adds
+fixed Python work per request, N µs at the fastest the server measured it at its start, so
+that it slows with the vCPU as real work does: where the floor's p99 crosses a target says
+how much a server may spend per lone single. N is nominal (a VM slowed all through that
+calibration makes it up to ~2 × less): read the server CPU per request the run reports.
 
 Throwaway self-signed P-256 key in a temporary directory, 127.0.0.1 only.
 """
@@ -27,9 +31,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
+import math
+import select
 import sqlite3
 import ssl
 import subprocess
@@ -37,14 +44,18 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from bench.loadgen import PoissonArrivals, percentile
+from msgd.registry.store import COMMIT_INTERVAL, MAX_BATCH
+from msgd.registry.writer import gather_below
 from msgd.tls.reads import TlsReads
 
 REQUEST, ANSWER = 100, 60
@@ -53,8 +64,9 @@ REQUEST, ANSWER = 100, 60
 FLOOR_UES = 1000
 NONCE = bytes(32)
 ACCEPTED, REFUSED = b"a" * ANSWER, b"r" * ANSWER
-# msgd's writer: a 1 ms gather while fewer than max_batch // 16 (2,000 // 16) changes wait.
-GATHER_S, GATHER_BELOW = 0.001, 125
+SYNCHRONOUS = ("FULL", "NORMAL")
+GATHER_BELOW = gather_below(MAX_BATCH)
+LISTEN_TIMEOUT_S = 120.0
 _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 
@@ -85,26 +97,33 @@ class _Echo(TlsReads):
 
 
 class _GroupCommit(threading.Thread):
-    """The durable floor's writer: each round commits every queued change as one row."""
+    """The durable floor's writer: each round commits the queued changes as one row."""
 
     def __init__(self, database: Path, loop: asyncio.AbstractEventLoop,
                  synchronous: str) -> None:
         super().__init__(name="floor-writer", daemon=True)
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
         self.conn = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
-        if synchronous not in ("FULL", "NORMAL"):
-            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         self.conn.execute(f"PRAGMA synchronous={synchronous}")
-        self.conn.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, "
-                          "ues BLOB NOT NULL)")
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        self.conn.execute("CREATE TABLE journal (seq INTEGER PRIMARY KEY, ues BLOB NOT NULL)")
         self.loop = loop
         self.queued: deque[tuple[int, _DurableFloor]] = deque()
         self.wake = threading.Event()
         self.idle = False
 
     def run(self) -> None:
+        try:
+            self._commit_rounds()
+        except BaseException:
+            # A floor that cannot commit must not look like a slow one: the server stops.
+            traceback.print_exc()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def _commit_rounds(self) -> None:
         queued = self.queued
-        seq = 0
         while True:
             self.wake.clear()
             if not queued:
@@ -115,11 +134,10 @@ class _GroupCommit(threading.Thread):
                 self.idle = False
                 continue
             if len(queued) < GATHER_BELOW:
-                time.sleep(GATHER_S)
-            batch = [queued.popleft() for _ in range(len(queued))]
-            seq += 1
-            self.conn.execute("INSERT INTO journal VALUES (?, ?)",
-                              (seq, b"".join(ue.to_bytes(4, "big") for ue, _ in batch)))
+                time.sleep(COMMIT_INTERVAL)
+            batch = [queued.popleft() for _ in range(min(len(queued), MAX_BATCH))]
+            self.conn.execute("INSERT INTO journal (ues) VALUES (?)",
+                              (b"".join(ue.to_bytes(4, "big") for ue, _ in batch),))
             self.loop.call_soon_threadsafe(_answer_durable, batch)
 
 
@@ -131,25 +149,34 @@ def _answer_durable(batch: list[tuple[int, _DurableFloor]]) -> None:
         connection.transport.write(ACCEPTED * count)  # type: ignore[attr-defined]
 
 
+@dataclass
+class _FloorState:
+    """What the durable floor's connections share."""
+
+    writer: _GroupCommit
+    states: list[tuple[Any, Any]]  # each UE's HMAC key states (inner, outer)
+    extra_loops: int = 0  # iterations of an empty loop per request (--extra-us)
+    registered: dict[int, bool] = field(default_factory=dict)
+
+
 class _DurableFloor(TlsReads):
     """Verifies, applies and queues each whole record; answers once the writer committed."""
 
-    states: list[tuple[Any, Any]] = []
-    registered: dict[int, bool] = {}
-    writer: _GroupCommit
-    extra_loops = 0  # iterations of an empty loop per request (--extra-us)
+    def __init__(self, floor: _FloorState) -> None:
+        self.floor = floor
+        self.partial = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        self.partial = b""
 
     def data_received(self, data: bytes) -> None:
         if self.partial:
             data = self.partial + data
         whole = len(data) // REQUEST
         self.partial = data[whole * REQUEST:]
-        states, registered, queued = self.states, self.registered, self.writer.queued
-        extra = self.extra_loops
+        floor = self.floor
+        states, registered, queued = floor.states, floor.registered, floor.writer.queued
+        extra = floor.extra_loops
         refused = 0
         for start in range(0, whole * REQUEST, REQUEST):
             ue = int.from_bytes(data[start:start + 4], "big")
@@ -171,20 +198,20 @@ class _DurableFloor(TlsReads):
                     pass
         if refused:
             self.transport.write(REFUSED * refused)  # type: ignore[attr-defined]
-        if whole > refused and self.writer.idle:
-            self.writer.wake.set()
+        if whole > refused and floor.writer.idle:
+            floor.writer.wake.set()
 
 
 def _loops_per_us() -> float:
-    """Iterations of an empty Python loop per µs at full speed (the best of several tries:
-    a slowed vCPU only makes a try slower)."""
+    """Iterations of an empty Python loop per µs at the fastest of 200 short tries (a slowed
+    vCPU only makes a try slower)."""
     best = float("inf")
-    for _ in range(20):
+    for _ in range(200):
         started = time.perf_counter()
-        for _ in range(100_000):
+        for _ in range(20_000):
             pass
         best = min(best, time.perf_counter() - started)
-    return 100_000 / (best * 1e6)
+    return 20_000 / (best * 1e6)
 
 
 def _key_states(key: bytes) -> tuple[Any, Any]:
@@ -194,19 +221,19 @@ def _key_states(key: bytes) -> tuple[Any, Any]:
 
 async def _serve(cert: Path, key: Path, database: Path | None = None,
                  synchronous: str = "FULL", extra_us: float = 0.0) -> None:
-    """The server process (`--serve CERT KEY [DATABASE SYNCHRONOUS EXTRA_US]`): prints its
-    port, answers until killed; with a database, as the durable floor."""
+    """The server process (`--serve CERT KEY [--database PATH ...]`): prints its port,
+    answers until killed; with a database, as the durable floor."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     loop = asyncio.get_running_loop()
-    protocol: type[TlsReads] = _Echo
+    protocol: Any = _Echo
     if database is not None:
-        _DurableFloor.states = [_key_states(_floor_key(ue)) for ue in range(FLOOR_UES)]
-        _DurableFloor.writer = _GroupCommit(database, loop, synchronous)
-        _DurableFloor.writer.start()
+        floor = _FloorState(_GroupCommit(database, loop, synchronous),
+                            [_key_states(_floor_key(ue)) for ue in range(FLOOR_UES)])
         if extra_us:
-            _DurableFloor.extra_loops = round(extra_us * _loops_per_us())
-        protocol = _DurableFloor
+            floor.extra_loops = round(extra_us * _loops_per_us())
+        floor.writer.start()
+        protocol = functools.partial(_DurableFloor, floor)
     server = await loop.create_server(protocol, "127.0.0.1", 0, ssl=context)
     print(server.sockets[0].getsockname()[1], flush=True)
     await asyncio.Event().wait()
@@ -234,7 +261,9 @@ class _Client(asyncio.Protocol):
 async def _drive(port: int, rate: float, count: int, seconds: float,
                  records: list[bytes]) -> tuple[int, list[float], int]:
     """Sends `records` in turn at `rate`; returns what it sent, the sorted round trips and
-    how many answers said REFUSED."""
+    how many answers said REFUSED. Answers are matched to requests in order: right for the
+    echo and for a floor that accepts all (the benchmark's records); a refusal answered
+    ahead of accepted requests waiting for their commit would swap their round trips."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # the throwaway certificate; nothing leaves 127.0.0.1
@@ -287,25 +316,41 @@ def serving(cert: Path, key: Path, database: Path | None = None, synchronous: st
     request. Killed on leaving."""
     command = [sys.executable, "-m", "bench.tls_echo_floor", "--serve", str(cert), str(key)]
     if database is not None:
-        command += [str(database), synchronous, str(extra_us)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        if not line:
-            raise RuntimeError(f"TLS echo server exited {server.wait()} before listening")
-        yield server, int(line)
-    finally:
-        server.kill()
-        server.wait()
+        if database.exists():
+            raise FileExistsError(f"{database}: the durable floor journals into a new file")
+        command += ["--database", str(database), "--synchronous", synchronous,
+                    "--extra-us", str(extra_us)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).resolve().parents[1]) as server:
+        try:
+            assert server.stdout is not None
+            ready, _, _ = select.select([server.stdout], [], [], LISTEN_TIMEOUT_S)
+            line = server.stdout.readline() if ready else ""
+            if not line:
+                raise RuntimeError(f"floor server ({' '.join(command[2:4])}) not listening "
+                                   f"within {LISTEN_TIMEOUT_S:.0f} s (exit code {server.poll()})")
+            yield server, int(line)
+        finally:
+            server.kill()
+
+
+def percentiles_ms(latencies: list[float], sent: int) -> dict[str, float | None]:
+    """p50, p99 and p99.9 in ms of the sorted round trips `latencies` of `sent` requests: one
+    never answered is slower than any answer (None where a percentile falls on one)."""
+    every = latencies + [math.inf] * (sent - len(latencies))  # still sorted
+    out: dict[str, float | None] = {}
+    for name, q in (("p50_ms", 0.5), ("p99_ms", 0.99), ("p999_ms", 0.999)):
+        value = percentile(every, q)
+        out[name] = round(value * 1000, 2) if math.isfinite(value) else None
+    return out
 
 
 def measure(rate: float, count: int, seconds: float, cert: Path, key: Path,
             database: Path | None = None, synchronous: str = "FULL",
             extra_us: float = 0.0) -> dict[str, Any]:
-    """One rate: the server's CPU per request (handshakes apart) and the round trips. With a
-    database (a new file), the durable floor instead of the echo."""
+    """One rate: the server's CPU per answered request (handshakes apart) and the round
+    trips, a request never answered counting as slower than any. With a database (a new
+    file), the durable floor instead of the echo."""
     records = ([floor_record(ue) for ue in range(FLOOR_UES)] if database is not None
                else [b"q" * REQUEST])
     with serving(cert, key, database, synchronous, extra_us) as (server, port):
@@ -315,15 +360,16 @@ def measure(rate: float, count: int, seconds: float, cert: Path, key: Path,
         before = cpu_s(server.pid)
         sent, latencies, refused = uvloop.run(_drive(port, rate, count, seconds, records))
         cpu = cpu_s(server.pid) - before - handshakes
+        if server.poll() is not None:
+            raise RuntimeError(f"the floor server exited {server.returncode} during the run")
+    answered = len(latencies)
     out: dict[str, Any] = {
         "rate": rate,
         "connections": count,
         "requests": sent,
-        "answered": len(latencies),
-        "server_cpu_us_per_request": round(cpu / sent * 1e6, 1) if sent else None,
-        "p50_ms": round(percentile(latencies, 0.5) * 1000, 2) if latencies else None,
-        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2) if latencies else None,
-        "p999_ms": round(percentile(latencies, 0.999) * 1000, 2) if latencies else None,
+        "answered": answered,
+        "server_cpu_us_per_request": round(cpu / answered * 1e6, 1) if answered else None,
+        **percentiles_ms(latencies, sent),
     }
     if database is not None:
         out.update(durable=True, synchronous=synchronous, extra_us=extra_us, refused=refused,
@@ -340,14 +386,14 @@ def main() -> int:
                         help="the durable floor (HMAC, dict, SQLite group commit) instead")
     parser.add_argument("--extra-us", type=float, default=0.0,
                         help="with --durable: µs of fixed work more per request")
-    parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--synchronous", choices=SYNCHRONOUS, default="FULL",
+                        help="with --durable: the floor's PRAGMA synchronous")
+    parser.add_argument("--serve", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
+    parser.add_argument("--database", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        database = Path(args.serve[2]) if len(args.serve) > 2 else None
-        synchronous = args.serve[3] if len(args.serve) > 3 else "FULL"
-        extra_us = float(args.serve[4]) if len(args.serve) > 4 else 0.0
-        uvloop.run(_serve(Path(args.serve[0]), Path(args.serve[1]), database, synchronous,
-                          extra_us))
+        uvloop.run(_serve(Path(args.serve[0]), Path(args.serve[1]), args.database,
+                          args.synchronous, args.extra_us))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         pki = Path(tmp)
@@ -355,11 +401,11 @@ def main() -> int:
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
              "-nodes", "-keyout", str(pki / "key.pem"), "-out", str(pki / "cert.pem"),
              "-subj", "/CN=localhost", "-days", "1"], check=True, capture_output=True)
-        for rate in (float(text) for text in args.rates.split(",")):
-            database = pki / f"floor-{rate:g}.sqlite" if args.durable else None
+        for index, rate in enumerate(float(text) for text in args.rates.split(",")):
+            database = pki / f"floor-{index}.sqlite" if args.durable else None
             print(json.dumps(measure(rate, args.connections, args.seconds, pki / "cert.pem",
-                                     pki / "key.pem", database, extra_us=args.extra_us)),
-                  flush=True)
+                                     pki / "key.pem", database, args.synchronous,
+                                     args.extra_us)), flush=True)
     return 0
 
 

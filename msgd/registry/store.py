@@ -49,11 +49,15 @@ from msgd.registry.snapshot import JournalSize, State, compact, worth_compacting
 from msgd.registry.sql import one_line
 from msgd.registry.writer import Writer
 
-__all__ = ["BatchAnswers", "Listener", "Registration", "Registry"]
+__all__ = ["COMMIT_INTERVAL", "MAX_BATCH", "BatchAnswers", "Listener", "Registration", "Registry"]
 
 log = logging.getLogger("msgd.registry")
 
 FAILED_HISTORY = 4_096  # failed seq ranges remembered for wait_durable()
+# The writer's group commit (writer.py): a short queue waits this long for more, and one
+# commit takes at most this many changes. The daemon uses these defaults.
+COMMIT_INTERVAL = 0.001
+MAX_BATCH = 20_000
 
 Listener: TypeAlias = Callable[[int, int, bool], None]
 
@@ -152,8 +156,8 @@ are in modules of their own.
         path: Path,
         *,
         synchronous: str = "full",
-        commit_interval: float = 0.001,
-        max_batch: int = 20000,
+        commit_interval: float = COMMIT_INTERVAL,
+        max_batch: int = MAX_BATCH,
         compaction: CompactionPolicy | None = None,
     ) -> Registry:
         """Open (create, migrate, check, load) the registry at `path`; blocking.

@@ -38,11 +38,17 @@ from msgd.registry.compaction import Compactor
 from msgd.registry.snapshot import JournalSize
 from msgd.registry.sql import describe, one_line, rollback_quietly
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "gather_below"]
 
 log = logging.getLogger("msgd.registry")
 
 _SQL_JOURNAL_PUT = "INSERT OR REPLACE INTO journal(seq, ops) VALUES (?, ?)"
+
+
+def gather_below(max_batch: int) -> int:
+    """Queued changes under which a commit first waits `commit_interval` for more (group
+    commit): a sixteenth of a batch."""
+    return max(1, max_batch // 16)
 
 
 class Writer:
@@ -78,7 +84,7 @@ class Writer:
         self._gw_index = gw_index
         self._commit_interval = commit_interval
         self._max_batch = max_batch
-        self._gather_below = max(1, max_batch // 16)
+        self._gather_below = gather_below(max_batch)
 
         # Shared with the loop thread.
         self.ops: deque[Op] = deque()
