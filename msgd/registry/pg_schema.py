@@ -174,10 +174,13 @@ _SYNC_BUCKET_ONE_DIGEST = \
 
 # Migration 5: the same functions with no backslash in them. An SQL function's body is parsed
 # in the session that runs it, and a role or database may still set standard_conforming_strings
-# = off (an old application's need): '\x..' and '\' then read as escapes, and inlining the
-# bucket failed with a syntax error, so such a session could insert no registration at all.
-# decode(hex) and chr(92) mean the same in either setting, are IMMUTABLE (still inlined) and
-# fold to constants; the values are the same, and the stored columns stay valid.
+# = off (an old application's need): '\x..' and '\' then read as escapes. Under migrations
+# 3 and 4 inlining the bucket failed with a syntax error, so such a session could insert no
+# registration at all; under migration 2 its inserts succeeded with a wrong sync_hash, which no
+# later migration recomputed. decode(hex) and chr(92) mean the same in either setting, are
+# IMMUTABLE (still inlined) and fold to constants; the values are wire.sync's. The UPDATE
+# recomputes the stored columns of the rows that differ (a scan of the table: two SHA-256 per
+# row, once).
 _BACKSLASH_DOUBLED = "replace(p_ue, chr(92), chr(92) || chr(92))"
 _SYNC_FUNCTIONS_ANY_QUOTING = (
     f"""CREATE OR REPLACE FUNCTION msgd_sync_bucket(p_ue text) RETURNS smallint
@@ -192,6 +195,10 @@ _SYNC_FUNCTIONS_ANY_QUOTING = (
                              || coalesce(decode('03', 'hex')
                                          || int2send(octet_length(p_profile)::int2)
                                          || p_profile, ''::bytea)), 1, 16) $$""",
+    # Any UPDATE of a row computes its stored generated columns again.
+    """UPDATE msgd_registration SET profile = profile
+        WHERE sync_bucket IS DISTINCT FROM msgd_sync_bucket(ue_service_id)
+           OR sync_hash IS DISTINCT FROM msgd_sync_hash(ue_service_id, profile)""",
 )
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -226,7 +233,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         "DROP INDEX msgd_registration_sync",
     )),
     Migration(4, "sync bucket from one SHA-256", (_SYNC_BUCKET_ONE_DIGEST,)),
-    Migration(5, "sync functions without backslashes: any standard_conforming_strings",
+    Migration(5, "sync functions without backslashes (any standard_conforming_strings); "
+                 "wrong sync columns recomputed",
               _SYNC_FUNCTIONS_ANY_QUOTING),
 )
 LATEST_VERSION = MIGRATIONS[-1].version

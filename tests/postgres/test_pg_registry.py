@@ -216,6 +216,8 @@ def test_migration_5_lets_a_session_without_standard_conforming_strings_register
             conn.execute(insert, after[0])
         plan = pg_schema.migrate(conn)
         assert [m.version for m in plan.pending] == [5]
+        # The migration ran with standard strings (SET LOCAL), and left the session's own.
+        assert conn.execute("SHOW standard_conforming_strings").fetchone() == ("off",)
         for row in after:
             conn.execute(insert, row)
         got = {u: (b, bytes(h)) for u, b, h in conn.execute(
@@ -230,6 +232,27 @@ def test_migration_5_lets_a_session_without_standard_conforming_strings_register
                 for u, _, p in before + after}
     assert got == expected and recomputed == expected
     assert "msgd_sync_" not in plan_text and plan_text.count("sha256") == 2
+
+
+def test_migration_5_recomputes_the_sync_hash_migration_2_stored_wrong(pg_dsn: str) -> None:
+    """Under migration 2 a session with standard_conforming_strings off read the hash's
+    '\\x..' prefix as an escape and stored a wrong sync_hash; migration 5 recomputes it."""
+    from wire.sync import bucket_of, ue_hash
+
+    rows = [(u, "gw1", b"\x30\x00" if n % 2 else None) for n, u in enumerate(TRICKY_UES)]
+    expected = {u: (bucket_of(u.encode(), 12), ue_hash(u.encode(), p)) for u, _, p in rows}
+    select = "SELECT ue_service_id, sync_bucket, sync_hash FROM msgd_registration"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        _schema_at(conn, 2)
+        conn.execute("SET standard_conforming_strings = off")
+        conn.execute("SET escape_string_warning = off")
+        for row in rows:
+            conn.execute("INSERT INTO msgd_registration VALUES (%s, %s, %s)", row)
+        stored = {u: (b, bytes(h)) for u, b, h in conn.execute(select)}
+        assert all(stored[u][1] != expected[u][1] for u in stored)
+        pg_schema.migrate(conn)
+        got = {u: (b, bytes(h)) for u, b, h in conn.execute(select)}
+    assert got == expected
 
 
 async def test_a_node_on_a_database_without_standard_conforming_strings_registers(
