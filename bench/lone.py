@@ -6,9 +6,9 @@ costs the server several times what it costs in a full read (the saturated run o
 (open loop, 100 gateways, each a Poisson process) and, as the ceiling of the same run, a TLS
 echo at the same rates (`bench/tls_echo_floor.py`: uvloop, one answer per request, nothing
 else), so the figure is a ratio to what TLS on this machine costs per request. CPU is read
-from the threads' schedstat (nanoseconds). Every single is a registration that the registry
-journals (the first rate's are new, later ones re-register the pool through the same gateway:
-also one journal op each).
+from the process's CPU clock (nanoseconds, bench.hostcpu). Every single is a registration
+that the registry journals (the first rate's are new, later ones re-register the pool
+through the same gateway: also one journal op each).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import tls_echo_floor
+from bench.hostcpu import process_cpu_s
 from bench.scenarios import POOL_SEED, LoadGen, Msgd, Run
 
 __all__ = ["render", "run_lone"]
@@ -35,10 +36,10 @@ def run_lone(run: Run) -> dict[str, Any]:
                           pool=sizes.pool, seed=POOL_SEED, warmup=sizes.warmup_s,
                           duration=sizes.lone_s)
             gen.wait_for("prepared")
-            cpu_before = tls_echo_floor.cpu_s(server.pid)
+            cpu_before = process_cpu_s(server.pid)
             gen.send()
             result = gen.finish()
-            cpu = tls_echo_floor.cpu_s(server.pid) - cpu_before
+            cpu = process_cpu_s(server.pid) - cpu_before
             answered = result["answered"]
             out["rates"].append({
                 "rate": rate, "per_s": result["per_s"], "p50_ms": result["p50_ms"],

@@ -53,6 +53,7 @@ from typing import Any
 
 import uvloop
 
+from bench.hostcpu import process_cpu_s
 from bench.loadgen import PoissonArrivals, percentile
 from msgd.registry.store import COMMIT_INTERVAL, MAX_BATCH
 from msgd.registry.writer import gather_below
@@ -291,16 +292,6 @@ async def _drive(port: int, rate: float, count: int, seconds: float,
     return sent, sorted(latencies), sum(client.refused_octets for client in clients) // ANSWER
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds of a process's live threads, to the nanosecond (/proc/<pid>/stat counts in
-    10 ms ticks: too coarse for a few hundred requests)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
-            total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e9
-
-
 def journaled(database: Path) -> int:
     """UEs the durable floor committed (its journal rows hold 4 octets per UE)."""
     with contextlib.closing(sqlite3.connect(database)) as conn:
@@ -354,12 +345,12 @@ def measure(rate: float, count: int, seconds: float, cert: Path, key: Path,
     records = ([floor_record(ue) for ue in range(FLOOR_UES)] if database is not None
                else [b"q" * REQUEST])
     with serving(cert, key, database, synchronous, extra_us) as (server, port):
-        before = cpu_s(server.pid)
+        before = process_cpu_s(server.pid)
         uvloop.run(_drive(port, 1.0, count, 0.0, records))  # handshakes alone, to subtract
-        handshakes = cpu_s(server.pid) - before
-        before = cpu_s(server.pid)
+        handshakes = process_cpu_s(server.pid) - before
+        before = process_cpu_s(server.pid)
         sent, latencies, refused = uvloop.run(_drive(port, rate, count, seconds, records))
-        cpu = cpu_s(server.pid) - before - handshakes
+        cpu = process_cpu_s(server.pid) - before - handshakes
         if server.poll() is not None:
             raise RuntimeError(f"the floor server exited {server.returncode} during the run")
     answered = len(latencies)
