@@ -426,20 +426,19 @@ steps; split into functions, that state would have to live on an object."""
             yield
 
 
-# A step's cut: of the first 256 candidate rows in key order, those whose sizes add up to at
-# most the limit (at least the first): (the last key, how many, their octets).
-_CHUNKS_CUT = """
-SELECT max(chunk), count(*), coalesce(sum(size), 0) FROM (
-    SELECT chunk, size, sum(size) OVER (ORDER BY chunk ROWS UNBOUNDED PRECEDING) AS upto
-      FROM (SELECT chunk, length(data) AS size FROM snapshot
-             WHERE chunk < ?1 OR chunk >= ?2 ORDER BY chunk LIMIT 256))
- WHERE upto <= ?3 OR upto = size"""
-_JOURNAL_CUT = """
-SELECT max(seq), count(*), coalesce(sum(size), 0) FROM (
-    SELECT seq, size, sum(size) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto
-      FROM (SELECT seq, length(ops) AS size FROM journal WHERE seq <= ?1
-             ORDER BY seq LIMIT 256))
- WHERE upto <= ?2 OR upto = size"""
+def _cut(table: str, key: str, value: str, candidates: str, limit: str) -> str:
+    """A step's cut: of the first 256 candidate rows in key order, those whose sizes add up
+    to at most the limit (at least the first): (the last key, how many, their octets)."""
+    return f"""
+SELECT max({key}), count(*), coalesce(sum(size), 0) FROM (
+    SELECT {key}, size, sum(size) OVER (ORDER BY {key} ROWS UNBOUNDED PRECEDING) AS upto
+      FROM (SELECT {key}, length({value}) AS size FROM {table}
+             WHERE {candidates} ORDER BY {key} LIMIT 256))
+ WHERE upto <= {limit} OR upto = size"""
+
+
+_CHUNKS_CUT = _cut("snapshot", "chunk", "data", "chunk < ?1 OR chunk >= ?2", "?3")
+_JOURNAL_CUT = _cut("journal", "seq", "ops", "seq <= ?1", "?2")
 
 
 class _Worker:
