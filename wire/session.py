@@ -80,7 +80,7 @@ from .events import (
     _build_bulk_entries_received,
     _build_bulk_entry_received,
 )
-from .frames import FrameBuffer, FrameHeader
+from .frames import FRAME_HEADER, HEADER_SIZE, FrameBuffer, FrameHeader
 from .messages import (
     ENTRY_DECODERS,
     ENTRY_IEI_OF,
@@ -258,6 +258,10 @@ TXN_TRANSITIONS: dict[tuple[TxnState, TxnInput], TxnState] = {
 # The states the per-entry paths test, as module globals: reading a member off an Enum class
 # costs ~80 ns in CPython 3.11, a global ~10 ns, and these tests run once or twice per entry.
 _CLOSED, _HELLO_PENDING = SessionState.CLOSED, SessionState.HELLO_PENDING
+_ESTABLISHED = SessionState.ESTABLISHED
+# take_single_request: the message types it takes, by their octet in the header.
+_SINGLE_REQUEST_OF = {int(mtype): mtype for mtype in SINGLE_REQUESTS}
+_UNPACK_HEADER = FRAME_HEADER.unpack_from
 _ANSWERING, _FAILED_RECEIVING, _FAILED_ANSWERING, _DISCARDING = (
     T.ANSWERING, T.FAILED_RECEIVING, T.FAILED_ANSWERING, T.DISCARDING)
 
@@ -474,6 +478,39 @@ class Session:
         # wire-v1 §4.4: anything received answers our KEEPALIVE.
         self._keepalive_sent_at = None
         self._buf.feed(data)
+
+    def take_single_request(self, data: bytes, now: float) -> Any | None:
+        """Server: `data`, when it is exactly one whole single registration or
+        de-registration request that the receive path would deliver as a RequestReceived with
+        no other effect: the request, its transaction opened, as receive_data(data, now)
+        followed by next_event() would have it. Otherwise None, and nothing has changed: the
+        caller goes on with receive_data, which also answers whatever is wrong with it.
+
+        Why a second door: one request per read is what a gateway of singles sends below
+        saturation, and there the event loop of next_event costs ~4 µs of the loop thread per
+        request (docs/performance.md, "2026-12-07 (afternoon)"). Only the plainest case is
+        taken here; every check that could find fault sends the octets the general way.
+        tests/wire/test_take_single.py holds the two doors equal."""
+        if (self.state is not _ESTABLISHED or not self._is_server or self._frame is not None
+                or self._events or self._eof or len(self._buf) or self._buf._skip
+                or len(data) < HEADER_SIZE):
+            return None
+        version, type_octet, flags, tid, length = _UNPACK_HEADER(data)
+        mtype = _SINGLE_REQUEST_OF.get(type_octet)
+        txns = self._txns
+        if (mtype is None or version != PROTOCOL_VERSION or flags
+                or length != len(data) - HEADER_SIZE or length > self._buf.max_frame_size
+                or tid == 0 or tid & SERVER_TID_BIT or tid in txns
+                or len(txns) >= self.limits.max_outstanding):
+            return None
+        try:
+            request = decode_body(mtype, tid, data[HEADER_SIZE:])
+        except MessageError:
+            return None
+        self._last_rx = now
+        self._keepalive_sent_at = None  # wire-v1 §4.4, as receive_data
+        txns[tid] = _Txn(tid, mtype, self.role)
+        return request
 
     def reading_resumed(self, now: float) -> None:
         """The user stopped reading from the peer for a while (flow control of its own) and

@@ -200,6 +200,11 @@ class GatewayConnection(TlsReads):
         if self._unfed or len(data) > OCTETS_PER_TURN:
             self._unfed += data
         else:
+            request = None if self._backlog else session.take_single_request(data, now)
+            if request is not None:
+                self._take_lone(request)
+                server.registrar.settle_completed()
+                return
             session.receive_data(data, now)
         self._process()
         # Answers the registry made durable meanwhile (this connection's or another's) go out
@@ -353,6 +358,27 @@ class GatewayConnection(TlsReads):
             if self._backlog and not self._continuing:
                 self._continuing = True
                 self.loop.call_soon(self._continue)
+
+    def _take_lone(self, request: Any) -> None:
+        """A read that was one whole single request (Session.take_single_request): handled
+        as _process_events handles a RequestReceived and what follows it, without going
+        round its event loop (docs/performance.md, "2026-12-07 (afternoon)"). The keepalive
+        timer is left as it is: a request only moves the session's deadline later, and the
+        armed timer re-arms itself when it fires early (_arm_timer)."""
+        session = self.session
+        assert session is not None
+        server = self.server
+        try:
+            server.metrics.message(type(request).message_type.name)
+            singles: list[tuple[Any, ...]] = []
+            self._on_request(request, singles)
+            self._decide_singles(singles)
+            self._submit()
+            self._answers.send_ready(session, server.metrics.answers)
+            self._write()
+            self._update_reading()
+        except Exception as exc:  # as _process: a bug costs this connection only
+            self.fail(exc)
 
     def _feed(self) -> int:
         """Hand the session the next OCTETS_PER_TURN octets read; returns how many."""

@@ -574,6 +574,17 @@ class Harness:
                 return event
 
             session.next_event = next_event  # type: ignore[method-assign]
+            take_single = session.take_single_request
+
+            def take_single_request(data: bytes, now: float) -> Any:
+                # The second door of the receive path (docs/performance.md, "2026-12-07
+                # (afternoon)"): a request it takes is an event the connection must answer.
+                request = take_single(data, now)
+                if request is not None:
+                    tap(RequestReceived(request))
+                return request
+
+            session.take_single_request = take_single_request  # type: ignore[method-assign]
 
     def byte(self) -> int:
         if self.pos >= len(self.data):
@@ -633,6 +644,7 @@ class Harness:
             chunk = bytes(self.inbound[:size])
             del self.inbound[:size]
             self.conn.data_received(chunk)
+            self._check_window()
 
     def op_read_all(self) -> None:
         """One read of up to 256 KiB, as uvloop does."""
@@ -640,6 +652,16 @@ class Harness:
             chunk = bytes(self.inbound[: 256 * 1024])
             del self.inbound[: 256 * 1024]
             self.conn.data_received(chunk)
+            self._check_window()
+
+    def _check_window(self) -> None:
+        """A read that leaves `bulk_window` answers owed stops reading (back-pressure: the
+        gateway's next octets wait in TCP, not in our memory), whichever way it was read."""
+        conn = self.conn
+        if (not conn._closed and not self.transport.reading_paused
+                and conn._answers.unanswered >= conn.server.settings.bulk_window):
+            raise FuzzFailure(f"{conn._answers.unanswered} answers owed, bulk_window "
+                              f"{conn.server.settings.bulk_window}, and still reading")
 
     def op_timer(self) -> None:
         self.loop.fire_next()
