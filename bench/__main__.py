@@ -39,6 +39,10 @@ def _ratio(value: float | None, ceiling: float | None) -> float | None:
     return value / ceiling
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
 def derive(results: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers, their ceilings, ratios and targets (None where not measured)."""
     ceil = results.get("ceilings", {})
@@ -49,6 +53,8 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     singles = reg.get("singles", {})
     half = reg.get("singles_half", {})
     floor = reg.get("singles_half_floor", {})
+    floor_own = reg.get("floor_own_half", {})
+    floor_saturated, floor_half = floor_own.get("saturated", {}), floor_own.get("half", {})
     n = results["sizes"]["bulk_n"]
     sqlite_rate = ceil.get("sqlite_insert", {}).get("rows_per_s")
     hs_rate = ceil.get("tls_handshake", {}).get("per_s")
@@ -105,6 +111,17 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         ("singles_half_cpu_us", "  server CPU per single at half load",
          half.get("server_cpu_us_per_ue"), "µs", floor.get("server_cpu_us_per_request"),
          "durable floor µs per request", None),
+        # The same test on the floor (closed loop with the same gateways and window, then half
+        # its rate open loop), and what a lone single costs against one in a full window,
+        # msgd's beside the floor's: the target asks the lone one to cost little more.
+        ("floor_saturated_per_s", "  the durable floor by the same test: saturated",
+         floor_saturated.get("per_s"), "req/s", None, None, None),
+        ("floor_half_p99_ms", "  the durable floor's p99 at half its own saturated rate",
+         floor_half.get("p99_ms"), "ms", None, None, None),
+        ("singles_lone_cost_ratio", "  server CPU per single, half load ÷ saturated",
+         _ratio(half.get("server_cpu_us_per_ue"), singles.get("server_cpu_us_per_ue")), "×",
+         _ratio(floor_half.get("server_cpu_us_per_request"),
+                floor_saturated.get("server_cpu_us_per_request")), "the floor's", None),
         # Not msgd's: how much of that window the machine's CPUs ran slowed (vcpu_speed.py).
         ("singles_half_vcpu_slowed_pct", "  share of it the vCPUs ran ≥ 1.3 × slower",
          100 * half["vcpu_speed"]["slow_share"]
@@ -184,9 +201,11 @@ def render(results: dict[str, Any]) -> str:
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]
         lines.append(f"| {row['label']} | {_fmt(row['value'])} | {row['unit']} | {ceiling} "
                      f"| {ratio} | {row['target'] or ''} | {met} |")
-    floor_error = results.get("registered", {}).get("singles_half_floor", {}).get("error")
-    if floor_error:
-        lines.append(f"\nthe durable floor (bench/tls_echo_floor.py) failed: {floor_error}")
+    for run_key in ("singles_half_floor", "floor_own_half"):
+        floor_error = results.get("registered", {}).get(run_key, {}).get("error")
+        if floor_error:
+            lines.append(f"\nthe durable floor (bench/tls_echo_floor.py, {run_key}) failed: "
+                         f"{floor_error}")
     m = results["machine"]
     lines.append("")
     lines.append(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, Linux "

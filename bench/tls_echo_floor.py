@@ -46,7 +46,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,8 +241,14 @@ async def _serve(cert: Path, key: Path, database: Path | None = None,
 
 
 class _Client(asyncio.Protocol):
-    def __init__(self, latencies: list[float]) -> None:
+    """One connection of the load: the due time of each request in flight, answered in order.
+    Given `refill` (closed loop), each answer has the next request sent at once, in a write of
+    its own, as the benchmark's closed-loop gateways do (bench/loadgen.py)."""
+
+    def __init__(self, latencies: list[float],
+                 refill: Callable[[_Client], None] | None = None) -> None:
         self.latencies = latencies
+        self.refill = refill
         self.sent: deque[float] = deque()
         self.received = 0
         self.refused_octets = 0
@@ -254,9 +260,12 @@ class _Client(asyncio.Protocol):
         self.received += len(data)
         self.refused_octets += data.count(REFUSED[:1])
         now = time.perf_counter()
+        refill = self.refill
         while self.received >= ANSWER and self.sent:
             self.received -= ANSWER
             self.latencies.append(now - self.sent.popleft())
+            if refill is not None:
+                refill(self)
 
 
 async def _drive(port: int, rate: float, count: int, seconds: float,
@@ -290,6 +299,73 @@ async def _drive(port: int, rate: float, count: int, seconds: float,
     for client in clients:
         client.transport.close()
     return sent, sorted(latencies), sum(client.refused_octets for client in clients) // ANSWER
+
+
+async def _saturate(port: int, count: int, window: int, seconds: float, warmup: float,
+                    records: list[bytes]) -> tuple[int, int, float, list[float]]:
+    """Closed loop: `count` connections each keep `window` requests in flight for `warmup` +
+    `seconds`; returns the requests sent and the answers received when it stopped sending,
+    the answers per second after the warm-up, and the sorted round trips of those answers."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the throwaway certificate; nothing leaves 127.0.0.1
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    sent = 0
+
+    def send(client: _Client) -> None:
+        nonlocal sent
+        client.sent.append(time.perf_counter())
+        client.transport.write(records[sent % len(records)])  # type: ignore[attr-defined]
+        sent += 1
+
+    clients = []
+    for _ in range(count):
+        _transport, client = await loop.create_connection(
+            lambda: _Client(latencies, send), "127.0.0.1", port, ssl=context)
+        clients.append(client)
+    for client in clients:
+        for _ in range(window):
+            send(client)
+    await asyncio.sleep(warmup)  # the measured window is a span of time, not a condition
+    first = len(latencies)
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    answered = len(latencies) - first
+    per_s = answered / (time.perf_counter() - started)
+    for client in clients:
+        client.refill = None
+    total = len(latencies)
+    for client in clients:
+        client.transport.close()
+    return sent, total, per_s, sorted(latencies[first:first + answered])
+
+
+def saturated(count: int, window: int, seconds: float, cert: Path, key: Path,
+              database: Path | None = None, synchronous: str = "FULL", extra_us: float = 0.0,
+              warmup: float = 1.0) -> dict[str, Any]:
+    """The floor in closed loop, as the benchmark measures msgd's saturated singles: `count`
+    connections, `window` requests in flight on each; its answers per second after `warmup`,
+    their round trips, and the server's CPU per answered request (handshakes included: a
+    few hundred µs against seconds of load)."""
+    records = ([floor_record(ue) for ue in range(FLOOR_UES)] if database is not None
+               else [b"q" * REQUEST])
+    with serving(cert, key, database, synchronous, extra_us) as (server, port):
+        before = process_cpu_s(server.pid)
+        sent, answered, per_s, latencies = uvloop.run(
+            _saturate(port, count, window, seconds, warmup, records))
+        cpu = process_cpu_s(server.pid) - before
+        if server.poll() is not None:
+            raise RuntimeError(f"the floor server exited {server.returncode} during the run")
+    out: dict[str, Any] = {
+        "closed_loop": True, "connections": count, "window": window,
+        "requests": sent, "answered": answered, "per_s": round(per_s, 1),
+        "server_cpu_us_per_request": round(cpu / sent * 1e6, 1) if sent else None,
+        **percentiles_ms(latencies, len(latencies)),
+    }
+    if database is not None:
+        out.update(durable=True, journaled=journaled(database))
+    return out
 
 
 def journaled(database: Path) -> int:
@@ -379,6 +455,13 @@ def main() -> int:
                         help="with --durable: µs of fixed work more per request")
     parser.add_argument("--synchronous", choices=SYNCHRONOUS, default="FULL",
                         help="with --durable: the floor's PRAGMA synchronous")
+    parser.add_argument("--half-of-saturated", action="store_true",
+                        help="the benchmark's half-load test on the floor itself: closed loop "
+                             "(--window per connection) to its saturated rate, then open loop "
+                             "at half that rate (--rates is not used)")
+    parser.add_argument("--window", type=int, default=63,
+                        help="with --half-of-saturated: requests in flight per connection "
+                             "(the benchmark's gateways keep msgd's max_outstanding - 1)")
     parser.add_argument("--serve", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
     parser.add_argument("--database", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -392,6 +475,16 @@ def main() -> int:
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
              "-nodes", "-keyout", str(pki / "key.pem"), "-out", str(pki / "cert.pem"),
              "-subj", "/CN=localhost", "-days", "1"], check=True, capture_output=True)
+        if args.half_of_saturated:
+            database = pki / "floor-saturated.sqlite" if args.durable else None
+            full = saturated(args.connections, args.window, args.seconds, pki / "cert.pem",
+                             pki / "key.pem", database, args.synchronous, args.extra_us)
+            print(json.dumps(full), flush=True)
+            database = pki / "floor-half.sqlite" if args.durable else None
+            print(json.dumps(measure(full["per_s"] / 2, args.connections, args.seconds,
+                                     pki / "cert.pem", pki / "key.pem", database,
+                                     args.synchronous, args.extra_us)), flush=True)
+            return 0
         for index, rate in enumerate(float(text) for text in args.rates.split(",")):
             database = pki / f"floor-{index}.sqlite" if args.durable else None
             print(json.dumps(measure(rate, args.connections, args.seconds, pki / "cert.pem",

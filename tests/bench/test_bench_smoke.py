@@ -21,7 +21,8 @@ TABLE_KEYS = {
     "bulk_deregister_wall_s", "bulk_request_mb_per_s", "singles_per_s", "singles_p50_ms",
     "singles_p99_ms", "singles_p999_ms", "singles_half_per_s", "singles_half_p50_ms",
     "singles_half_p99_ms", "singles_half_p999_ms", "singles_half_floor_p99_ms",
-    "singles_half_cpu_us", "singles_half_vcpu_slowed_pct",
+    "singles_half_cpu_us", "floor_saturated_per_s", "floor_half_p99_ms",
+    "singles_lone_cost_ratio", "singles_half_vcpu_slowed_pct",
     "singles_half_quiet_share_pct", "singles_half_quiet_p99_ms",
     "bulk_register_cpu_us",
     "bulk_deregister_cpu_us", "singles_cpu_us", "rss_peak_mb", "rss_per_registered_ue",
@@ -69,6 +70,13 @@ def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
     floor = results["registered"]["singles_half_floor"]
     assert floor["answered"] == floor["journaled"] == floor["requests"] > 0, floor
     assert floor["refused"] == 0, floor
+    own = results["registered"]["floor_own_half"]
+    saturated, half = own["saturated"], own["half"]
+    assert saturated["window"] == results["registered"]["singles"]["window"], own
+    assert saturated["requests"] == saturated["window"] * saturated["connections"] + \
+        saturated["answered"], own
+    assert saturated["journaled"] >= saturated["answered"] > 0, own
+    assert half["answered"] == half["journaled"] == half["requests"] > 0, own
     conn = results["connections"]
     assert conn["opened"] == conn["wanted"] == conn["alive_at_end"] == 20
     assert conn["failures"] == {}

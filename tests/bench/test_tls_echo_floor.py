@@ -89,3 +89,17 @@ def test_extra_work_per_request_adds_to_the_floors_cpu(pki: Pki, tmp_path: Path)
 def test_a_request_never_answered_counts_as_slower_than_any() -> None:
     assert tls_echo_floor.percentiles_ms([0.001, 0.002], 4) == {
         "p50_ms": 2.0, "p99_ms": None, "p999_ms": None}
+
+
+def test_the_closed_loop_keeps_its_window_in_flight_and_counts_what_is_answered(
+        pki: Pki, tmp_path: Path) -> None:
+    """The floor's saturated rate is read the way msgd's is: each connection keeps `window`
+    requests in flight, every answer sends the next. Everything sent was sent against an
+    answer (or is the first window), and the floor journaled at least what it answered."""
+    database = tmp_path / "floor.sqlite"
+    result = tls_echo_floor.saturated(3, 5, 0.5, pki.server_cert, pki.server_key, database,
+                                      warmup=0.2)
+    assert result["per_s"] > 0 and result["p99_ms"] is not None
+    # Sent: the first windows, then one per answer (the warm-up's included), no more.
+    assert result["requests"] == 3 * 5 + result["answered"]
+    assert result["journaled"] >= result["answered"]
