@@ -39,10 +39,6 @@ def _ratio(value: float | None, ceiling: float | None) -> float | None:
     return value / ceiling
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator is not None and denominator else None
-
-
 def derive(results: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers, their ceilings, ratios and targets (None where not measured)."""
     ceil = results.get("ceilings", {})

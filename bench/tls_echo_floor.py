@@ -360,7 +360,7 @@ def saturated(count: int, window: int, seconds: float, cert: Path, key: Path,
     out: dict[str, Any] = {
         "closed_loop": True, "connections": count, "window": window,
         "requests": sent, "answered": answered, "per_s": round(per_s, 1),
-        "server_cpu_us_per_request": round(cpu / sent * 1e6, 1) if sent else None,
+        "server_cpu_us_per_request": round(cpu / answered * 1e6, 1) if answered else None,
         **percentiles_ms(latencies, len(latencies)),
     }
     if database is not None:

@@ -364,7 +364,7 @@ class GatewayConnection(TlsReads):
         as _process_events handles a RequestReceived and what follows it, without going
         round its event loop (docs/performance.md, "2026-12-07 (afternoon)"). The keepalive
         timer is left as it is: a request only moves the session's deadline later, and the
-        armed timer re-arms itself when it fires early (_arm_timer)."""
+        armed timer re-arms itself when it fires early (_on_timer)."""
         session = self.session
         assert session is not None
         server = self.server
