@@ -34,6 +34,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 import math
 import select
@@ -249,6 +250,7 @@ class _Client(asyncio.Protocol):
                  refill: Callable[[_Client], None] | None = None) -> None:
         self.latencies = latencies
         self.refill = refill
+        self.measure_from = -math.inf  # round trips of requests due earlier are not kept
         self.sent: deque[float] = deque()
         self.received = 0
         self.refused_octets = 0
@@ -263,17 +265,22 @@ class _Client(asyncio.Protocol):
         refill = self.refill
         while self.received >= ANSWER and self.sent:
             self.received -= ANSWER
-            self.latencies.append(now - self.sent.popleft())
+            due = self.sent.popleft()
+            if due >= self.measure_from:
+                self.latencies.append(now - due)
             if refill is not None:
                 refill(self)
 
 
 async def _drive(port: int, rate: float, count: int, seconds: float,
-                 records: list[bytes]) -> tuple[int, list[float], int]:
-    """Sends `records` in turn at `rate`; returns what it sent, the sorted round trips and
-    how many answers said REFUSED. Answers are matched to requests in order: right for the
-    echo and for a floor that accepts all (the benchmark's records); a refusal answered
-    ahead of accepted requests waiting for their commit would swap their round trips."""
+                 records: list[bytes], warmup: float = 0.0,
+                 measuring: Callable[[], None] | None = None) -> tuple[int, list[float], int]:
+    """Sends `records` in turn at `rate` for `warmup` + `seconds`; returns what fell due
+    after the warm-up, the sorted round trips of those, and how many answers said REFUSED.
+    `measuring` is called once the warm-up is over. Answers are matched to requests in
+    order: right for the echo and for a floor that accepts all (the benchmark's records); a
+    refusal answered ahead of accepted requests waiting for their commit would swap their
+    round trips."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # the throwaway certificate; nothing leaves 127.0.0.1
@@ -285,20 +292,28 @@ async def _drive(port: int, rate: float, count: int, seconds: float,
             lambda: _Client(latencies), "127.0.0.1", port, ssl=context)
         clients.append(client)
     start = time.perf_counter()
+    measure_from = start + warmup
+    for client in clients:
+        client.measure_from = measure_from
     arrivals = PoissonArrivals("tls-echo", count, rate / count, start)
-    sent = 0
-    while (now := time.perf_counter()) < start + seconds:
+    sent = measured = 0
+    waiting = measuring
+    while (now := time.perf_counter()) < measure_from + seconds:
+        if waiting is not None and now >= measure_from:
+            waiting()
+            waiting = None
         for index, client in enumerate(clients):
             before = len(client.sent)
             arrivals.take(index, now, client.sent)  # latency counts from each due time
-            for _ in range(len(client.sent) - before):
+            for due in itertools.islice(client.sent, before, None):
                 client.transport.write(records[sent % len(records)])  # type: ignore[attr-defined]
                 sent += 1
+                measured += due >= measure_from
         await asyncio.sleep(0.001)
     await asyncio.sleep(0.5)
     for client in clients:
         client.transport.close()
-    return sent, sorted(latencies), sum(client.refused_octets for client in clients) // ANSWER
+    return measured, sorted(latencies), sum(c.refused_octets for c in clients) // ANSWER
 
 
 async def _saturate(port: int, count: int, window: int, seconds: float, warmup: float,
@@ -414,25 +429,26 @@ def percentiles_ms(latencies: list[float], sent: int) -> dict[str, float | None]
 
 def measure(rate: float, count: int, seconds: float, cert: Path, key: Path,
             database: Path | None = None, synchronous: str = "FULL",
-            extra_us: float = 0.0) -> dict[str, Any]:
-    """One rate: the server's CPU per answered request (handshakes apart) and the round
-    trips, a request never answered counting as slower than any. With a database (a new
-    file), the durable floor instead of the echo."""
+            extra_us: float = 0.0, warmup: float = 0.0) -> dict[str, Any]:
+    """One rate: the server's CPU per answered request and the round trips, a request
+    never answered counting as slower than any; both from the end of `warmup` (the
+    connections' handshakes come before it). With a database (a new file), the durable floor
+    instead of the echo."""
     records = ([floor_record(ue) for ue in range(FLOOR_UES)] if database is not None
                else [b"q" * REQUEST])
     with serving(cert, key, database, synchronous, extra_us) as (server, port):
-        before = process_cpu_s(server.pid)
-        uvloop.run(_drive(port, 1.0, count, 0.0, records))  # handshakes alone, to subtract
-        handshakes = process_cpu_s(server.pid) - before
-        before = process_cpu_s(server.pid)
-        sent, latencies, refused = uvloop.run(_drive(port, rate, count, seconds, records))
-        cpu = process_cpu_s(server.pid) - before - handshakes
+        marks: list[float] = []
+        sent, latencies, refused = uvloop.run(_drive(
+            port, rate, count, seconds, records, warmup,
+            lambda: marks.append(process_cpu_s(server.pid))))
+        cpu = process_cpu_s(server.pid) - marks[0]
         if server.poll() is not None:
             raise RuntimeError(f"the floor server exited {server.returncode} during the run")
     answered = len(latencies)
     out: dict[str, Any] = {
         "rate": rate,
         "connections": count,
+        "warmup_s": warmup,
         "requests": sent,
         "answered": answered,
         "server_cpu_us_per_request": round(cpu / answered * 1e6, 1) if answered else None,
@@ -459,9 +475,12 @@ def main() -> int:
                         help="the benchmark's half-load test on the floor itself: closed loop "
                              "(--window per connection) to its saturated rate, then open loop "
                              "at half that rate (--rates is not used)")
-    parser.add_argument("--window", type=int, default=63,
+    parser.add_argument("--window", type=int, default=64,
                         help="with --half-of-saturated: requests in flight per connection "
-                             "(the benchmark's gateways keep msgd's max_outstanding - 1)")
+                             "(the benchmark's gateways keep msgd's max_outstanding)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="seconds of load before the measured ones (as the benchmark's "
+                             "load generator)")
     parser.add_argument("--serve", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
     parser.add_argument("--database", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -478,18 +497,19 @@ def main() -> int:
         if args.half_of_saturated:
             database = pki / "floor-saturated.sqlite" if args.durable else None
             full = saturated(args.connections, args.window, args.seconds, pki / "cert.pem",
-                             pki / "key.pem", database, args.synchronous, args.extra_us)
+                             pki / "key.pem", database, args.synchronous, args.extra_us,
+                             args.warmup)
             print(json.dumps(full), flush=True)
             database = pki / "floor-half.sqlite" if args.durable else None
-            print(json.dumps(measure(full["per_s"] / 2, args.connections, args.seconds,
-                                     pki / "cert.pem", pki / "key.pem", database,
-                                     args.synchronous, args.extra_us)), flush=True)
+            print(json.dumps(measure(max(1.0, full["per_s"] / 2), args.connections,
+                                     args.seconds, pki / "cert.pem", pki / "key.pem", database,
+                                     args.synchronous, args.extra_us, args.warmup)), flush=True)
             return 0
         for index, rate in enumerate(float(text) for text in args.rates.split(",")):
             database = pki / f"floor-{index}.sqlite" if args.durable else None
             print(json.dumps(measure(rate, args.connections, args.seconds, pki / "cert.pem",
                                      pki / "key.pem", database, args.synchronous,
-                                     args.extra_us)), flush=True)
+                                     args.extra_us, args.warmup)), flush=True)
     return 0
 
 

@@ -68,7 +68,8 @@ def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
         assert singles["completed"] > 0 and singles["causes"] == {}, singles
         assert singles["errors"] == {}, singles
     floor = results["registered"]["singles_half_floor"]
-    assert floor["answered"] == floor["journaled"] == floor["requests"] > 0, floor
+    # Journaled: the warm-up's requests too.
+    assert floor["journaled"] >= floor["answered"] == floor["requests"] > 0, floor
     assert floor["refused"] == 0, floor
     own = results["registered"]["floor_own_half"]
     saturated, half = own["saturated"], own["half"]
@@ -76,7 +77,7 @@ def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
     assert saturated["requests"] == saturated["window"] * saturated["connections"] + \
         saturated["answered"], own
     assert saturated["journaled"] >= saturated["answered"] > 0, own
-    assert half["answered"] == half["journaled"] == half["requests"] > 0, own
+    assert half["journaled"] >= half["answered"] == half["requests"] > 0, own
     conn = results["connections"]
     assert conn["opened"] == conn["wanted"] == conn["alive_at_end"] == 20
     assert conn["failures"] == {}

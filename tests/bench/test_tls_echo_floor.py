@@ -103,3 +103,13 @@ def test_the_closed_loop_keeps_its_window_in_flight_and_counts_what_is_answered(
     # Sent: the first windows, then one per answer (the warm-up's included), no more.
     assert result["requests"] == 3 * 5 + result["answered"]
     assert result["journaled"] >= result["answered"]
+
+
+def test_the_warm_up_is_load_but_not_measured(pki: Pki, tmp_path: Path) -> None:
+    """As the benchmark's load generator: requests falling due in the warm-up are sent and
+    answered (so journaled) but neither counted nor timed."""
+    database = tmp_path / "floor.sqlite"
+    result = tls_echo_floor.measure(400, 4, 0.5, pki.server_cert, pki.server_key, database,
+                                    warmup=0.5)
+    assert result["answered"] == result["requests"] > 0
+    assert result["journaled"] > result["requests"]  # ~200 of the warm-up's as well

@@ -41,6 +41,7 @@ def _snapshot(session: Session) -> tuple[Any, ...]:
         len(session._buf),
         session._buf._skip,
         session._frame is None,
+        session._eof,
         list(session._events),
         b"".join(session._out),
     )
@@ -201,6 +202,23 @@ def test_the_door_refuses_a_frame_over_our_maximum() -> None:
     padded = REQUEST[12:] + encode_ie(0x70, bytes(4096))
     _refused(_plain() | {"max_frame_size": 4096},
              encode_frame(MessageType.UE_REGISTRATION_REQUEST, 21, padded))
+
+
+@pytest.mark.parametrize("earlier", [
+    REQUEST[:12],  # a request's header read, its body still to come (the frame being read)
+    encode_frame(0x7E, 40, bytes(100))[:12],  # an unknown type's body being skipped
+    b"",  # the peer's EOF
+])
+def test_the_door_stays_shut_behind_an_earlier_frame_or_the_end(earlier: bytes) -> None:
+    """States the general path reaches with nothing left in the buffer: the octets that come
+    next belong to the frame before, or come after the end."""
+    session = _server(_plain())
+    session.receive_data(earlier, 3.0)
+    if earlier:
+        drain(session)  # (the EOF stays unread: drained, it closes the session)
+    before = _snapshot(session)
+    assert session.take_single_request(REQUEST, NOW) is None
+    assert _snapshot(session) == before
 
 
 def test_the_door_stays_shut_while_an_event_waits() -> None:
