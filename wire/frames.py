@@ -118,6 +118,11 @@ class FrameBuffer:
     def __len__(self) -> int:
         return len(self._buf) - self._pos
 
+    @property
+    def empty(self) -> bool:
+        """Nothing buffered, and nothing of an earlier frame still to skip."""
+        return len(self._buf) == self._pos and not self._skip
+
     def read_header(self) -> FrameHeader | None:
         """The next frame header, checked, or None until 12 octets are there."""
         if len(self._buf) - self._pos < HEADER_SIZE:

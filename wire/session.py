@@ -492,7 +492,7 @@ class Session:
         taken here; every check that could find fault sends the octets the general way.
         tests/wire/test_take_single.py holds the two doors equal."""
         if (self.state is not _ESTABLISHED or not self._is_server or self._frame is not None
-                or self._events or self._eof or len(self._buf) or self._buf._skip
+                or self._events or self._eof or not self._buf.empty
                 or len(data) < HEADER_SIZE):
             return None
         version, type_octet, flags, tid, length = _UNPACK_HEADER(data)
@@ -500,7 +500,7 @@ class Session:
         txns = self._txns
         if (mtype is None or version != PROTOCOL_VERSION or flags
                 or length != len(data) - HEADER_SIZE or length > self._buf.max_frame_size
-                or tid == 0 or tid & SERVER_TID_BIT or tid in txns
+                or not self._peer_tid_ok(tid) or tid in txns
                 or len(txns) >= self.limits.max_outstanding):
             return None
         try:

@@ -284,7 +284,6 @@ class GatewayConnection(TlsReads):
                 self._decide_singles(singles)  # answered in the order they came
                 self._on_bulk_entries(event)
             elif kind is RequestReceived:
-                server.metrics.message(type(event.request).message_type.name)
                 self._on_request(event.request, singles)
             elif kind is BulkStarted:
                 bulk_kind = (
@@ -341,11 +340,7 @@ class GatewayConnection(TlsReads):
                     )
             elif kind is ConnectionClosed:
                 self.log.info("session.closed", reason=event.reason, by_peer=event.by_peer)
-        self._decide_singles(singles)
-        self._submit()
-        self._answers.send_ready(session, server.metrics.answers)
-        self._write()
-        self._update_reading()
+        self._finish_turn(singles)
         # After a GOODBYE either way, the connection ends once nothing is in progress: the
         # gateway's own close would otherwise wait on our TLS close_notify.
         if session.is_closed or (
@@ -365,20 +360,19 @@ class GatewayConnection(TlsReads):
         round its event loop (docs/performance.md, "2026-12-07 (afternoon)"). The keepalive
         timer is left as it is: a request only moves the session's deadline later, and the
         armed timer re-arms itself when it fires early (_on_timer)."""
-        session = self.session
-        assert session is not None
-        server = self.server
         try:
-            server.metrics.message(type(request).message_type.name)
             singles: list[tuple[Any, ...]] = []
             self._on_request(request, singles)
-            self._decide_singles(singles)
-            self._submit()
-            self._answers.send_ready(session, server.metrics.answers)
-            self._write()
-            self._update_reading()
+            self._finish_turn(singles)
         except Exception as exc:  # as _process: a bug costs this connection only
             self.fail(exc)
+
+    def _finish_turn(self, singles: list[tuple[Any, ...]]) -> None:
+        """What ends a turn of reads: this turn's singles decided, its batch submitted, and
+        the answers now in order written."""
+        self._decide_singles(singles)
+        self._submit()
+        self._flush()
 
     def _feed(self) -> int:
         """Hand the session the next OCTETS_PER_TURN octets read; returns how many."""
@@ -442,6 +436,7 @@ class GatewayConnection(TlsReads):
         (decided together by `_decide_singles`); answers keep the order requests came in."""
         session = self.session
         assert session is not None
+        self.server.metrics.message(type(request).message_type.name)
         tid = request.transaction_id
         handle = session.transaction(tid)
         if handle is None:  # pragma: no cover - the session delivers live requests only
@@ -545,9 +540,7 @@ class GatewayConnection(TlsReads):
             session = self.session
             if self._closed or session is None:
                 return
-            self._answers.send_ready(session, self.server.metrics.answers)
-            self._write()
-            self._update_reading()
+            self._flush()
             if (
                 (session.goodbye_sent or session.goodbye_received)
                 and session.can_close
@@ -556,6 +549,14 @@ class GatewayConnection(TlsReads):
                 self._close()
         except Exception as exc:
             self.fail(exc)
+
+    def _flush(self) -> None:
+        """Encode the answers now in order to send, write them, and read again or not."""
+        session = self.session
+        assert session is not None
+        self._answers.send_ready(session, self.server.metrics.answers)
+        self._write()
+        self._update_reading()
 
     def _write(self) -> None:
         session = self.session
