@@ -648,11 +648,12 @@ def registered(run: Run) -> dict[str, Any]:
     # The ceiling of the half-load latency: the least a durable single costs in CPython at the
     # same rate on this machine now (bench/tls_echo_floor.py --durable), msgd stopped. A
     # failure costs this row, not msgd's results above.
+    cert, key = Path(run.pki["server_cert"]), Path(run.pki["server_key"])
+    gateways = len(run.pool_gateways)
     try:
         out["singles_half_floor"] = tls_echo_floor.measure(
-            half, len(run.pool_gateways), s.singles_s,
-            Path(run.pki["server_cert"]), Path(run.pki["server_key"]),
-            run.dir / "durable-floor.sqlite", run.synchronous.upper(), warmup=s.warmup_s)
+            half, gateways, s.singles_s, cert, key, run.dir / "durable-floor.sqlite",
+            run.synchronous.upper(), warmup=s.warmup_s)
     except (OSError, RuntimeError, ValueError) as exc:
         out["singles_half_floor"] = {"error": f"{type(exc).__name__}: {exc}"}
     # The same test on the floor itself: closed loop with msgd's gateways and window to its
@@ -662,8 +663,6 @@ def registered(run: Run) -> dict[str, Any]:
     own: dict[str, Any] = {}
     out["floor_own_half"] = own  # what was measured stays if a later part fails
     try:
-        cert, key = Path(run.pki["server_cert"]), Path(run.pki["server_key"])
-        gateways = len(run.pool_gateways)
         own["saturated"] = tls_echo_floor.saturated(
             gateways, out["singles"]["window"], s.singles_s, cert, key,
             run.dir / "durable-floor-saturated.sqlite", run.synchronous.upper(),

@@ -272,6 +272,19 @@ class _Client(asyncio.Protocol):
                 refill(self)
 
 
+async def _connect(port: int, count: int, make: Callable[[], _Client]) -> list[_Client]:
+    """`count` TLS connections to the floor server on 127.0.0.1, one `make()` client each."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the throwaway certificate; nothing leaves 127.0.0.1
+    loop = asyncio.get_running_loop()
+    clients = []
+    for _ in range(count):
+        _transport, client = await loop.create_connection(make, "127.0.0.1", port, ssl=context)
+        clients.append(client)
+    return clients
+
+
 async def _drive(port: int, rate: float, count: int, seconds: float,
                  records: list[bytes], warmup: float = 0.0,
                  measuring: Callable[[], None] | None = None) -> tuple[int, list[float], int]:
@@ -281,16 +294,8 @@ async def _drive(port: int, rate: float, count: int, seconds: float,
     order: right for the echo and for a floor that accepts all (the benchmark's records); a
     refusal answered ahead of accepted requests waiting for their commit would swap their
     round trips."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # the throwaway certificate; nothing leaves 127.0.0.1
-    loop = asyncio.get_running_loop()
     latencies: list[float] = []
-    clients = []
-    for _ in range(count):
-        _transport, client = await loop.create_connection(
-            lambda: _Client(latencies), "127.0.0.1", port, ssl=context)
-        clients.append(client)
+    clients = await _connect(port, count, lambda: _Client(latencies))
     start = time.perf_counter()
     measure_from = start + warmup
     for client in clients:
@@ -321,10 +326,6 @@ async def _saturate(port: int, count: int, window: int, seconds: float, warmup: 
     """Closed loop: `count` connections each keep `window` requests in flight for `warmup` +
     `seconds`; returns the requests sent and the answers received when it stopped sending,
     the answers per second after the warm-up, and the sorted round trips of those answers."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # the throwaway certificate; nothing leaves 127.0.0.1
-    loop = asyncio.get_running_loop()
     latencies: list[float] = []
     sent = 0
 
@@ -334,11 +335,7 @@ async def _saturate(port: int, count: int, window: int, seconds: float, warmup: 
         client.transport.write(records[sent % len(records)])  # type: ignore[attr-defined]
         sent += 1
 
-    clients = []
-    for _ in range(count):
-        _transport, client = await loop.create_connection(
-            lambda: _Client(latencies, send), "127.0.0.1", port, ssl=context)
-        clients.append(client)
+    clients = await _connect(port, count, lambda: _Client(latencies, send))
     for client in clients:
         for _ in range(window):
             send(client)
@@ -363,15 +360,12 @@ def saturated(count: int, window: int, seconds: float, cert: Path, key: Path,
     connections, `window` requests in flight on each; its answers per second after `warmup`,
     their round trips, and the server's CPU per answered request (handshakes included: a
     few hundred µs against seconds of load)."""
-    records = ([floor_record(ue) for ue in range(FLOOR_UES)] if database is not None
-               else [b"q" * REQUEST])
+    records = _records(database)
     with serving(cert, key, database, synchronous, extra_us) as (server, port):
         before = process_cpu_s(server.pid)
         sent, answered, per_s, latencies = uvloop.run(
             _saturate(port, count, window, seconds, warmup, records))
         cpu = process_cpu_s(server.pid) - before
-        if server.poll() is not None:
-            raise RuntimeError(f"the floor server exited {server.returncode} during the run")
     out: dict[str, Any] = {
         "closed_loop": True, "connections": count, "window": window,
         "requests": sent, "answered": answered, "per_s": round(per_s, 1),
@@ -381,6 +375,12 @@ def saturated(count: int, window: int, seconds: float, cert: Path, key: Path,
     if database is not None:
         out.update(durable=True, journaled=journaled(database))
     return out
+
+
+def _records(database: Path | None) -> list[bytes]:
+    """What the load sends: the durable floor's records (valid proofs), or the echo's."""
+    return ([floor_record(ue) for ue in range(FLOOR_UES)] if database is not None
+            else [b"q" * REQUEST])
 
 
 def journaled(database: Path) -> int:
@@ -412,6 +412,8 @@ def serving(cert: Path, key: Path, database: Path | None = None, synchronous: st
                 raise RuntimeError(f"floor server ({' '.join(command[2:4])}) not listening "
                                    f"within {LISTEN_TIMEOUT_S:.0f} s (exit code {server.poll()})")
             yield server, int(line)
+            if server.poll() is not None:  # a run that ended without its server
+                raise RuntimeError(f"the floor server exited {server.returncode} during the run")
         finally:
             server.kill()
 
@@ -434,16 +436,13 @@ def measure(rate: float, count: int, seconds: float, cert: Path, key: Path,
     never answered counting as slower than any; both from the end of `warmup` (the
     connections' handshakes come before it). With a database (a new file), the durable floor
     instead of the echo."""
-    records = ([floor_record(ue) for ue in range(FLOOR_UES)] if database is not None
-               else [b"q" * REQUEST])
+    records = _records(database)
     with serving(cert, key, database, synchronous, extra_us) as (server, port):
         marks: list[float] = []
         sent, latencies, refused = uvloop.run(_drive(
             port, rate, count, seconds, records, warmup,
             lambda: marks.append(process_cpu_s(server.pid))))
         cpu = process_cpu_s(server.pid) - marks[0]
-        if server.poll() is not None:
-            raise RuntimeError(f"the floor server exited {server.returncode} during the run")
     answered = len(latencies)
     out: dict[str, Any] = {
         "rate": rate,

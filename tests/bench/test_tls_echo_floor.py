@@ -113,3 +113,10 @@ def test_the_warm_up_is_load_but_not_measured(pki: Pki, tmp_path: Path) -> None:
                                     warmup=0.5)
     assert result["answered"] == result["requests"] > 0
     assert result["journaled"] > result["requests"]  # ~200 of the warm-up's as well
+
+
+def test_a_run_whose_server_died_is_an_error_not_a_result(pki: Pki) -> None:
+    with pytest.raises(RuntimeError, match="exited"), tls_echo_floor.serving(
+            pki.server_cert, pki.server_key) as (server, _port):
+        server.kill()
+        server.wait()
